@@ -1,0 +1,46 @@
+"""Summed response log-probabilities of a batch, as TRL's DPOTrainer computes them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens, so left- and right-padded batches see the same positions."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def model_logits(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Logits [N, L, V] of a causal LM on ``batch`` (``input_ids``, ``attention_mask``)."""
+    ids = batch["input_ids"]
+    mask = batch["attention_mask"]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def token_logps(logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Per-token log-probs [N, L] of the response tokens (0 elsewhere), computed in float32 or better.
+
+    Token ``t`` is predicted by the logits at ``t - 1``; ``completion_mask[:, t]`` marks response tokens.
+    """
+    ids = batch["input_ids"]
+    mask = batch["completion_mask"][:, 1:].to(torch.bool)
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logits = logits[:, :-1].to(dtype)
+    lp = -torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+    ).view(ids.shape[0], -1)
+    lp = lp.masked_fill(~mask, 0.0)
+    return torch.nn.functional.pad(lp, (1, 0))
+
+
+def sequence_logps(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Summed response log-probabilities [N] (nats), differentiable w.r.t. the model's parameters."""
+    return token_logps(model_logits(model, batch), batch).sum(-1)
+
+
+def response_lengths(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Number of response tokens per sequence [N] (int64)."""
+    return batch["completion_mask"].long().sum(-1)
