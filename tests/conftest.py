@@ -18,7 +18,8 @@ def tiny_gpt2(seed: int = 0, vocab: int = 101, dtype=torch.float32, **kw):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=4, **kw)
+    cfg = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                     bos_token_id=1, eos_token_id=2, **kw)
     return GPT2LMHeadModel(cfg).to(dtype).eval()
 
 

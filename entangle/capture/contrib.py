@@ -1,0 +1,182 @@
+"""Per-example gradient contributions of one parameter use, and their inner products.
+
+A *contribution* stands for the per-example gradients ``g_i`` (i = 0..N-1) that one use of one
+parameter produces, without necessarily materialising them. It offers two operations:
+
+* ``gram()``        -> float64 [N, N], ``<g_i, g_j>`` over this parameter (THEORY §6);
+* ``rows(index)``   -> float [N, R, ...], ``g_i`` restricted to the parameter's rows ``index``
+                       (``None`` = all rows), used for cross terms of tied parameters.
+
+``touched`` lists the parameter rows that can be non-zero (``None`` = all); for an embedding
+lookup it is the set of token ids, which keeps tied input/output embeddings cheap.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Work on chunks of at most this many float elements when materialising (bounds peak memory).
+CHUNK_ELEMS = 1 << 22
+
+
+def _gram64(flat: torch.Tensor) -> torch.Tensor:
+    """``flat @ flat.T`` for [N, P] with float64 accumulation, chunked over P."""
+    n, p = flat.shape
+    out = torch.zeros(n, n, dtype=torch.float64, device=flat.device)
+    step = max(1, CHUNK_ELEMS // max(n, 1))
+    for s in range(0, p, step):
+        c = flat[:, s:s + step].to(torch.float64)
+        out += c @ c.T
+    return out
+
+
+class Dense:
+    """Materialised per-example gradients ``values`` [N, *param.shape] (vectors, biases, fallbacks)."""
+
+    kind = "materialised"
+    touched = None
+
+    def __init__(self, values: torch.Tensor):
+        self.values = values
+
+    def gram(self) -> torch.Tensor:
+        return _gram64(self.values.reshape(self.values.shape[0], -1))
+
+    def rows(self, index: torch.Tensor | None) -> torch.Tensor:
+        return self.values if index is None else self.values[:, index]
+
+
+class Factored:
+    """Per-example gradients ``g_i = L_i^T R_i`` with ``L`` [N, T, rows] and ``R`` [N, T, cols].
+
+    nn.Linear weight [out, in]: L = output gradients, R = inputs. Conv1D weight [in, out]: the reverse.
+    Positions where the output gradient is zero (padding, prompt tokens at the head) are dropped first.
+    ``mode`` is ``"auto"`` (cheaper of ghost and materialised), ``"ghost"`` or ``"materialise"``.
+    """
+
+    touched = None
+
+    def __init__(self, left: torch.Tensor, right: torch.Tensor, valid: torch.Tensor, mode: str = "auto"):
+        n = left.shape[0]
+        self.n = n
+        self.seg = valid.nonzero()[:, 0]                       # example index of each kept position
+        self.left = left[valid]                                 # [M, rows]
+        self.right = right[valid]                               # [M, cols]
+        m, a, b = self.left.shape[0], self.left.shape[1], self.right.shape[1]
+        ghost_cost = m * m * (a + b)
+        mat_cost = m * a * b + n * n * a * b
+        self.kind = {"auto": "ghost" if ghost_cost < mat_cost else "materialised",
+                     "ghost": "ghost", "materialise": "materialised"}[mode]
+
+    def gram(self) -> torch.Tensor:
+        return self._ghost() if self.kind == "ghost" else _gram64(self._per_example(None).flatten(1))
+
+    def _ghost(self) -> torch.Tensor:
+        """K_ij = sum over positions t of i, s of j of (L L^T)_ts (R R^T)_ts (THEORY §6)."""
+        m = self.left.shape[0]
+        onehot = torch.zeros(self.n, m, dtype=torch.float64, device=self.left.device)
+        onehot[self.seg, torch.arange(m, device=self.left.device)] = 1.0
+        out = torch.zeros(self.n, self.n, dtype=torch.float64, device=self.left.device)
+        step = max(1, CHUNK_ELEMS // max(m, 1))
+        for s in range(0, m, step):
+            prod = (self.left[s:s + step] @ self.left.T) * (self.right[s:s + step] @ self.right.T)
+            out += onehot[:, s:s + step] @ prod.to(torch.float64) @ onehot.T
+        return out
+
+    def _per_example(self, index: torch.Tensor | None) -> torch.Tensor:
+        left = self.left if index is None else self.left[:, index]
+        out = torch.zeros(self.n, left.shape[1], self.right.shape[1], dtype=left.dtype, device=left.device)
+        # one einsum per example over its own positions: g_i = L_i^T R_i
+        bounds = torch.searchsorted(self.seg, torch.arange(self.n + 1, device=self.seg.device)).tolist()
+        for i in range(self.n):
+            lo, hi = bounds[i], bounds[i + 1]
+            if hi > lo:
+                torch.matmul(left[lo:hi].T, self.right[lo:hi], out=out[i])
+        return out
+
+    def rows(self, index: torch.Tensor | None) -> torch.Tensor:
+        return self._per_example(index)
+
+
+class EmbeddingRows:
+    """Per-example gradients of an embedding lookup: ``g_i[v] = sum_{t: id_t = v} delta_t`` (sparse by id)."""
+
+    kind = "materialised"
+
+    def __init__(self, ids: torch.Tensor, grads: torch.Tensor, valid: torch.Tensor):
+        self.n = ids.shape[0]
+        self.seg = valid.nonzero()[:, 0]
+        self.ids = ids[valid]                                   # [M]
+        self.grads = grads[valid]                               # [M, d]
+        self.touched = torch.unique(ids)
+
+    def rows(self, index: torch.Tensor | None) -> torch.Tensor:
+        if index is None:
+            raise ValueError("embedding rows must be requested by token id")
+        pos = torch.searchsorted(index, self.ids)
+        keep = (pos < index.numel()) & (index[pos.clamp(max=index.numel() - 1)] == self.ids)
+        out = torch.zeros(self.n * index.numel(), self.grads.shape[1], dtype=self.grads.dtype,
+                          device=self.grads.device)
+        out.index_add_(0, (self.seg * index.numel() + pos)[keep], self.grads[keep])
+        return out.view(self.n, index.numel(), -1)
+
+    def gram(self) -> torch.Tensor:
+        rows = torch.unique(self.ids)
+        out = torch.zeros(self.n, self.n, dtype=torch.float64, device=self.grads.device)
+        step = max(1, CHUNK_ELEMS // max(self.n * self.grads.shape[1], 1))
+        for s in range(0, rows.numel(), step):
+            out += _gram64(self.rows(rows[s:s + step]).flatten(1))
+        return out
+
+
+def _intersect(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    both = torch.cat([a, b]).unique(return_counts=True)
+    return both[0][both[1] > 1]
+
+
+def _union(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+    if not parts or any(p is None for p in parts):
+        return None
+    return torch.unique(torch.cat(parts))
+
+
+class SharedParameter:
+    """Accumulates a parameter used more than once in the forward pass (tied embeddings).
+
+    Its per-example gradient is the sum over uses, so ``K = sum_u K_u + sum_{u != v} <c_u, c_v>``.
+    Each use's own Gram is computed when it arrives; for the cross terms each use keeps only its
+    rows that another use can touch (for GPT-2's tied head: the token ids of the input).
+    """
+
+    def __init__(self, touched_per_use: list[torch.Tensor | None]):
+        self.touched = touched_per_use
+        self.kept: list[tuple[torch.Tensor | None, torch.Tensor]] = []
+        self.own = None
+
+    def add(self, use: int, contrib) -> None:
+        others = _union([t for k, t in enumerate(self.touched) if k != use])
+        index = _intersect(contrib.touched, others)
+        self.kept.append((index, contrib.rows(index)))
+        g = contrib.gram()
+        self.own = g if self.own is None else self.own + g
+
+    def gram(self) -> torch.Tensor:
+        out = self.own.clone()
+        for u in range(len(self.kept)):
+            for v in range(u + 1, len(self.kept)):
+                common = _intersect(self.kept[u][0], self.kept[v][0])
+                cu, cv = _select(*self.kept[u], common), _select(*self.kept[v], common)
+                cross = cu.flatten(1).to(torch.float64) @ cv.flatten(1).to(torch.float64).T
+                out += cross + cross.T
+        return out
+
+
+def _select(index: torch.Tensor | None, rows: torch.Tensor, wanted: torch.Tensor | None) -> torch.Tensor:
+    """Rows ``wanted`` of per-example ``rows`` that were kept for parameter rows ``index`` (``None`` = all)."""
+    if wanted is None:
+        return rows
+    return rows[:, wanted if index is None else torch.searchsorted(index, wanted)]

@@ -1,0 +1,207 @@
+"""Hook machinery: one forward and one backward pass give the whole per-sequence Gram matrix (THEORY §6).
+
+The backward pass of ``sum_i s_i`` delivers, at every hooked module, the output gradient of each
+sequence separately (sequences of a causal LM do not interact). A per-layer rule (see ``rules/``)
+turns (inputs, output gradients) into per-example contributions whose inner products are summed
+in float64. This module knows nothing about individual layer types.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from .contrib import SharedParameter
+from .exact import exact_gram
+from .logprobs import model_logits, response_lengths, token_logps
+from .params import ParamSpec, select_params, unwrap_model
+from .result import GramResult
+from .rules import rule_for
+from .rules.generic import _tensors, generic
+
+METHODS = ("auto", "exact", "ghost", "materialise")
+
+
+@contextlib.contextmanager
+def measurement_mode(model: torch.nn.Module, named_params):
+    """Eval mode (no dropout), gradients enabled on the measured parameters, RNG forked; all restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for _, p in named_params]
+    devices = sorted({p.device.index for _, p in named_params if p.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            model.eval()
+            for p, _ in flags:
+                p.requires_grad_(True)
+            yield
+    finally:
+        for m, was in modes:
+            m.training = was
+        for p, was in flags:
+            p.requires_grad_(was)
+
+
+@dataclass
+class _Use:
+    module: torch.nn.Module
+    names: list[str]                 # the module's own measured parameters (local names)
+    args: tuple
+    kwargs: dict
+    grads: list = field(default_factory=list)
+
+
+class GramEngine:
+    """Installs the hooks for one measurement and accumulates per-parameter Gram blocks."""
+
+    def __init__(self, model: torch.nn.Module, named_params, n: int, mode: str = "auto"):
+        self.n, self.mode = n, mode
+        self.name_of = {id(p): name for name, p in named_params}
+        self.blocks: dict[str, torch.Tensor] = {}
+        self.info: dict[str, str] = {}
+        self.uses: dict[str, list] = {}          # param name -> touched rows of each use, in forward order
+        self.shared: dict[str, SharedParameter] = {}
+        self.generic_uses: list[_Use] = []
+        self.handles = []
+        self.owners: list[tuple[torch.nn.Module, list[str]]] = []
+        seen = set()
+        for module in model.modules():
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            own = [k for k, p in module._parameters.items() if p is not None and id(p) in self.name_of]
+            if own:
+                self.owners.append((module, own))
+
+    # -- hooks -------------------------------------------------------------------------------
+    def __enter__(self):
+        for module, own in self.owners:
+            self.handles.append(module.register_forward_pre_hook(self._expand_batch))
+            self.handles.append(module.register_forward_hook(self._make_forward_hook(own), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def _expand_batch(self, module, args):
+        """An input broadcast over the batch (GPT-2 positions [1, T]) would sum its gradient over sequences."""
+        if args and torch.is_tensor(args[0]) and args[0].dim() > 0 and args[0].shape[0] == 1 and self.n > 1:
+            return (args[0].expand(self.n, *args[0].shape[1:]), *args[1:])
+        return None
+
+    def _make_forward_hook(self, own: list[str]):
+        def hook(module, args, kwargs, output):
+            rule = rule_for(module)
+            use_index = {}
+            for k in own:
+                name = self.name_of[id(module._parameters[k])]
+                touched = torch.unique(args[0]) if isinstance(module, torch.nn.Embedding) else None
+                use_index[k] = len(self.uses.setdefault(name, []))
+                self.uses[name].append(touched)
+            outs = [o for o in _tensors(output) if o.requires_grad]
+            if rule is None:
+                use = _Use(module, own, args, kwargs, grads=[None] * len(outs))
+                self.generic_uses.append(use)
+                for j, o in enumerate(outs):
+                    o.register_hook(self._make_generic_hook(use, j))
+                return
+            if len(outs) != 1:
+                raise RuntimeError(f"{type(module).__name__} returned {len(outs)} differentiable outputs; "
+                                   "its rule expects one")
+            outs[0].register_hook(lambda g: self._apply_rule(rule, module, own, args, g, use_index))
+        return hook
+
+    def _make_generic_hook(self, use: _Use, j: int):
+        def hook(grad):
+            use.grads[j] = grad.detach()
+        return hook
+
+    def _dtype(self, module, own):
+        return torch.float64 if module._parameters[own[0]].dtype == torch.float64 else torch.float32
+
+    def _apply_rule(self, rule, module, own, args, grad, use_index):
+        g = grad.detach().to(self._dtype(module, own))
+        if g.dim() == 2:
+            g = g.unsqueeze(1)
+            args = tuple(a.unsqueeze(1) if torch.is_tensor(a) and a.dim() >= 1 else a for a in args)
+        valid = (g != 0).any(-1)
+        contribs = rule(module, args, g, valid, self.mode)
+        for k in own:
+            if k not in contribs:
+                raise RuntimeError(f"rule {rule.__name__} gave no gradient for {type(module).__name__}.{k}")
+            self._add(self.name_of[id(module._parameters[k])], use_index[k], contribs[k], rule.__name__)
+
+    def _add(self, name: str, use: int, contrib, how: str):
+        self.info[name] = f"{how}:{getattr(contrib, 'kind', 'materialised')}"
+        if len(self.uses[name]) > 1:
+            self.shared.setdefault(name, SharedParameter(self.uses[name])).add(use, contrib)
+            self.info[name] += f" (shared by {len(self.uses[name])} uses)"
+            return
+        g = contrib.gram()
+        self.blocks[name] = self.blocks[name] + g if name in self.blocks else g
+
+    # -- after the backward pass ----------------------------------------------------------------
+    def finish(self, named_params) -> dict[str, torch.Tensor]:
+        for use in self.generic_uses:
+            grads = [None if g is None else g.to(self._dtype(use.module, use.names)) for g in use.grads]
+            contribs = generic(use.module, use.args, use.kwargs, grads, use.names, self.n)
+            for k in use.names:
+                name = self.name_of[id(use.module._parameters[k])]
+                # a generic use was counted in self.uses like any other; find its index among them
+                self._add(name, self._generic_index(name, use), contribs[k], "generic")
+        for name, acc in self.shared.items():
+            self.blocks[name] = acc.gram()
+        out = {}
+        for name, p in named_params:
+            out[name] = self.blocks.get(name)
+            if out[name] is None:                       # parameter not reached by the log-probs
+                out[name] = torch.zeros(self.n, self.n, dtype=torch.float64, device=p.device)
+                self.info.setdefault(name, "unused (zero gradient)")
+        return out
+
+    def _generic_index(self, name: str, use: _Use) -> int:
+        uses = [u for u in self.generic_uses if name in {self.name_of[id(u.module._parameters[k])] for k in u.names}]
+        return uses.index(use)
+
+
+def sequence_gram(
+    model: torch.nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    params: ParamSpec = None,
+    method: str = "auto",
+    forward: Callable = model_logits,
+) -> GramResult:
+    """Gram matrix of per-sequence gradients of the summed response log-probs (THEORY §1, §4, §6).
+
+    Args:
+        model: a causal LM (transformers ``*ForCausalLM``, PEFT model, or DDP-wrapped).
+        batch: ``input_ids``, ``attention_mask``, ``completion_mask`` [2B, L] (see ``encode_pairs``).
+        params: which parameters (see :func:`select_params`); default all trainable.
+        method: ``"auto"`` (one backward, cheaper of ghost/materialised per layer), ``"exact"``
+            (one backward per sequence; the slow twin), or force ``"ghost"`` / ``"materialise"``.
+        forward: ``forward(model, batch) -> logits`` for models that need a custom call.
+
+    Returns:
+        :class:`GramResult` with ``matrix`` float64 [2B, 2B], ``logps``, ``lengths`` and per-parameter
+        blocks (``result.blocks("layer")``). The model is left exactly as found.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    model = unwrap_model(model)
+    named = select_params(model, params)
+    n = batch["input_ids"].shape[0]
+    with measurement_mode(model, named):
+        if method == "exact":
+            return exact_gram(model, batch, named, forward)
+        engine = GramEngine(model, named, n, mode=method)
+        with engine:
+            logps = token_logps(forward(model, batch), batch).sum(-1)
+            torch.autograd.grad(logps.sum(), [p for _, p in named], allow_unused=True)
+        per_param = engine.finish(named)
+    matrix = torch.stack(list(per_param.values())).sum(0)
+    return GramResult(matrix=matrix, logps=logps.detach().to(torch.float64), lengths=response_lengths(batch),
+                      per_param=per_param, method=method, info=engine.info)

@@ -1,0 +1,46 @@
+"""Per-layer rules: how one module type turns (inputs, output gradients) into per-example gradient contributions.
+
+A rule is a function ``rule(module, inputs, grad_out, valid, mode) -> {param_name: contribution}``:
+
+* ``inputs``   the module's positional inputs as seen in the forward pass (a tuple),
+* ``grad_out`` gradient of ``sum_i s_i`` w.r.t. the module's output, [N, T, d_out], float32/float64,
+* ``valid``    [N, T] bool, positions where ``grad_out`` is non-zero,
+* ``mode``     ``"auto"``, ``"ghost"`` or ``"materialise"`` for rules that can do both.
+
+Rules are registered per module class with :func:`register_rule`; a new layer type is one new
+file and one decorator. Modules without a rule fall back to :mod:`entangle.capture.rules.generic`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+Rule = Callable[..., dict]
+RULES: dict[type, Rule] = {}
+RULES_BY_NAME: dict[str, Rule] = {}
+
+
+def register_rule(*classes: type | str) -> Callable[[Rule], Rule]:
+    """Register ``rule`` for module classes (or class names, for classes we do not want to import)."""
+
+    def deco(rule: Rule) -> Rule:
+        for c in classes:
+            (RULES_BY_NAME if isinstance(c, str) else RULES)[c if isinstance(c, str) else c] = rule
+        return rule
+
+    return deco
+
+
+def rule_for(module: torch.nn.Module) -> Rule | None:
+    """The registered rule for ``module``'s exact class (then its base classes), or None."""
+    for cls in type(module).__mro__:
+        if cls in RULES:
+            return RULES[cls]
+        if cls.__name__ in RULES_BY_NAME:
+            return RULES_BY_NAME[cls.__name__]
+    return None
+
+
+from . import embedding, linear, norm  # noqa: E402,F401  (registration side effects)

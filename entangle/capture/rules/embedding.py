@@ -1,0 +1,22 @@
+"""nn.Embedding: the per-example gradient is sparse by token id (THEORY §6)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..contrib import EmbeddingRows
+from . import register_rule
+
+
+class UnsupportedModule(ValueError):
+    """A module configuration the fast path cannot measure exactly."""
+
+
+@register_rule(torch.nn.Embedding)
+def embedding(module, inputs, grad_out, valid, mode):
+    if module.max_norm is not None or module.scale_grad_by_freq:
+        raise UnsupportedModule("Embedding with max_norm/scale_grad_by_freq is not supported by the fast path")
+    ids = inputs[0]
+    if module.padding_idx is not None:                 # PyTorch never updates the padding row
+        valid = valid & (ids != module.padding_idx)
+    return {"weight": EmbeddingRows(ids, grad_out, valid)}

@@ -1,0 +1,51 @@
+"""Fallback for any module without a rule: per-example vector-Jacobian products of the module alone.
+
+For sequence i it re-runs the module on that sequence's inputs and pulls the captured output
+gradient back to the module's own parameters. Exact for any module without batch statistics;
+slower than a rule, so the engine reports which modules used it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..contrib import Dense
+
+
+def _slice(x, i: int, n: int):
+    if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == n:
+        return x[i:i + 1]
+    if isinstance(x, tuple | list):
+        return type(x)(_slice(v, i, n) for v in x)
+    if isinstance(x, dict):
+        return {k: _slice(v, i, n) for k, v in x.items()}
+    return x
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    if torch.is_tensor(out):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, tuple | list):
+        return [t for v in out for t in _tensors(v)]
+    return []
+
+
+def generic(module, args, kwargs, grad_outs: list[torch.Tensor | None], names: list[str], n: int) -> dict:
+    """Per-example gradients of ``module``'s own parameters ``names`` given the output gradients."""
+    params = [module._parameters[k] for k in names]
+    per = [torch.zeros((n, *p.shape), dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
+                       device=p.device) for p in params]
+    with torch.enable_grad():
+        for i in range(n):
+            outs = _tensors(module(*_slice(args, i, n), **_slice(kwargs, i, n)))
+            pairs = [(o, g[i:i + 1].to(o.dtype)) for o, g in zip(outs, grad_outs, strict=False)
+                     if g is not None and o.requires_grad]
+            if not pairs:
+                continue
+            grads = torch.autograd.grad([o for o, _ in pairs], params, [g for _, g in pairs], allow_unused=True)
+            for buf, g in zip(per, grads, strict=True):
+                if g is not None:
+                    buf[i] = g.to(buf.dtype)
+    return {k: Dense(v) for k, v in zip(names, per, strict=True)}
