@@ -1,0 +1,262 @@
+"""Per-pair entanglement frame and its per-step summary (THEORY.md §3, §4, §8).
+
+``pair_frame`` turns one ``GramResult`` (2B sequences: all chosen, then all rejected) into a tidy frame, one row per
+pair: log-probs, gradient norms and inner product, the objective's coefficients, and the first-order change of each
+log-prob under one gradient step, seen per pair (§3) and across the minibatch (§4). ``summarize`` reduces such
+frames to one row per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from entangle.capture.result import GramResult
+from entangle.metrics.objectives import ObjectiveSpec, coefficients, resolve_objective
+
+REGIMES = ("ideal", "both_rise", "both_fall", "chosen_falls_rejected_rises")
+
+PAIR_COLUMNS = (
+    "pair", "logp_chosen", "logp_rejected", "len_chosen", "len_rejected",
+    "norm2_chosen", "norm2_rejected", "inner", "cosine", "ratio",
+    "a_chosen", "a_rejected", "pred_dlogp_chosen", "pred_dlogp_rejected",
+    "batch_dlogp_chosen", "batch_dlogp_rejected",
+    "chosen_rises", "rejected_falls", "batch_chosen_rises", "batch_rejected_falls", "regime",
+    "margin", "loss",
+)
+
+# numeric columns that must be finite for a pair to enter the statistics of ``summarize``
+_STAT_COLUMNS = (
+    "logp_chosen", "logp_rejected", "norm2_chosen", "norm2_rejected", "inner", "cosine", "ratio",
+    "a_chosen", "a_rejected", "pred_dlogp_chosen", "pred_dlogp_rejected", "batch_dlogp_chosen",
+    "batch_dlogp_rejected", "ref_logp_chosen", "ref_logp_rejected", "loss",
+)
+_QUANTITY_COLUMNS = ("cosine", "ratio", "inner", "norm2_chosen", "norm2_rejected")
+
+
+def regime_of(chosen_rises: np.ndarray, rejected_falls: np.ndarray) -> np.ndarray:
+    """Regime name per pair from the signs of the predicted changes (THEORY.md §3)."""
+    names = np.array(["chosen_falls_rejected_rises", "both_fall", "both_rise", "ideal"], dtype=object)
+    return names[2 * np.asarray(chosen_rises, dtype=int) + np.asarray(rejected_falls, dtype=int)]
+
+
+def pair_frame(
+    gram: GramResult,
+    objective: ObjectiveSpec = "sigmoid",
+    ref_logps: torch.Tensor | None = None,
+    *,
+    step: int | None = None,
+    lr: float = 1.0,
+    loss_weights: Sequence[float] | None = None,
+    **hyper: Any,
+) -> pd.DataFrame:
+    """One row per pair of the entanglement quantities of one training step.
+
+    Args:
+        gram: Gram matrix K [2B, 2B], log-probs s [2B] and lengths [2B] of B pairs (pair k = rows k and B + k).
+        objective: objective name, callable or list (with ``loss_weights``), see ``objectives.resolve_objective``.
+        ref_logps: [2B] reference log-probs in the same order, or None (reference-free objectives).
+        step: training step, stored in a ``step`` column when given.
+        lr: learning rate η multiplying every predicted change (1.0 = per unit learning rate).
+        hyper: keywords the objective declares (``beta=0.1``) are hyper-parameters; any other keyword with one
+            value per pair (list, array, tensor, Series of length B, e.g. ``pref_prob=[...]``) becomes a column.
+
+    Columns (per pair k; w = chosen, l = rejected; log-probs in nats, gradients of summed log-probs):
+        pair, logp_chosen, logp_rejected, len_chosen, len_rejected;
+        norm2_chosen = ||g_w||², norm2_rejected = ||g_l||², inner = <g_w, g_l>, cosine = cos(g_w, g_l),
+        ratio = <g_w, g_l> / min(||g_w||², ||g_l||²)  (THEORY.md §3, both norms);
+        a_chosen, a_rejected: per-pair coefficients -dl/ds (not divided by B), loss: per-pair loss;
+        pred_dlogp_chosen = η (a_w ||g_w||² + a_l <g_w, g_l>), pred_dlogp_rejected = η (a_w <g_w, g_l> + a_l ||g_l||²)
+            (§3, this pair alone);
+        batch_dlogp_chosen/rejected = η (K c), c = cat(a_w, a_l) / B (§4, the batch-mean step);
+        chosen_rises, rejected_falls (per-pair view), batch_chosen_rises, batch_rejected_falls (batch view);
+        regime (per-pair view): ideal | both_rise | both_fall | chosen_falls_rejected_rises;
+        margin = logp_chosen - logp_rejected; ref_logp_chosen/ref_logp_rejected when ``ref_logps`` is given;
+        step when given; then the extra per-pair columns.
+
+    Non-finite log-probs, reference log-probs or Gram entries raise, naming the pairs. Quantities that come out
+    non-finite from finite inputs (a zero gradient makes ``cosine`` NaN) are kept; ``summarize`` counts them.
+    """
+    K, s, n, B = _validated(gram)
+    ref = _validated_ref(ref_logps, B)
+    obj = resolve_objective(objective, loss_weights)
+    hyper, extra = _split_hyper(hyper, obj.hyper_names, B, obj.name)
+
+    a_w, a_l, loss = coefficients(
+        obj, s[:B], s[B:],
+        ref_chosen_logps=None if ref is None else ref[:B], ref_rejected_logps=None if ref is None else ref[B:],
+        chosen_lengths=n[:B], rejected_lengths=n[B:], **hyper,
+    )
+    idx = torch.arange(B)
+    k_ww, k_ll, k_wl = K[idx, idx], K[B + idx, B + idx], K[idx, B + idx]
+
+    # §3: one pair alone, Δs ≈ η [[K_ww, K_wl], [K_wl, K_ll]] (a_w, a_l)
+    pred_w = lr * (a_w * k_ww + a_l * k_wl)
+    pred_l = lr * (a_w * k_wl + a_l * k_ll)
+    # §4: the whole minibatch, Δs ≈ η K c with c the coefficients of the batch-mean loss
+    c = torch.cat([a_w, a_l]) / B
+    batch = lr * (K @ c)
+
+    cosine = k_wl / (k_ww * k_ll).sqrt()  # NaN/inf for a zero gradient: counted by summarize
+    ratio = k_wl / torch.minimum(k_ww, k_ll)
+
+    cols: dict[str, Any] = {}
+    if step is not None:
+        cols["step"] = np.full(B, step)
+    chosen_rises, rejected_falls = (pred_w > 0).numpy(), (pred_l < 0).numpy()
+    cols |= {
+        "pair": np.arange(B),
+        "logp_chosen": s[:B], "logp_rejected": s[B:],
+        "len_chosen": n[:B], "len_rejected": n[B:],
+        "norm2_chosen": k_ww, "norm2_rejected": k_ll, "inner": k_wl, "cosine": cosine, "ratio": ratio,
+        "a_chosen": a_w, "a_rejected": a_l,
+        "pred_dlogp_chosen": pred_w, "pred_dlogp_rejected": pred_l,
+        "batch_dlogp_chosen": batch[:B], "batch_dlogp_rejected": batch[B:],
+        "chosen_rises": chosen_rises, "rejected_falls": rejected_falls,
+        "batch_chosen_rises": (batch[:B] > 0).numpy(), "batch_rejected_falls": (batch[B:] < 0).numpy(),
+        "regime": regime_of(chosen_rises, rejected_falls),
+        "margin": s[:B] - s[B:],
+    }
+    if ref is not None:
+        cols |= {"ref_logp_chosen": ref[:B], "ref_logp_rejected": ref[B:]}
+    cols["loss"] = loss
+    cols |= extra
+    frame = pd.DataFrame({k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in cols.items()})
+    # a regime needs both predictions; a non-finite one has none
+    frame.loc[~np.isfinite(frame[["pred_dlogp_chosen", "pred_dlogp_rejected"]]).all(axis=1), "regime"] = None
+    frame.attrs["objective"] = obj.name
+    frame.attrs["hyper"] = {**obj.defaults, **hyper}
+    return frame
+
+
+def _pairs_of_rows(rows: torch.Tensor, B: int) -> list[int]:
+    return sorted({int(r) % B for r in rows})
+
+
+def _validated(gram: GramResult) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Gram, log-probs and lengths as float64/int64, after shape and finiteness checks."""
+    K = torch.as_tensor(gram.matrix).detach().to(torch.float64).cpu()
+    s = torch.as_tensor(gram.logps).detach().to(torch.float64).cpu()
+    n = torch.as_tensor(gram.lengths).detach().to(torch.int64).cpu()
+    N = K.shape[0]
+    if K.ndim != 2 or K.shape[1] != N or N % 2:
+        raise ValueError(f"Gram matrix must be [2B, 2B], got {tuple(K.shape)}")
+    if s.shape != (N,) or n.shape != (N,):
+        raise ValueError(f"logps {tuple(s.shape)} and lengths {tuple(n.shape)} must be [{N}] to match the Gram matrix")
+    B = N // 2
+    bad = (~torch.isfinite(s)).nonzero().flatten()
+    if len(bad):
+        raise ValueError(f"non-finite log-probs for pair(s) {_pairs_of_rows(bad, B)} (rows {bad.tolist()})")
+    bad_ij = (~torch.isfinite(K)).nonzero()
+    if len(bad_ij):
+        raise ValueError(f"non-finite Gram entries involving pair(s) {_pairs_of_rows(bad_ij.flatten(), B)} "
+                         f"(first entries {bad_ij[:5].tolist()})")
+    return K, s, n, B
+
+
+def _validated_ref(ref_logps: torch.Tensor | None, B: int) -> torch.Tensor | None:
+    if ref_logps is None:
+        return None
+    ref = torch.as_tensor(ref_logps).detach().to(torch.float64).cpu().flatten()
+    if ref.shape[0] != 2 * B:
+        raise ValueError(f"ref_logps has {ref.shape[0]} entries but the Gram matrix has {2 * B} sequences ({B} pairs)")
+    bad = (~torch.isfinite(ref)).nonzero().flatten()
+    if len(bad):
+        raise ValueError(f"non-finite reference log-probs for pair(s) {_pairs_of_rows(bad, B)} (rows {bad.tolist()})")
+    return ref
+
+
+def _split_hyper(kwargs: dict[str, Any], hyper_names: frozenset[str], B: int, name: str):
+    """Separate the objective's hyper-parameters from extra per-pair columns."""
+    hyper, extra = {}, {}
+    for key, value in kwargs.items():
+        if key in hyper_names:
+            hyper[key] = value
+        elif key in PAIR_COLUMNS or key in ("step", "ref_logp_chosen", "ref_logp_rejected"):
+            raise ValueError(f"extra column {key!r} would overwrite a pair_frame column")
+        elif np.ndim(values := _as_array(value)) == 1:
+            if len(values) != B:
+                raise ValueError(f"extra column {key!r} has {len(values)} values for {B} pairs")
+            extra[key] = values
+        else:
+            raise TypeError(f"{key!r} is neither a hyper-parameter of objective {name!r} "
+                            f"(it accepts {sorted(hyper_names) or 'none'}) nor a per-pair column of length {B}")
+    return hyper, extra
+
+
+def _as_array(value: Any) -> np.ndarray:
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+
+
+def summarize(frame: pd.DataFrame, pref_col: str | None = None, beta: float | None = None) -> pd.DataFrame:
+    """One row per ``step`` (one row in all if there is no ``step`` column) of a ``pair_frame`` frame.
+
+    Pairs with a non-finite value in any numeric pair column (or in ``pref_col``) are excluded from every
+    statistic and counted in ``n_excluded``; ``n_pairs`` counts all rows.
+
+    Columns: step (if present), n_pairs, n_excluded;
+        share_<regime> for the per-pair regimes (they sum to 1) and batch_share_<regime> from the batch-view signs;
+        <q>_mean, <q>_q10, <q>_q50, <q>_q90 for q in cosine, ratio, inner, norm2_chosen, norm2_rejected;
+        loss_mean; ranking_accuracy = share with logp_chosen > logp_rejected;
+        with reference columns: ranking_accuracy_ref_adjusted (share with (s_w - s_w^ref) - (s_l - s_l^ref) > 0)
+        and ref_ranking_accuracy (share with s_w^ref > s_l^ref);
+        with ``pref_col`` (probability p that the chosen response is preferred): idealized_ranking_accuracy, the
+        share whose DPO optimum ranks chosen first, i.e. s_w^ref - s_l^ref + (1/β) log(p / (1 - p)) > 0
+        (THEORY.md §8), and ranking_accuracy_gap = idealized_ranking_accuracy - ranking_accuracy.
+        ``beta`` defaults to the ``beta`` the frame was built with (``frame.attrs``).
+    """
+    if pref_col is not None:
+        if pref_col not in frame:
+            raise ValueError(f"preference column {pref_col!r} not in frame; columns: {list(frame.columns)}")
+        if "ref_logp_chosen" not in frame:
+            raise ValueError("idealized ranking accuracy needs reference log-probs (ref_logp_chosen/ref_logp_rejected)")
+        beta = beta if beta is not None else frame.attrs.get("hyper", {}).get("beta")
+        if beta is None:
+            raise ValueError("idealized ranking accuracy needs beta: pass summarize(..., beta=...)")
+        p = frame[pref_col].to_numpy(dtype=float)
+        outside = (p < 0) | (p > 1)
+        if outside.any():
+            raise ValueError(f"{pref_col!r} must be a probability in [0, 1]; pair(s) "
+                             f"{frame['pair'].to_numpy()[outside].tolist()} are not")
+    groups = frame.groupby("step", sort=True, dropna=False) if "step" in frame else [(None, frame)]
+    rows = [_summarize_step(g, pref_col, beta) | ({"step": k} if "step" in frame else {}) for k, g in groups]
+    out = pd.DataFrame(rows)
+    return out[(["step"] if "step" in out else []) + [c for c in out.columns if c != "step"]]
+
+
+def _summarize_step(g: pd.DataFrame, pref_col: str | None, beta: float | None) -> dict[str, float]:
+    check = [c for c in _STAT_COLUMNS if c in g] + ([pref_col] if pref_col else [])
+    ok = np.isfinite(g[check].to_numpy(dtype=float)).all(axis=1)
+    f = g[ok]
+    row: dict[str, float] = {"n_pairs": len(g), "n_excluded": int((~ok).sum())}
+    batch_regime = regime_of(f["batch_chosen_rises"].to_numpy(bool), f["batch_rejected_falls"].to_numpy(bool))
+    for r in REGIMES:
+        row[f"share_{r}"] = float((f["regime"] == r).mean()) if len(f) else np.nan
+    for r in REGIMES:
+        row[f"batch_share_{r}"] = float((batch_regime == r).mean()) if len(f) else np.nan
+    for q in _QUANTITY_COLUMNS:
+        x = f[q].to_numpy(dtype=float)
+        row[f"{q}_mean"] = float(x.mean()) if len(x) else np.nan
+        for p in (10, 50, 90):
+            row[f"{q}_q{p}"] = float(np.quantile(x, p / 100)) if len(x) else np.nan
+    row["loss_mean"] = float(f["loss"].mean()) if len(f) else np.nan
+
+    def share(mask: pd.Series) -> float:
+        return float(mask.mean()) if len(mask) else np.nan
+
+    row["ranking_accuracy"] = share(f["logp_chosen"] > f["logp_rejected"])
+    if "ref_logp_chosen" in f:
+        ref_gap = f["ref_logp_chosen"] - f["ref_logp_rejected"]
+        row["ranking_accuracy_ref_adjusted"] = share(f["logp_chosen"] - f["logp_rejected"] - ref_gap > 0)
+        row["ref_ranking_accuracy"] = share(ref_gap > 0)
+        if pref_col is not None:
+            p = f[pref_col].to_numpy(dtype=float)
+            with np.errstate(divide="ignore"):
+                ideal_margin = ref_gap.to_numpy() + (np.log(p) - np.log1p(-p)) / beta
+            row["idealized_ranking_accuracy"] = share(pd.Series(ideal_margin > 0))
+            row["ranking_accuracy_gap"] = row["idealized_ranking_accuracy"] - row["ranking_accuracy"]
+    return row
