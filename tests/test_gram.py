@@ -211,3 +211,24 @@ def test_bad_arguments():
         sequence_gram(model, batch, params="no_such_param")
     with pytest.raises(ValueError, match="no LoRA"):
         sequence_gram(model, batch, params="lora")
+
+
+class FunctionalTiedHead(torch.nn.Module):
+    """Uses another module's weight functionally: a use no module hook can see."""
+
+    def __init__(self, embed):
+        super().__init__()
+        self.embed = [embed]                           # not registered as a submodule
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.embed[0].weight)
+
+
+def test_parameter_used_outside_its_module_is_reported_not_skipped():
+    model = tiny_llama()
+    model.lm_head = FunctionalTiedHead(model.model.embed_tokens)
+    batch = random_batch(2, 101)
+    with pytest.raises(RuntimeError, match="model.embed_tokens.weight.*used outside"):
+        sequence_gram(model, batch)
+    exact = sequence_gram(model, batch, method="exact")   # the slow path handles it
+    assert float(exact.per_param["model.embed_tokens.weight"].abs().max()) > 0

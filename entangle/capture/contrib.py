@@ -16,17 +16,18 @@ from __future__ import annotations
 import torch
 
 # Work on chunks of at most this many float elements when materialising (bounds peak memory).
-CHUNK_ELEMS = 1 << 22
+CHUNK_ELEMS = 1 << 21
+# Inner products are summed in float32 over at most this many coordinates, then in float64 (THEORY §6).
+PARTIAL_SUM = 1 << 15
 
 
 def _gram64(flat: torch.Tensor) -> torch.Tensor:
-    """``flat @ flat.T`` for [N, P] with float64 accumulation, chunked over P."""
+    """``flat @ flat.T`` for [N, P]: float32 partial sums over column blocks, accumulated in float64."""
     n, p = flat.shape
     out = torch.zeros(n, n, dtype=torch.float64, device=flat.device)
-    step = max(1, CHUNK_ELEMS // max(n, 1))
-    for s in range(0, p, step):
-        c = flat[:, s:s + step].to(torch.float64)
-        out += c @ c.T
+    for s in range(0, p, PARTIAL_SUM):
+        c = flat[:, s:s + PARTIAL_SUM]
+        out += (c @ c.T).to(torch.float64)
     return out
 
 
@@ -50,52 +51,64 @@ class Factored:
     """Per-example gradients ``g_i = L_i^T R_i`` with ``L`` [N, T, rows] and ``R`` [N, T, cols].
 
     nn.Linear weight [out, in]: L = output gradients, R = inputs. Conv1D weight [in, out]: the reverse.
-    Positions where the output gradient is zero (padding, prompt tokens at the head) are dropped first.
+    Only each sequence's span of positions with a non-zero output gradient is used (padding and,
+    at the head, prompt tokens drop out); the padded tensors are viewed, never copied.
     ``mode`` is ``"auto"`` (cheaper of ghost and materialised), ``"ghost"`` or ``"materialise"``.
     """
 
     touched = None
 
     def __init__(self, left: torch.Tensor, right: torch.Tensor, valid: torch.Tensor, mode: str = "auto"):
-        n = left.shape[0]
-        self.n = n
-        self.seg = valid.nonzero()[:, 0]                       # example index of each kept position
-        self.left = left[valid]                                 # [M, rows]
-        self.right = right[valid]                               # [M, cols]
-        m, a, b = self.left.shape[0], self.left.shape[1], self.right.shape[1]
+        self.n = left.shape[0]
+        self.left, self.right = left, right
+        pos = torch.arange(valid.shape[1], device=valid.device)
+        any_valid = valid.any(1)
+        lo = torch.where(valid, pos, valid.shape[1]).amin(1)
+        hi = torch.where(valid, pos + 1, 0).amax(1)
+        self.spans = [(int(a), int(b)) if ok else (0, 0) for a, b, ok in zip(lo, hi, any_valid, strict=True)]
+        m = sum(b - a for a, b in self.spans)
+        a, b = left.shape[-1], right.shape[-1]
         ghost_cost = m * m * (a + b)
-        mat_cost = m * a * b + n * n * a * b
+        mat_cost = m * a * b + self.n * self.n * a * b
         self.kind = {"auto": "ghost" if ghost_cost < mat_cost else "materialised",
                      "ghost": "ghost", "materialise": "materialised"}[mode]
 
     def gram(self) -> torch.Tensor:
-        return self._ghost() if self.kind == "ghost" else _gram64(self._per_example(None).flatten(1))
+        if self.kind == "ghost":
+            return self._ghost()
+        out = torch.zeros(self.n, self.n, dtype=torch.float64, device=self.left.device)
+        rows = self.left.shape[-1]
+        step = max(1, CHUNK_ELEMS // max(self.n * self.right.shape[-1], 1))
+        for s in range(0, rows, step):
+            out += _gram64(self._per_example(slice(s, s + step)).flatten(1))
+        return out
 
     def _ghost(self) -> torch.Tensor:
         """K_ij = sum over positions t of i, s of j of (L L^T)_ts (R R^T)_ts (THEORY §6)."""
-        m = self.left.shape[0]
-        onehot = torch.zeros(self.n, m, dtype=torch.float64, device=self.left.device)
-        onehot[self.seg, torch.arange(m, device=self.left.device)] = 1.0
-        out = torch.zeros(self.n, self.n, dtype=torch.float64, device=self.left.device)
+        left = torch.cat([self.left[i, a:b] for i, (a, b) in enumerate(self.spans)])
+        right = torch.cat([self.right[i, a:b] for i, (a, b) in enumerate(self.spans)])
+        seg = torch.cat([torch.full((b - a,), i, device=left.device) for i, (a, b) in enumerate(self.spans)])
+        m = left.shape[0]
+        onehot = torch.zeros(self.n, m, dtype=torch.float64, device=left.device)
+        onehot[seg, torch.arange(m, device=left.device)] = 1.0
+        out = torch.zeros(self.n, self.n, dtype=torch.float64, device=left.device)
         step = max(1, CHUNK_ELEMS // max(m, 1))
         for s in range(0, m, step):
-            prod = (self.left[s:s + step] @ self.left.T) * (self.right[s:s + step] @ self.right.T)
+            prod = (left[s:s + step] @ left.T) * (right[s:s + step] @ right.T)
             out += onehot[:, s:s + step] @ prod.to(torch.float64) @ onehot.T
         return out
 
-    def _per_example(self, index: torch.Tensor | None) -> torch.Tensor:
-        left = self.left if index is None else self.left[:, index]
-        out = torch.zeros(self.n, left.shape[1], self.right.shape[1], dtype=left.dtype, device=left.device)
-        # one einsum per example over its own positions: g_i = L_i^T R_i
-        bounds = torch.searchsorted(self.seg, torch.arange(self.n + 1, device=self.seg.device)).tolist()
-        for i in range(self.n):
-            lo, hi = bounds[i], bounds[i + 1]
-            if hi > lo:
-                torch.matmul(left[lo:hi].T, self.right[lo:hi], out=out[i])
+    def _per_example(self, index) -> torch.Tensor:
+        """Materialised ``g_i[index]`` [N, len(index), cols] (index: a slice or a row-index tensor)."""
+        left = self.left[..., index]
+        out = torch.zeros(self.n, left.shape[-1], self.right.shape[-1], dtype=left.dtype, device=left.device)
+        for i, (a, b) in enumerate(self.spans):
+            if b > a:
+                torch.matmul(left[i, a:b].T, self.right[i, a:b], out=out[i])
         return out
 
     def rows(self, index: torch.Tensor | None) -> torch.Tensor:
-        return self._per_example(index)
+        return self._per_example(slice(None) if index is None else index)
 
 
 class EmbeddingRows:

@@ -27,15 +27,16 @@ METHODS = ("auto", "exact", "ghost", "materialise")
 
 @contextlib.contextmanager
 def measurement_mode(model: torch.nn.Module, named_params):
-    """Eval mode (no dropout), gradients enabled on the measured parameters, RNG forked; all restored after."""
+    """Eval mode (no dropout), gradients on the measured parameters only, RNG forked; all restored after."""
     modes = [(m, m.training) for m in model.modules()]
-    flags = [(p, p.requires_grad) for _, p in named_params]
+    selected = {id(p) for _, p in named_params}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     devices = sorted({p.device.index for _, p in named_params if p.device.type == "cuda"})
     try:
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
             model.eval()
-            for p, _ in flags:
-                p.requires_grad_(True)
+            for p, _ in flags:  # only the measured parameters carry gradients during the measurement
+                p.requires_grad_(id(p) in selected)
             yield
     finally:
         for m, was in modes:
@@ -64,6 +65,8 @@ class GramEngine:
         self.uses: dict[str, list] = {}          # param name -> touched rows of each use, in forward order
         self.shared: dict[str, SharedParameter] = {}
         self.generic_uses: list[_Use] = []
+        self.sources: list[torch.Tensor] = []    # hooked outputs whose inputs carry no gradient
+        self.calls: dict[int, int] = {}          # id(param) -> hooked calls of rule-handled modules
         self.handles = []
         self.owners: list[tuple[torch.nn.Module, list[str]]] = []
         seen = set()
@@ -103,6 +106,8 @@ class GramEngine:
                 use_index[k] = len(self.uses.setdefault(name, []))
                 self.uses[name].append(touched)
             outs = [o for o in _tensors(output) if o.requires_grad]
+            if not any(torch.is_tensor(a) and a.requires_grad for a in (*args, *kwargs.values())):
+                self.sources.extend(outs)
             if rule is None:
                 use = _Use(module, own, args, kwargs, grads=[None] * len(outs))
                 self.generic_uses.append(use)
@@ -112,6 +117,8 @@ class GramEngine:
             if len(outs) != 1:
                 raise RuntimeError(f"{type(module).__name__} returned {len(outs)} differentiable outputs; "
                                    "its rule expects one")
+            for k in own:
+                self.calls[id(module._parameters[k])] = self.calls.get(id(module._parameters[k]), 0) + 1
             outs[0].register_hook(lambda g: self._apply_rule(rule, module, own, args, g, use_index))
         return hook
 
@@ -143,6 +150,45 @@ class GramEngine:
             return
         g = contrib.gram()
         self.blocks[name] = self.blocks[name] + g if name in self.blocks else g
+
+    def backward(self, total: torch.Tensor, named_params) -> None:
+        """Backward pass of ``total`` that reaches every hooked output but computes no parameter gradient.
+
+        Asking autograd for the gradients of the *source* outputs (e.g. the embedding lookups) makes it
+        traverse every path from the log-probs down to them, firing the output hooks on the way, while
+        skipping the weight-gradient products a training step would compute.
+        """
+        self.check_all_uses_hooked(total, named_params)
+        if self.sources:
+            torch.autograd.grad(total, self.sources, allow_unused=True)
+        else:
+            torch.autograd.grad(total, [p for _, p in named_params], allow_unused=True)
+
+    def check_all_uses_hooked(self, total: torch.Tensor, named_params) -> None:
+        """Every autograd use of a rule-handled parameter must be one of the hooked module calls.
+
+        A parameter used outside its module's forward (e.g. ``F.linear(x, self.embed.weight)`` in a
+        parent module) would otherwise be silently missing from the Gram matrix.
+        """
+        if not self.calls:
+            return
+        edges: dict[int, int] = {}
+        seen, stack = set(), [total.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            for nxt, _ in node.next_functions:
+                if nxt is not None and hasattr(nxt, "variable"):
+                    edges[id(nxt.variable)] = edges.get(id(nxt.variable), 0) + 1
+                stack.append(nxt)
+        for name, p in named_params:
+            if id(p) in self.calls and edges.get(id(p), 0) != self.calls[id(p)]:
+                raise RuntimeError(
+                    f"parameter {name!r} is used {edges.get(id(p), 0)} times by autograd but only "
+                    f"{self.calls[id(p)]} times through hooked module calls (used outside its module's "
+                    "forward?); use method='exact' or register a rule for the module that uses it")
 
     # -- after the backward pass ----------------------------------------------------------------
     def finish(self, named_params) -> dict[str, torch.Tensor]:
@@ -200,7 +246,7 @@ def sequence_gram(
         engine = GramEngine(model, named, n, mode=method)
         with engine:
             logps = token_logps(forward(model, batch), batch).sum(-1)
-            torch.autograd.grad(logps.sum(), [p for _, p in named], allow_unused=True)
+            engine.backward(logps.sum(), named)
         per_param = engine.finish(named)
     matrix = torch.stack(list(per_param.values())).sum(0)
     return GramResult(matrix=matrix, logps=logps.detach().to(torch.float64), lengths=response_lengths(batch),

@@ -1,0 +1,166 @@
+"""Time and peak memory of the Gram-matrix methods against one plain DPO training step, side by side.
+
+    python benchmarks/bench_gram.py                 # CPU: the GPT-2-shaped model at two batch shapes
+    python benchmarks/bench_gram.py --shapes gpt2-small --device cuda
+
+Each (shape, method) runs in a fresh child process, so its peak resident memory (VmHWM from
+/proc/self/status, THEORY §6) is its own; on CUDA the peak is torch.cuda.max_memory_allocated.
+Reported: median wall time over --repeat runs after one warm-up, the peak, the peak above the
+model+batch baseline, and ratios to the plain DPO step measured in the same invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+SHAPES = {
+    # name: (layers, width, heads, vocab, pairs, prompt, response)
+    "long": (4, 256, 4, 8192, 8, 64, 192),
+    "short": (4, 256, 4, 8192, 32, 32, 64),
+    "gpt2-small": (12, 768, 12, 50257, 8, 64, 192),
+}
+METHODS = ["plain_dpo_step", "auto", "exact", "torch_func"]
+
+
+def _vmhwm_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _setup(shape: str, device: str):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    layers, width, heads, vocab, pairs, prompt, resp = SHAPES[shape]
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=vocab, n_positions=prompt + resp + 64, n_embd=width, n_layer=layers, n_head=heads,
+                     bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(cfg).to(device).eval()
+    g = torch.Generator().manual_seed(0)
+    n = 2 * pairs
+    lens = [resp + int(x) for x in torch.randint(-resp // 6, resp // 6 + 1, (n,), generator=g)]
+    width_ = prompt + max(lens)
+    ids = torch.randint(1, vocab, (n, width_), generator=g)
+    ids[pairs:, :prompt] = ids[:pairs, :prompt]                       # pairs share their prompt
+    att = torch.zeros(n, width_, dtype=torch.long)
+    comp = torch.zeros(n, width_, dtype=torch.long)
+    for i, r in enumerate(lens):
+        att[i, :prompt + r] = 1
+        comp[i, prompt:prompt + r] = 1
+    batch = {"input_ids": ids.to(device), "attention_mask": att.to(device), "completion_mask": comp.to(device)}
+    return model, batch
+
+
+def _run_method(method: str, model, batch):
+    import torch
+
+    from entangle.capture.engine import sequence_gram
+    from entangle.capture.logprobs import sequence_logps
+
+    if method == "plain_dpo_step":
+        model.zero_grad(set_to_none=True)
+        logps = sequence_logps(model, batch)
+        b = logps.shape[0] // 2
+        ref = logps.detach() - 0.1                                    # a reference model's log-probs
+        margin = (logps[:b] - ref[:b]) - (logps[b:] - ref[b:])
+        torch.nn.functional.logsigmoid(0.1 * margin).neg().mean().backward()
+        model.zero_grad(set_to_none=True)
+        return None
+    if method in ("auto", "exact"):
+        return sequence_gram(model, batch, method=method).matrix
+    return _torch_func_gram(model, batch)
+
+
+def _torch_func_gram(model, batch):
+    """Per-sample gradients with torch.func.vmap(grad(...)) over sequences, then a float64 Gram."""
+    import torch
+    from torch.func import functional_call, grad, vmap
+
+    from entangle.capture.logprobs import token_logps
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def logp(p, ids, att, comp):
+        b = {"input_ids": ids[None], "attention_mask": att[None], "completion_mask": comp[None]}
+        logits = functional_call(model, p, (), {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}).logits
+        return token_logps(logits, b).sum()
+
+    per = vmap(grad(logp), in_dims=(None, 0, 0, 0))(params, batch["input_ids"], batch["attention_mask"],
+                                                    batch["completion_mask"])
+    flat = torch.cat([v.flatten(1).to(torch.float64) for v in per.values()], 1)
+    return flat @ flat.T
+
+
+def child(shape: str, method: str, device: str, repeat: int) -> dict:
+    import torch
+
+    model, batch = _setup(shape, device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    base = torch.cuda.memory_allocated() / 2**20 if device.startswith("cuda") else _vmhwm_mb()
+    try:
+        _run_method(method, model, batch)                              # warm-up
+    except Exception as e:  # noqa: BLE001 - torch.func does not trace every model; report, don't crash
+        return {"shape": shape, "method": method, "error": f"{type(e).__name__}: {str(e)[:120]}"}
+    times = []
+    for _ in range(repeat):
+        sync()
+        t = time.perf_counter()
+        _run_method(method, model, batch)
+        sync()
+        times.append(time.perf_counter() - t)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else _vmhwm_mb()
+    return {"shape": shape, "method": method, "seconds": statistics.median(times), "peak_mb": peak,
+            "above_base_mb": peak - base}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=["long", "short"], choices=list(SHAPES))
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--child", nargs=2, metavar=("SHAPE", "METHOD"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(*args.child, args.device, args.repeat)))
+        return
+    rows = []
+    for shape in args.shapes:
+        for method in args.methods:
+            if method == "exact" and shape == "gpt2-small" and args.device == "cpu":
+                continue
+            out = subprocess.run([sys.executable, __file__, "--child", shape, method, "--device", args.device,
+                                  "--repeat", str(args.repeat)], capture_output=True, text=True)
+            line = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else json.dumps(
+                {"shape": shape, "method": method, "error": out.stderr.strip().splitlines()[-1][:120]})
+            rows.append(json.loads(line))
+            print(f"  measured {shape:>10} {method:<15}", file=sys.stderr)
+    print_table(rows)
+
+
+def print_table(rows: list[dict]) -> None:
+    base = {r["shape"]: r for r in rows if r["method"] == "plain_dpo_step" and "seconds" in r}
+    print("| shape | method | time (s) | × plain step | peak RSS (MB) | × plain | above model+batch (MB) | × plain |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['shape']} | {r['method']} | n/a: {r['error']} | | | | | |")
+            continue
+        b = base.get(r["shape"])
+        rt = f"{r['seconds'] / b['seconds']:.2f}" if b else ""
+        rp = f"{r['peak_mb'] / b['peak_mb']:.2f}" if b else ""
+        ra = f"{r['above_base_mb'] / b['above_base_mb']:.2f}" if b and b["above_base_mb"] > 0 else ""
+        print(f"| {r['shape']} | {r['method']} | {r['seconds']:.3f} | {rt} | {r['peak_mb']:.0f} | {rp} | "
+              f"{r['above_base_mb']:.0f} | {ra} |")
+
+
+if __name__ == "__main__":
+    main()
