@@ -1,3 +1,39 @@
-"""entangle: see why preference optimisation moves chosen and rejected log-probs the way it does."""
+"""entangle: see why preference optimisation moves chosen and rejected log-probs the way it does.
+
+The public names are imported lazily, so ``import entangle`` stays cheap and optional
+integrations (trl, peft, accelerate) are only imported when used.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    # data
+    "load_pairs": "entangle.data", "encode_pairs": "entangle.data", "PairError": "entangle.data",
+    # capture
+    "sequence_gram": "entangle.capture.engine", "update_dot": "entangle.capture.engine",
+    "GramResult": "entangle.capture.result", "sequence_logps": "entangle.capture.logprobs",
+    "select_params": "entangle.capture.params", "adam_preconditioner": "entangle.capture.optim",
+    "token_map": "entangle.capture.tokens",
+    # metrics
+    "pair_frame": "entangle.metrics", "summarize": "entangle.metrics", "coefficients": "entangle.metrics",
+    "register_objective": "entangle.metrics", "available_objectives": "entangle.metrics",
+    "pair_covariates": "entangle.metrics.covariates",
+    # integrations
+    "verify_step": "entangle.verify", "Monitor": "entangle.integrations.monitor",
+    "EntanglementCallback": "entangle.integrations.callback", "analyze": "entangle.integrations.checkpoints",
+    "read_run": "entangle.runio",
+    # report
+    "make_report": "entangle.report",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'entangle' has no attribute {name!r}")
