@@ -232,3 +232,19 @@ def test_parameter_used_outside_its_module_is_reported_not_skipped():
         sequence_gram(model, batch)
     exact = sequence_gram(model, batch, method="exact")   # the slow path handles it
     assert float(exact.per_param["model.embed_tokens.weight"].abs().max()) > 0
+
+
+def test_real_pretrained_llama_on_hh_rlhf_pairs(stories_model, stories_tokenizer, hh_rows):
+    """The real tiny Llama (RMSNorm, GQA, tied embeddings) on real human preference pairs, right-padded by encode_pairs."""
+    from entangle.data import encode_pairs, load_pairs
+
+    rows = [r for r in load_pairs(hh_rows[:60], on_mismatch="skip") if len(r["prompt"]) + max(len(r["chosen"]), len(r["rejected"])) < 350]
+    batch = encode_pairs(stories_tokenizer, rows[:4], max_length=256)
+    assert (batch["attention_mask"] == 0).any()                         # padding present
+    exact = sequence_gram(stories_model, batch, method="exact")
+    auto = sequence_gram(stories_model, batch)
+    assert rel_err(auto.matrix, exact.matrix) <= 1e-5
+    assert "shared by 2 uses" in auto.info["model.embed_tokens.weight"]
+    # the same in float64 is exact to round-off
+    model64 = stories_model.to(torch.float64)
+    assert rel_err(sequence_gram(model64, batch).matrix, sequence_gram(model64, batch, method="exact").matrix) <= 1e-10

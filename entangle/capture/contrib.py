@@ -39,12 +39,16 @@ class Dense:
 
     def __init__(self, values: torch.Tensor):
         self.values = values
+        self.n = values.shape[0]
 
     def gram(self) -> torch.Tensor:
         return _gram64(self.values.reshape(self.values.shape[0], -1))
 
     def rows(self, index: torch.Tensor | None) -> torch.Tensor:
         return self.values if index is None else self.values[:, index]
+
+    def dot(self, delta: torch.Tensor) -> torch.Tensor:
+        return self.values.flatten(1).to(torch.float64) @ delta.flatten().to(torch.float64)
 
 
 class Factored:
@@ -110,6 +114,11 @@ class Factored:
     def rows(self, index: torch.Tensor | None) -> torch.Tensor:
         return self._per_example(slice(None) if index is None else index)
 
+    def dot(self, delta: torch.Tensor) -> torch.Tensor:
+        """<g_i, D> = sum_t L_t^T D R_t per example (THEORY §5): no per-example gradient is formed."""
+        per_position = ((self.left @ delta.to(self.left.dtype)) * self.right).sum(-1)
+        return per_position.to(torch.float64).sum(1)
+
 
 class EmbeddingRows:
     """Per-example gradients of an embedding lookup: ``g_i[v] = sum_{t: id_t = v} delta_t`` (sparse by id)."""
@@ -133,12 +142,44 @@ class EmbeddingRows:
         out.index_add_(0, (self.seg * index.numel() + pos)[keep], self.grads[keep])
         return out.view(self.n, index.numel(), -1)
 
+    def dot(self, delta: torch.Tensor) -> torch.Tensor:
+        per_position = (self.grads * delta.to(self.grads.dtype)[self.ids]).sum(-1).to(torch.float64)
+        return torch.zeros(self.n, dtype=torch.float64, device=per_position.device).index_add_(0, self.seg, per_position)
+
     def gram(self) -> torch.Tensor:
         rows = torch.unique(self.ids)
         out = torch.zeros(self.n, self.n, dtype=torch.float64, device=self.grads.device)
         step = max(1, CHUNK_ELEMS // max(self.n * self.grads.shape[1], 1))
         for s in range(0, rows.numel(), step):
             out += _gram64(self.rows(rows[s:s + step]).flatten(1))
+        return out
+
+
+class Scaled:
+    """A contribution seen through a diagonal metric: ``g_i -> scale * g_i`` (e.g. sqrt of Adam's P, THEORY §5).
+
+    ``<scale g_i, scale g_j> = g_i^T P g_j`` with ``P = scale^2``; always materialised, chunked over rows.
+    """
+
+    kind = "materialised"
+
+    def __init__(self, contrib, scale: torch.Tensor):
+        self.contrib, self.scale = contrib, scale
+        self.touched = contrib.touched
+
+    def rows(self, index: torch.Tensor | None) -> torch.Tensor:
+        rows = self.contrib.rows(index)
+        scale = self.scale if index is None else self.scale[index]
+        return rows * scale.to(rows.dtype)
+
+    def gram(self) -> torch.Tensor:
+        index = self.touched if self.touched is not None else torch.arange(self.scale.shape[0],
+                                                                            device=self.scale.device)
+        width = max(1, self.scale[0].numel())
+        step = max(1, CHUNK_ELEMS // max(width * 64, 1))
+        out = torch.zeros(self.contrib.n, self.contrib.n, dtype=torch.float64, device=self.scale.device)
+        for s in range(0, index.numel(), step):
+            out += _gram64(self.rows(index[s:s + step]).flatten(1))
         return out
 
 

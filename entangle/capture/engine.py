@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .contrib import SharedParameter
-from .exact import exact_gram
+from .contrib import Scaled, SharedParameter
+from .exact import exact_gram, per_sequence_grads
 from .logprobs import model_logits, response_lengths, token_logps
 from .params import ParamSpec, select_params, unwrap_model
 from .result import GramResult
@@ -45,6 +45,13 @@ def measurement_mode(model: torch.nn.Module, named_params):
             p.requires_grad_(was)
 
 
+def contrib_dtype(contrib) -> torch.dtype:
+    for attr in ("values", "left", "grads"):
+        if hasattr(contrib, attr):
+            return getattr(contrib, attr).dtype
+    return torch.float32
+
+
 @dataclass
 class _Use:
     module: torch.nn.Module
@@ -57,8 +64,13 @@ class _Use:
 class GramEngine:
     """Installs the hooks for one measurement and accumulates per-parameter Gram blocks."""
 
-    def __init__(self, model: torch.nn.Module, named_params, n: int, mode: str = "auto"):
+    def __init__(self, model: torch.nn.Module, named_params, n: int, mode: str = "auto",
+                 preconditioner: Mapping[str, torch.Tensor] | None = None,
+                 delta: Mapping[str, torch.Tensor] | None = None):
         self.n, self.mode = n, mode
+        self.scale = None if preconditioner is None else {k: v.sqrt() for k, v in preconditioner.items()}
+        self.delta = delta
+        self.dots: dict[str, torch.Tensor] = {}   # param name -> <g_i, delta> [N] (delta mode)
         self.name_of = {id(p): name for name, p in named_params}
         self.blocks: dict[str, torch.Tensor] = {}
         self.info: dict[str, str] = {}
@@ -143,6 +155,13 @@ class GramEngine:
             self._add(self.name_of[id(module._parameters[k])], use_index[k], contribs[k], rule.__name__)
 
     def _add(self, name: str, use: int, contrib, how: str):
+        if self.delta is not None:                  # a dot product is linear: uses simply add up
+            d = contrib.dot(self.delta[name])
+            self.dots[name] = self.dots[name] + d if name in self.dots else d
+            self.info[name] = f"{how}:dot"
+            return
+        if self.scale is not None:
+            contrib = Scaled(contrib, self.scale[name].to(contrib_dtype(contrib)))
         self.info[name] = f"{how}:{getattr(contrib, 'kind', 'materialised')}"
         if len(self.uses[name]) > 1:
             self.shared.setdefault(name, SharedParameter(self.uses[name])).add(use, contrib)
@@ -201,6 +220,8 @@ class GramEngine:
                 self._add(name, self._generic_index(name, use), contribs[k], "generic")
         for name, acc in self.shared.items():
             self.blocks[name] = acc.gram()
+        if self.delta is not None:
+            return {}
         out = {}
         for name, p in named_params:
             out[name] = self.blocks.get(name)
@@ -214,12 +235,43 @@ class GramEngine:
         return uses.index(use)
 
 
+def _check_metric(named, tensors: Mapping[str, torch.Tensor] | None, what: str) -> None:
+    if tensors is None:
+        return
+    for name, p in named:
+        if name not in tensors:
+            raise ValueError(f"{what} has no entry for parameter {name!r}")
+        if tuple(tensors[name].shape) != tuple(p.shape):
+            raise ValueError(f"{what}[{name!r}] has shape {tuple(tensors[name].shape)}, parameter has {tuple(p.shape)}")
+        if not torch.isfinite(tensors[name]).all():
+            raise ValueError(f"{what}[{name!r}] has NaN/inf entries")
+
+
+def _run(model, batch, params, method, forward, preconditioner=None, delta=None):
+    model = unwrap_model(model)
+    named = select_params(model, params)
+    _check_metric(named, preconditioner, "preconditioner")
+    _check_metric(named, delta, "delta")
+    n = batch["input_ids"].shape[0]
+    with measurement_mode(model, named):
+        engine = GramEngine(model, named, n, mode=method, preconditioner=preconditioner, delta=delta)
+        with engine:
+            logps = token_logps(forward(model, batch), batch).sum(-1)
+            if not torch.isfinite(logps).all():
+                bad = (~torch.isfinite(logps)).nonzero()[:, 0].tolist()
+                raise ValueError(f"non-finite log-probs for sequences {bad} (pairs {[i % (n // 2) for i in bad]})")
+            engine.backward(logps.sum(), named)
+        per_param = engine.finish(named)
+    return engine, named, per_param, logps.detach().to(torch.float64)
+
+
 def sequence_gram(
     model: torch.nn.Module,
     batch: Mapping[str, torch.Tensor],
     params: ParamSpec = None,
     method: str = "auto",
     forward: Callable = model_logits,
+    preconditioner: Mapping[str, torch.Tensor] | None = None,
 ) -> GramResult:
     """Gram matrix of per-sequence gradients of the summed response log-probs (THEORY §1, §4, §6).
 
@@ -230,6 +282,8 @@ def sequence_gram(
         method: ``"auto"`` (one backward, cheaper of ghost/materialised per layer), ``"exact"``
             (one backward per sequence; the slow twin), or force ``"ghost"`` / ``"materialise"``.
         forward: ``forward(model, batch) -> logits`` for models that need a custom call.
+        preconditioner: optional diagonal metric ``P`` per parameter name (same shapes); the result is
+            then ``g_i^T P g_j`` (Adam's geometry, THEORY §5; see :func:`adam_preconditioner`).
 
     Returns:
         :class:`GramResult` with ``matrix`` float64 [2B, 2B], ``logps``, ``lengths`` and per-parameter
@@ -237,17 +291,48 @@ def sequence_gram(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    model = unwrap_model(model)
-    named = select_params(model, params)
-    n = batch["input_ids"].shape[0]
-    with measurement_mode(model, named):
-        if method == "exact":
-            return exact_gram(model, batch, named, forward)
-        engine = GramEngine(model, named, n, mode=method)
-        with engine:
-            logps = token_logps(forward(model, batch), batch).sum(-1)
-            engine.backward(logps.sum(), named)
-        per_param = engine.finish(named)
+    if method == "exact":
+        model = unwrap_model(model)
+        named = select_params(model, params)
+        _check_metric(named, preconditioner, "preconditioner")
+        with measurement_mode(model, named):
+            return exact_gram(model, batch, named, forward, preconditioner)
+    engine, named, per_param, logps = _run(model, batch, params, method, forward, preconditioner=preconditioner)
     matrix = torch.stack(list(per_param.values())).sum(0)
-    return GramResult(matrix=matrix, logps=logps.detach().to(torch.float64), lengths=response_lengths(batch),
+    return GramResult(matrix=matrix, logps=logps, lengths=response_lengths(batch),
                       per_param=per_param, method=method, info=engine.info)
+
+
+def update_dot(
+    model: torch.nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    delta: Mapping[str, torch.Tensor],
+    params: ParamSpec = None,
+    forward: Callable = model_logits,
+    method: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """First-order change of each sequence's log-prob along a parameter update (THEORY §5).
+
+    ``pred_i = <g_i, delta>`` at the model's current parameters, computed per layer as
+    ``sum_t delta_t^T dW a_t`` without per-example gradients. ``delta`` maps parameter names (as in
+    ``named_parameters``) to tensors of the parameter's shape, e.g. ``theta_after - theta_before``.
+    ``method="exact"`` uses one backward per sequence (the test twin).
+
+    Returns:
+        ``(pred [N] float64, logps [N] float64)``.
+    """
+    if method == "exact":
+        model = unwrap_model(model)
+        named = select_params(model, params)
+        _check_metric(named, delta, "delta")
+        with measurement_mode(model, named):
+            logps, grads = per_sequence_grads(model, batch, named, forward)
+        flat = torch.cat([delta[name].flatten().to(torch.float64) for name, _ in named])
+        pred = torch.stack([torch.cat([x.flatten() for x in g]) @ flat for g in grads])
+        return pred, logps.to(torch.float64)
+    engine, named, _, logps = _run(model, batch, params, method, forward, delta=delta)
+    pred = torch.zeros(batch["input_ids"].shape[0], dtype=torch.float64)
+    for name, _ in named:
+        if name in engine.dots:
+            pred = pred + engine.dots[name].cpu()
+    return pred, logps

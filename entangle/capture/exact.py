@@ -22,13 +22,18 @@ def per_sequence_grads(model, batch, named_params, forward: Callable = model_log
     return logps.detach(), grads
 
 
-def exact_gram(model, batch: Mapping[str, torch.Tensor], named_params, forward: Callable = model_logits) -> GramResult:
-    """Gram matrix from materialised per-sequence gradients (test twin of the hook engine)."""
+def exact_gram(model, batch: Mapping[str, torch.Tensor], named_params, forward: Callable = model_logits,
+               preconditioner: Mapping[str, torch.Tensor] | None = None) -> GramResult:
+    """Gram matrix from materialised per-sequence gradients (test twin of the hook engine).
+
+    With a diagonal ``preconditioner`` P (per parameter name) the entries are ``g_i^T P g_j``.
+    """
     logps, grads = per_sequence_grads(model, batch, named_params, forward)
     per_param = {}
     for k, (name, _) in enumerate(named_params):
         flat = torch.stack([g[k].flatten() for g in grads])
-        per_param[name] = flat @ flat.T
+        weight = 1.0 if preconditioner is None else preconditioner[name].flatten().to(torch.float64)
+        per_param[name] = (flat * weight) @ flat.T
     matrix = sum(per_param.values())
     return GramResult(matrix=matrix, logps=logps.to(torch.float64), lengths=response_lengths(batch),
                       per_param=per_param, method="exact", info={n: "exact" for n, _ in named_params})

@@ -1,0 +1,261 @@
+"""Token-level gradient maps of one pair (THEORY §7) and the forward-only hidden states behind CHES (§8).
+
+``token_map`` returns the inner products ``<grad l_t, grad l_u>`` between the per-token gradients of a pair's
+response tokens, where ``l_t = log pi(y_t | x, y_<t)`` is token t's log-prob as ``token_logps`` computes it.
+Since ``s(y) = sum_t l_t``, the chosen x rejected block sums to the pair's Gram entry ``<g_w, g_l>``.
+
+Two methods:
+
+* ``"full"``: every parameter, exactly. Token t's log-prob depends only on the positions before it, so the
+  pair's K response tokens become K *prefix copies* (copy k = the sequence up to token k, left-padded,
+  scored at its last position only). Copies of a causal LM do not interact, so the capture engine's one
+  backward over the copies yields each token's own output gradients at every layer, and its per-layer rules
+  (ghost / materialised, sparse embeddings, tied-parameter cross terms, generic fallback) reduce them to the
+  K x K Gram matrix layer by layer. No Python loop over tokens and no full per-token gradient is ever held.
+* ``"head"``: the output layer alone, in closed form and without a backward pass. The gradient of ``l_t``
+  w.r.t. the head weight is ``(e_{y_t} - p_t) h_t^T``, so
+  ``<grad l_t, grad l_u> = ((e_{y_t} - p_t) . (e_{y_u} - p_u)) (h_t . h_u)``. For tied input/output
+  embeddings (GPT-2, tied Llama) this is the head use of the shared matrix only: the input-embedding use
+  and its cross terms are left out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pandas as pd
+import torch
+
+from .engine import measurement_mode, sequence_gram
+from .logprobs import position_ids_from_mask
+from .params import ParamSpec, select_params, unwrap_model
+
+METHODS = ("full", "head")
+BLOCKS = ("wl", "ww", "ll")
+
+
+def response_positions(batch: Mapping[str, torch.Tensor], row: int) -> torch.Tensor:
+    """Positions [T] (int64, ascending) of the response tokens of sequence ``row``."""
+    pos = batch["completion_mask"][row].to(torch.bool).nonzero().flatten()
+    if pos.numel() and int(pos[0]) == 0:
+        raise ValueError(f"sequence {row}: a response token at position 0 has no context to be predicted from")
+    return pos
+
+
+def _pair_rows(batch: Mapping[str, torch.Tensor], pair: int) -> tuple[int, int]:
+    n = batch["input_ids"].shape[0]
+    if n % 2:
+        raise ValueError(f"the batch has {n} sequences; expected 2B (all chosen, then all rejected)")
+    b = n // 2
+    if not 0 <= pair < b:
+        raise ValueError(f"pair={pair} is out of range for a batch of {b} pairs")
+    return pair, b + pair
+
+
+def prefix_copies(batch: Mapping[str, torch.Tensor], rows: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """One left-padded copy per response token of ``rows``, ending just before that token.
+
+    Returns ``context_ids`` / ``context_mask`` [K, P] (P = the longest prefix) and a two-column batch in the
+    layout ``token_logps`` reads: ``input_ids`` [K, 2] with the scored token in column 1 and
+    ``completion_mask`` [K, 2] = (0, 1). Padding and prompt tokens of the original rows keep their masks.
+    """
+    ids, att = batch["input_ids"], batch["attention_mask"]
+    spans = [(r, int(p)) for r in rows for p in response_positions(batch, r)]
+    width = max(p for _, p in spans)
+    k = len(spans)
+    ctx = torch.zeros(k, width, dtype=ids.dtype, device=ids.device)
+    ctx_mask = torch.zeros(k, width, dtype=att.dtype, device=att.device)
+    target = torch.zeros(k, 2, dtype=ids.dtype, device=ids.device)
+    for j, (r, p) in enumerate(spans):
+        ctx[j, width - p:] = ids[r, :p]
+        ctx_mask[j, width - p:] = att[r, :p]
+        target[j, 1] = ids[r, p]
+    comp = torch.zeros_like(target)
+    comp[:, 1] = 1
+    return {"input_ids": target, "completion_mask": comp, "attention_mask": torch.ones_like(target),
+            "context_ids": ctx, "context_mask": ctx_mask}
+
+
+def last_position_logits(model: torch.nn.Module, copies: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Logits [K, 2, V] for :func:`prefix_copies`: row 0 holds each copy's last-position logits.
+
+    Only the last position goes through the output layer (``logits_to_keep=1``), so the head costs K
+    rows, not K x P. Row 1 is a placeholder that ``token_logps`` never reads (it predicts past the end).
+    """
+    mask = copies["context_mask"]
+    out = model(input_ids=copies["context_ids"], attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                use_cache=False, logits_to_keep=1)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    return torch.cat([logits[:, -1:], torch.zeros_like(logits[:, -1:])], 1)
+
+
+def token_gram(
+    model: torch.nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    pair: int,
+    params: ParamSpec = None,
+    method: str = "full",
+) -> tuple[torch.Tensor, int]:
+    """Gram matrix float64 [Tw + Tl, Tw + Tl] of one pair's per-token gradients, chosen tokens first.
+
+    Returns the matrix and Tw, the number of chosen response tokens. ``method`` as in :func:`token_map`.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    rows = _pair_rows(batch, pair)
+    n_w = int(response_positions(batch, rows[0]).numel())
+    if method == "head":
+        return head_token_gram(model, batch, rows, params), n_w
+    copies = prefix_copies(batch, rows)
+    return sequence_gram(model, copies, params=params, forward=last_position_logits).matrix, n_w
+
+
+def _head_hidden_and_probs(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
+                           rows: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.nn.Module]:
+    """Inputs h [K, d] of the output layer, probabilities p [K, V] and targets y [K] at the response tokens of ``rows``."""
+    head = model.get_output_embeddings()
+    if head is None or not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"{type(model).__name__} has no nn.Linear output layer (get_output_embeddings()); "
+                         "method='head' needs one")
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(module, args, output):
+        seen["h"], seen["z"] = args[0], output
+
+    sub = {k: batch[k][list(rows)] for k in ("input_ids", "attention_mask")}
+    handle = head.register_forward_hook(grab)
+    try:
+        with torch.no_grad():
+            mask = sub["attention_mask"]
+            out = model(input_ids=sub["input_ids"], attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                        use_cache=False)
+    finally:
+        handle.remove()
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    if "z" not in seen or seen["z"].shape != logits.shape or not torch.equal(seen["z"], logits):
+        raise ValueError(f"{type(model).__name__} transforms the output layer's result before returning logits "
+                         "(scaling or soft-capping); the closed form of method='head' does not apply")
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    hs, ps, ys = [], [], []
+    for j, r in enumerate(rows):
+        pos = response_positions(batch, r)
+        hs.append(seen["h"][j, pos - 1].to(dtype))
+        ps.append(torch.softmax(logits[j, pos - 1].to(dtype), -1))
+        ys.append(batch["input_ids"][r, pos])
+    return torch.cat(hs), torch.cat(ps), torch.cat(ys), head
+
+
+def head_token_gram(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], rows: tuple[int, ...],
+                    params: ParamSpec = None) -> torch.Tensor:
+    """Closed-form per-token Gram matrix float64 [K, K] over the output-layer weight (no backward pass).
+
+    ``<grad l_t, grad l_u> = (e_{y_t} - p_t) . (e_{y_u} - p_u) * (h_t . h_u)``, with
+    ``(e_t - p_t) . (e_u - p_u) = [y_t = y_u] - p_t[y_u] - p_u[y_t] + p_t . p_u``. ``params``, if given, must
+    select exactly the output-layer weight.
+    """
+    model = unwrap_model(model)
+    if params is not None:
+        named = select_params(model, params)
+        head = model.get_output_embeddings()
+        if head is None or len(named) != 1 or named[0][1] is not head.weight:
+            raise ValueError(f"method='head' measures the output-layer weight only; params={params!r} selects "
+                             f"{[n for n, _ in named][:5]}")
+    with measurement_mode(model, []):
+        h, p, y, _ = _head_hidden_and_probs(model, batch, rows)
+    py = p[:, y]                                        # py[t, u] = p_t[y_u]
+    err = (y[:, None] == y[None, :]).to(p.dtype) - py - py.T + p @ p.T
+    return (err.to(torch.float64) * (h @ h.T).to(torch.float64))
+
+
+def token_map(
+    model: torch.nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    pair: int = 0,
+    params: ParamSpec = None,
+    method: str = "full",
+    tokenizer: Any = None,
+) -> pd.DataFrame:
+    """Per-token gradient inner products and cosines of one pair, as a tidy frame (THEORY §7).
+
+    Args:
+        model: a causal LM (transformers ``*ForCausalLM``; ``"full"`` needs ``logits_to_keep`` support).
+        batch: ``input_ids``, ``attention_mask``, ``completion_mask`` [2B, L] (see ``encode_pairs``).
+        pair: which pair (rows ``pair`` and ``B + pair``).
+        params: parameter selection for ``"full"`` (see ``select_params``); ``"head"`` always measures the
+            output-layer weight alone.
+        method: ``"full"`` (exact, every selected parameter) or ``"head"`` (closed form, output layer only; for
+            tied embeddings the head use of the shared matrix only).
+        tokenizer: decodes the token columns when given; otherwise they hold token ids.
+
+    Returns:
+        One row per (block, t, u): ``pair``, ``block`` (``"wl"`` chosen x rejected, ``"ww"`` chosen x chosen,
+        ``"ll"`` rejected x rejected), ``t`` / ``u`` (0-based response-token index of the row / column
+        sequence: for ``wl`` t is chosen and u rejected), ``token_w`` / ``token_u`` (the row / column tokens),
+        ``inner`` = ``<grad l_t, grad l_u>`` (float64) and ``cosine``. The ``wl`` block's ``inner`` sums to
+        ``<g_w, g_l>``, the ``ww`` / ``ll`` blocks to ``||g_w||^2`` / ``||g_l||^2`` (for ``"full"``).
+    """
+    gram, n_w = token_gram(model, batch, pair, params, method)
+    rows = _pair_rows(batch, pair)
+    ids = [batch["input_ids"][r, response_positions(batch, r)].tolist() for r in rows]
+    toks = [[tokenizer.decode([i]) for i in side] for side in ids] if tokenizer is not None else ids
+    norm = gram.diagonal().clamp(min=0).sqrt()
+    cos = gram / (norm[:, None] * norm[None, :])
+    sides = {"w": (slice(0, n_w), toks[0]), "l": (slice(n_w, None), toks[1])}
+    frames = []
+    for block in BLOCKS:
+        (rs, rt), (cs, ct) = sides[block[0]], sides[block[1]]
+        inner, c = gram[rs, cs], cos[rs, cs]
+        t, u = torch.meshgrid(torch.arange(inner.shape[0]), torch.arange(inner.shape[1]), indexing="ij")
+        t, u = t.flatten().numpy(), u.flatten().numpy()
+        frames.append(pd.DataFrame({
+            "pair": pair, "block": block, "t": t, "u": u,
+            "token_w": [rt[i] for i in t], "token_u": [ct[i] for i in u],
+            "inner": inner.flatten().cpu().numpy(), "cosine": c.flatten().cpu().numpy(),
+        }))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _loop_token_grads(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], pair: int,
+                      params: ParamSpec = None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The slow twin: one backward per response token with a retained graph, flattened gradients [K, P].
+
+    This is the approach of the paper's public heatmap script; ``token_gram`` must agree with ``G G^T``.
+    """
+    from .logprobs import model_logits, token_logps
+
+    model = unwrap_model(model)
+    named = select_params(model, params)
+    rows = _pair_rows(batch, pair)
+    sub = {k: batch[k][list(rows)] for k in ("input_ids", "attention_mask", "completion_mask")}
+    with measurement_mode(model, named):
+        lp = token_logps(model_logits(model, sub), sub)
+        targets = [(j, int(p)) for j, r in enumerate(rows) for p in response_positions(batch, r)]
+        out = []
+        for k, (j, p) in enumerate(targets):
+            g = torch.autograd.grad(lp[j, p], [q for _, q in named], retain_graph=k + 1 < len(targets),
+                                    allow_unused=True)
+            out.append(torch.cat([(torch.zeros_like(q) if x is None else x).flatten().to(dtype)
+                                  for x, (_, q) in zip(g, named, strict=True)]))
+    return torch.stack(out)
+
+
+def response_hidden(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final hidden states summed and averaged over each sequence's response tokens (forward only, THEORY §8).
+
+    The hidden state for response token k is ``hidden_states[-1]`` at the position that predicts it (k - 1), as
+    in CHES (Razin et al.). Returns ``(h_sum, h_mean)``, each float32/float64 [2B, d]; no gradients.
+    """
+    model = unwrap_model(model)
+    mask = batch["attention_mask"]
+    with measurement_mode(model, []), torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                    use_cache=False, output_hidden_states=True)
+    h = out.hidden_states[-1]
+    dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
+    pred = batch["completion_mask"][:, 1:].to(dtype)                # position k - 1 predicts token k
+    h_sum = torch.einsum("nl,nld->nd", pred, h[:, :-1].to(dtype))
+    n = pred.sum(1, keepdim=True)
+    if (n == 0).any():
+        raise ValueError(f"sequences {(n[:, 0] == 0).nonzero().flatten().tolist()} have no response tokens")
+    return h_sum, h_sum / n

@@ -1,0 +1,115 @@
+"""The toolkit checking itself: first-order predictions against one real optimizer step (THEORY §3-§5)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .capture.engine import measurement_mode, sequence_gram, update_dot
+from .capture.logprobs import response_lengths, sequence_logps
+from .capture.params import ParamSpec, select_params, unwrap_model
+from .metrics import coefficients, resolve_objective
+
+
+def _pair_args(logps: torch.Tensor, batch, ref_logps):
+    b = logps.shape[0] // 2
+    lengths = response_lengths(batch).to(logps.device)
+    args = {"chosen_lengths": lengths[:b], "rejected_lengths": lengths[b:]}
+    if ref_logps is not None:
+        args.update(ref_chosen_logps=ref_logps[:b], ref_rejected_logps=ref_logps[b:])
+    return logps[:b], logps[b:], args
+
+
+def make_step_fn(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                 objective="sigmoid", ref_logps: torch.Tensor | None = None, loss_weights=None,
+                 **hyper) -> Callable[[], None]:
+    """A closure doing one real training step: mean over pairs of ``objective`` on ``batch``, then ``optimizer.step()``.
+
+    ``ref_logps`` [2B] defaults to the policy's own log-probs now (a DPO run's first step).
+    """
+    if ref_logps is None:
+        with torch.no_grad():
+            ref_logps = sequence_logps(model, batch).detach()
+
+    obj = resolve_objective(objective, loss_weights)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        logps = sequence_logps(model, batch)
+        w, l, args = _pair_args(logps, batch, ref_logps.to(logps.dtype))
+        obj(w, l, **args, **hyper).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step.ref_logps = ref_logps
+    return step
+
+
+def verify_step(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], step_fn: Callable[[], None], *,
+                lr: float | None = None, objective="sigmoid", ref_logps: torch.Tensor | None = None,
+                params: ParamSpec = None, loss_weights=None, **hyper) -> pd.DataFrame:
+    """Measure log-probs before and after one real step and compare with the first-order predictions.
+
+    Columns, one row per sequence: ``seq``, ``pair``, ``side``, ``logp_before``, ``logp_after``,
+    ``observed`` (after - before, nats), ``pred_update`` (``<g_i, theta_after - theta_before>``: exact
+    to first order for ANY optimizer) and, when ``lr`` is given, ``pred_gradient`` (``lr * (K c)_i``,
+    the plain-gradient-descent prediction for ``objective``, THEORY §4).
+
+    ``step_fn()`` must perform the step (e.g. :func:`make_step_fn`). Parameters are compared over
+    ``params``; the model is left at its post-step parameters.
+    """
+    inner = unwrap_model(model)
+    named = select_params(inner, params)
+    before = {n: p.detach().clone() for n, p in named}
+    gram = sequence_gram(inner, batch, params=params) if lr is not None else None
+    step_fn()
+    after = {n: p.detach().clone() for n, p in named}
+    delta = {n: after[n] - before[n] for n in before}
+    with measurement_mode(inner, named), torch.no_grad():
+        logp_after = sequence_logps(inner, batch).to(torch.float64)
+        for n, p in named:                                   # predictions are taken at theta_before
+            p.copy_(before[n])
+    try:
+        pred_update, logp_before = update_dot(inner, batch, delta, params=params)
+    finally:
+        with torch.no_grad():
+            for n, p in named:
+                p.copy_(after[n])
+    n_seq = logp_before.shape[0]
+    b = n_seq // 2
+    frame = pd.DataFrame({
+        "seq": np.arange(n_seq), "pair": np.arange(n_seq) % b,
+        "side": ["chosen"] * b + ["rejected"] * b,
+        "logp_before": logp_before.cpu().numpy(), "logp_after": logp_after.cpu().numpy(),
+    })
+    frame["observed"] = frame["logp_after"] - frame["logp_before"]
+    frame["pred_update"] = pred_update.cpu().numpy()
+    if gram is not None:
+        w, l, args = _pair_args(gram.logps, batch, None if ref_logps is None else ref_logps.to(torch.float64))
+        if ref_logps is None and getattr(step_fn, "ref_logps", None) is not None:
+            ref = step_fn.ref_logps.to(torch.float64)
+            args.update(ref_chosen_logps=ref[:b], ref_rejected_logps=ref[b:])
+        a_w, a_l, _ = coefficients(objective, w, l, loss_weights=loss_weights, **args, **hyper)
+        c = torch.cat([a_w, a_l]).to(gram.matrix) / b
+        frame["pred_gradient"] = (lr * (gram.matrix @ c)).cpu().numpy()
+    return frame
+
+
+def agreement(frame: pd.DataFrame, pred: str = "pred_update", noise: float | None = None) -> dict[str, float]:
+    """How well a prediction column matches ``observed``.
+
+    Sequences with ``|observed| <= noise`` are excluded and counted (default noise: 1e-5 of
+    ``|logp_before|``, float32 round-off of a summed log-prob). Returns ``n``, ``n_excluded``,
+    ``median_rel_err`` (median of ``|pred - observed| / |observed|``) and ``sign_agreement``.
+    """
+    noise_per = frame["logp_before"].abs() * 1e-5 if noise is None else pd.Series(noise, index=frame.index)
+    keep = frame["observed"].abs() > noise_per
+    kept = frame[keep]
+    rel = (kept[pred] - kept["observed"]).abs() / kept["observed"].abs()
+    return {"n": int(keep.sum()), "n_excluded": int((~keep).sum()),
+            "median_rel_err": float(rel.median()) if len(kept) else float("nan"),
+            "sign_agreement": float((np.sign(kept[pred]) == np.sign(kept["observed"])).mean()) if len(kept)
+            else float("nan")}

@@ -1,0 +1,94 @@
+"""Optimizer-aware views (THEORY §5): Adam-preconditioned Gram and the update projection vs brute force."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_batch, tiny_gpt2, tiny_llama
+
+from entangle.capture.engine import sequence_gram, update_dot
+from entangle.capture.optim import adam_preconditioner
+from entangle.capture.params import select_params
+
+MODELS = {"gpt2": tiny_gpt2, "llama": tiny_llama, "llama_tied": lambda **kw: tiny_llama(tie=True, **kw)}
+
+
+def _adam_after_steps(model, batch, steps=2, amsgrad=False):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, amsgrad=amsgrad)
+    from entangle.capture.logprobs import sequence_logps
+    for _ in range(steps):
+        opt.zero_grad()
+        (-sequence_logps(model, batch).sum()).backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return opt
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_update_dot_matches_exact(arch):
+    model = MODELS[arch](dtype=torch.float64)
+    batch = random_batch(3, 101, seed=20)
+    torch.manual_seed(1)
+    delta = {n: torch.randn_like(p) * 1e-3 for n, p in select_params(model)}
+    pred, logps = update_dot(model, batch, delta)
+    exact, exact_logps = update_dot(model, batch, delta, method="exact")
+    assert pred.dtype == torch.float64 and pred.shape == (6,)
+    torch.testing.assert_close(pred, exact, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(logps, exact_logps, rtol=1e-12, atol=1e-12)
+    # sanity of the definition itself: it is the directional derivative of the log-probs
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for n, d in delta.items():
+            params[n].add_(0.1 * d)
+        from entangle.capture.logprobs import sequence_logps
+        plus = sequence_logps(model, batch).double()
+        for n, d in delta.items():
+            params[n].sub_(0.2 * d)
+        minus = sequence_logps(model, batch).double()
+        for n, d in delta.items():
+            params[n].add_(0.1 * d)
+    # central difference (Llama's RMSNorm runs in float32, so the step cannot be tiny)
+    torch.testing.assert_close((plus - minus) / 0.2, pred, rtol=2e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_adam_preconditioned_gram_matches_exact(arch, amsgrad):
+    model = MODELS[arch](dtype=torch.float64)
+    batch = random_batch(3, 101, seed=21)
+    opt = _adam_after_steps(model, batch, amsgrad=amsgrad)
+    P = adam_preconditioner(opt, model)
+    got = sequence_gram(model, batch, preconditioner=P)
+    exact = sequence_gram(model, batch, preconditioner=P, method="exact")
+    assert float((got.matrix - exact.matrix).abs().max() / exact.matrix.abs().max()) < 1e-10
+    # the geometry matters: the preconditioned matrix is not a rescaled plain one
+    plain = sequence_gram(model, batch).matrix
+    cos = lambda K: K / torch.sqrt(torch.outer(K.diag(), K.diag()))  # noqa: E731
+    assert float((cos(got.matrix) - cos(plain)).abs().max()) > 1e-3
+
+
+def test_adam_preconditioner_definition():
+    model = tiny_llama(dtype=torch.float64)
+    batch = random_batch(2, 101, seed=22)
+    opt = _adam_after_steps(model, batch, steps=3)
+    P = adam_preconditioner(opt, model)
+    name, p = next(iter(model.named_parameters()))
+    st = opt.state[p]
+    beta2, eps = opt.param_groups[0]["betas"][1], opt.param_groups[0]["eps"]
+    expected = 1 / ((st["exp_avg_sq"] / (1 - beta2 ** 3)).sqrt() + eps)
+    torch.testing.assert_close(P[name], expected)
+
+
+def test_bad_optimizer_inputs():
+    model = tiny_gpt2()
+    with pytest.raises(ValueError, match="no state for 'transformer.wte.weight'"):
+        adam_preconditioner(torch.optim.Adam(model.parameters()), model)
+    with pytest.raises(TypeError, match="Adam/AdamW"):
+        adam_preconditioner(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    batch = random_batch(2, 101)
+    with pytest.raises(ValueError, match="delta has no entry"):
+        update_dot(model, batch, {})
+    delta = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    delta["transformer.wte.weight"] = torch.full_like(delta["transformer.wte.weight"], float("nan"))
+    with pytest.raises(ValueError, match="NaN/inf"):
+        update_dot(model, batch, delta)
