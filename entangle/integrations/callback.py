@@ -1,0 +1,251 @@
+"""``EntanglementCallback``: a thin ``transformers.TrainerCallback`` adapter over :class:`Monitor`.
+
+::
+
+    cb = EntanglementCallback(probe=probe_rows, every=10, out_dir="runs/x")
+    trainer = DPOTrainer(..., callbacks=[cb])          # or trainer.add_callback(cb), or cb.attach(trainer)
+
+It translates trainer events into monitor calls and TRL configurations into objectives; it holds no math.
+
+- When: at every step whose ``global_step`` (updates done so far) is a multiple of ``every`` — step 0 is the
+  state at train begin — the probe is measured at θ_t in ``on_pre_optimizer_step``, θ_t is snapshot, and the
+  realised update is compared with its prediction in ``on_optimizer_step``. The final parameters are measured at
+  the end of training.
+- What: the objective and its hyper-parameters come from a TRL trainer's config (``DPOConfig.loss_type`` and
+  ``loss_weights``, ``beta``, ``label_smoothing``; CPO/SimPO and ORPO configs map to ``cpo_*``, ``simpo``,
+  ``orpo``), and so does the reference (``ref_model``, precomputed reference log-probs, or a PEFT model with its
+  adapters disabled). For any other trainer pass ``objective=`` (and its hyper-parameters) explicitly.
+- Where: the run directory ``out_dir`` (default ``<output_dir>/entangle``), and the trainer's own logs — TRL's
+  metric stores for TRL trainers, ``trainer.log`` for a plain ``Trainer`` — so the scalars reach ``report_to``.
+- The trainer is found on its own when the first event fires (the callback looks for the ``Trainer`` whose
+  callback list holds it); ``cb.trainer = trainer`` or ``cb.attach(trainer)`` set it explicitly.
+- FSDP and DeepSpeed ZeRO-3 are refused at train begin (sharded parameters).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from transformers import Trainer, TrainerCallback
+
+from entangle.capture.params import ParamSpec
+from entangle.integrations.monitor import REF_FIELDS, Monitor
+from entangle.metrics import resolve_objective
+
+logger = logging.getLogger(__name__)
+
+_CPO_OBJECTIVES = {"sigmoid": "cpo_sigmoid", "hinge": "cpo_hinge", "ipo": "cpo_ipo", "simpo": "simpo",
+                   "alphapo": "simpo"}
+_UNSUPPORTED_DPO = ("aot", "aot_unpaired")  # sorted across the batch: not a per-pair loss
+
+
+def _trainer_kind(trainer: Any) -> str:
+    """``"dpo"``, ``"cpo"``, ``"orpo"`` for TRL's preference trainers, else ``"plain"``."""
+    names = {c.__name__ for c in type(trainer).__mro__}
+    for kind, cls in (("dpo", "DPOTrainer"), ("cpo", "CPOTrainer"), ("orpo", "ORPOTrainer")):
+        if cls in names:
+            return kind
+    return "plain"
+
+
+def trl_objective(trainer: Any) -> tuple[Any, list[float] | None, dict[str, Any]]:
+    """``(objective, loss_weights, hyper)`` of a TRL preference trainer, as its config defines the loss.
+
+    Raises ``ValueError`` for configurations whose loss is not a per-pair function of the summed log-probs
+    (``aot``, WPO weighting, f-divergences, LD-DPO's ``ld_alpha``, AlphaPO rewards).
+    """
+    args, kind = trainer.args, _trainer_kind(trainer)
+    if kind == "dpo":
+        types = [args.loss_type] if isinstance(args.loss_type, str) else list(args.loss_type)
+        bad = [t for t in types if t in _UNSUPPORTED_DPO]
+        if bad or getattr(args, "use_weighting", False) or getattr(args, "ld_alpha", None) is not None \
+                or getattr(args, "f_divergence_type", "reverse_kl") not in ("reverse_kl", None):
+            raise ValueError(f"entangle cannot reproduce this DPO loss (loss_type={types}, use_weighting, "
+                             "f_divergence_type or ld_alpha); pass objective= explicitly to measure another one")
+        objective: Any = types[0] if len(types) == 1 and not args.loss_weights else types
+        weights = list(args.loss_weights) if args.loss_weights else None
+        hyper = {"beta": args.beta, "label_smoothing": args.label_smoothing,
+                 "discopop_tau": getattr(args, "discopop_tau", None), "nll_norm": "batch"}
+    elif kind == "cpo":
+        if getattr(args, "alpha", 0.0):
+            raise ValueError("entangle cannot reproduce AlphaPO rewards (CPOConfig.alpha != 0); pass objective=")
+        objective, weights = _CPO_OBJECTIVES[args.loss_type], None
+        hyper = {"beta": args.beta, "label_smoothing": args.label_smoothing, "cpo_alpha": args.cpo_alpha,
+                 "simpo_gamma": args.simpo_gamma, "nll_norm": "batch"}
+        if args.loss_type == "alphapo":
+            hyper["cpo_alpha"] = 0.0
+    elif kind == "orpo":
+        objective, weights, hyper = "orpo", None, {"beta": args.beta, "nll_norm": "batch"}
+    else:
+        raise ValueError(f"{type(trainer).__name__} is not a TRL preference trainer: pass objective= explicitly")
+    return objective, weights, hyper
+
+
+class EntanglementCallback(TrainerCallback):
+    """Measure gradient entanglement on a probe set during ``Trainer``/TRL training (see the module docstring).
+
+    Args:
+        probe: preference pairs (any format ``load_pairs`` accepts) or indices into ``trainer.train_dataset``.
+        objective: the loss to analyse; ``None`` reads it from a TRL trainer's config.
+        every: measure when ``global_step % every == 0`` (and at the end).
+        out_dir: run directory; default ``<args.output_dir>/entangle``.
+        params: measured parameters (``select_params`` spec); default all trainable (the adapters under PEFT).
+        strict: raise exceptions from measurements instead of logging them.
+        trainer: the trainer, if known already (else found at the first event).
+        monitor_kwargs: ``max_length``, ``loss_weights``, ``ref_model``, ``ref_logps``, ``method``, ``adam`` and
+            objective hyper-parameters (``beta=...``), passed to :class:`Monitor` (they override the trainer's).
+    """
+
+    def __init__(self, probe: Any, objective: Any = None, every: int = 10, out_dir: str | os.PathLike | None = None,
+                 params: ParamSpec = None, strict: bool = False, *, trainer: Trainer | None = None,
+                 **monitor_kwargs: Any):
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.probe, self.objective, self.every, self.out_dir = probe, objective, every, out_dir
+        self.params, self.strict, self.trainer = params, strict, trainer
+        self.monitor_kwargs = monitor_kwargs
+        self.monitor: Monitor | None = None
+        self.measured: set[int] = set()
+        self._update_step: int | None = None
+        self._pending: dict[str, float] = {}
+
+    def attach(self, trainer: Trainer) -> EntanglementCallback:
+        """Set the trainer and add this callback to it (if it is not there yet); returns ``self``."""
+        self.trainer = trainer
+        if self not in trainer.callback_handler.callbacks:
+            trainer.add_callback(self)
+        return self
+
+    # -- events ---------------------------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+        trainer = self._find_trainer()
+        _refuse_sharded(trainer)
+        self.measured.clear()
+        rows = self._probe_rows(trainer)
+        self.monitor = Monitor(model if model is not None else trainer.model,
+                               processing_class if processing_class is not None else trainer.processing_class,
+                               rows, out_dir=self.out_dir or os.path.join(args.output_dir, "entangle"),
+                               params=self.params, strict=self.strict, **self._monitor_settings(trainer, rows))
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if self.monitor is None or state.global_step % self.every:
+            return
+        step = state.global_step
+        self._emit(self.monitor.measure(step, optimizer=optimizer))
+        self.measured.add(step)
+        self.monitor.before_update(step)
+        self._update_step = step
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if self.monitor is None or self._update_step is None:
+            return
+        step, self._update_step = self._update_step, None
+        self._emit(self.monitor.after_update(step, optimizer=optimizer))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.monitor is None:
+            return
+        if state.global_step >= state.max_steps > 0 or control.should_training_stop:
+            self._measure_final(state)
+        self._flush_plain()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.monitor is None:
+            return
+        self._measure_final(state)
+        self._flush_plain()
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    def _measure_final(self, state) -> None:
+        if state.global_step not in self.measured:
+            self.measured.add(state.global_step)
+            self._emit(self.monitor.measure(state.global_step))
+
+    def _emit(self, scalars: dict[str, float]) -> None:
+        """Queue scalars into the trainer's metric store (TRL) or for ``trainer.log`` at the step end (plain)."""
+        if not scalars:
+            return
+        trainer = self.trainer
+        metrics = getattr(trainer, "_metrics", None)
+        if isinstance(metrics, dict) and "train" in metrics:   # DPOTrainer (and TRL trainers with _metrics)
+            for key, value in scalars.items():
+                metrics["train"][key].append(value)
+        elif hasattr(trainer, "store_metrics"):                # CPO / ORPO
+            trainer.store_metrics(scalars, train_eval="train")
+        else:
+            self._pending |= scalars
+
+    def _flush_plain(self) -> None:
+        if self._pending:
+            pending, self._pending = self._pending, {}
+            self.trainer.log(pending)
+
+    def _find_trainer(self) -> Trainer:
+        """The trainer: set explicitly, or the ``Trainer`` up the call stack whose callbacks include ``self``."""
+        if self.trainer is None:
+            frame = sys._getframe(1)
+            while frame is not None and self.trainer is None:
+                candidate = frame.f_locals.get("self")
+                if isinstance(candidate, Trainer) and self in candidate.callback_handler.callbacks:
+                    self.trainer = candidate
+                frame = frame.f_back
+        if self.trainer is None:
+            raise RuntimeError("EntanglementCallback could not find its trainer: set `cb.trainer = trainer` "
+                               "or use `cb.attach(trainer)`")
+        return self.trainer
+
+    def _probe_rows(self, trainer: Trainer) -> Any:
+        probe = self.probe
+        if isinstance(probe, range) or (isinstance(probe, Sequence) and not isinstance(probe, str) and probe
+                                        and all(isinstance(i, int) for i in probe)):
+            if trainer.train_dataset is None:
+                raise ValueError("probe indices need trainer.train_dataset")
+            return [dict(trainer.train_dataset[int(i)]) for i in probe]
+        return probe
+
+    def _monitor_settings(self, trainer: Trainer, rows: Any) -> dict[str, Any]:
+        """Objective, hyper-parameters and reference for the monitor: explicit settings over the trainer's."""
+        settings = dict(self.monitor_kwargs)
+        kind = _trainer_kind(trainer)
+        if self.objective is None:
+            objective, weights, trl_hyper = trl_objective(trainer)
+            settings.setdefault("loss_weights", weights)
+        else:
+            objective, trl_hyper = self.objective, {}
+            if kind != "plain":
+                try:
+                    trl_hyper = trl_objective(trainer)[2]
+                except ValueError:      # a loss entangle cannot reproduce, but the user chose another one
+                    trl_hyper = {"beta": trainer.args.beta}
+        declared = resolve_objective(objective, settings.get("loss_weights")).hyper_names
+        for key, value in trl_hyper.items():
+            if key in declared and value is not None:
+                settings.setdefault(key, value)
+        settings["objective"] = objective
+        if kind == "dpo" and "ref_model" not in settings and "ref_logps" not in settings:
+            if trainer.ref_model is not None:
+                settings["ref_model"] = trainer.accelerator.unwrap_model(trainer.ref_model)
+            elif trainer.args.precompute_ref_log_probs and not hasattr(trainer.model, "peft_config") \
+                    and not _has_ref_columns(rows):
+                settings["ref_logps"] = "initial"   # TRL's reference is then the model before training
+        return settings
+
+
+def _has_ref_columns(rows: Any) -> bool:
+    return isinstance(rows, list) and all(isinstance(r, dict) and all(k in r for k in REF_FIELDS) for r in rows)
+
+
+def _refuse_sharded(trainer: Trainer) -> None:
+    """Sharded parameters (FSDP, DeepSpeed ZeRO-3) would give wrong numbers silently: refuse them."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        raise RuntimeError("EntanglementCallback does not support FSDP (sharded parameters); "
+                           "use DDP or a single process, or remove the callback")
+    plugin = getattr(getattr(trainer.accelerator, "state", None), "deepspeed_plugin", None) \
+        if getattr(trainer, "is_deepspeed_enabled", False) else None
+    if plugin is not None and getattr(plugin, "zero_stage", None) == 3:
+        raise RuntimeError("EntanglementCallback does not support DeepSpeed ZeRO-3 (sharded parameters); "
+                           "use ZeRO-1/2, DDP or a single process, or remove the callback")
