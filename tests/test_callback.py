@@ -1,0 +1,181 @@
+"""End-to-end: EntanglementCallback on real trainers (transformers Trainer, TRL DPO/CPO, LoRA), small models."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("trl")
+from datasets import Dataset  # noqa: E402
+from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments  # noqa: E402
+from trl import DPOConfig, DPOTrainer  # noqa: E402
+
+from entangle.builtin import builtin_model, builtin_pairs, builtin_sft_rows, builtin_tokenizer  # noqa: E402
+from entangle.integrations import monitor as monitor_module  # noqa: E402
+from entangle.integrations.callback import EntanglementCallback  # noqa: E402
+from entangle.metrics import PAIR_COLUMNS  # noqa: E402
+from entangle.runio import read_run  # noqa: E402
+
+LAYER_COLUMNS = ["step", "pair", "layer", "inner", "norm2_chosen", "norm2_rejected", "cosine"]
+UPDATE_COLUMNS = ["step", "seq", "pair", "side", "logp_before", "logp_after", "observed", "pred_update",
+                  "pred_gradient"]
+COMMON = dict(report_to=[], save_strategy="no", use_cpu=True, bf16=False, logging_steps=1, seed=0,
+              per_device_train_batch_size=4, learning_rate=1e-3, disable_tqdm=True)
+
+
+def _rows(n: int, seed: int) -> list[dict]:
+    return [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in builtin_pairs(n, seed=seed)]
+
+
+def check_run(run_dir, n_pairs: int, steps: list[int], update_steps: list[int], log_history: list[dict],
+              objective: str | None = None) -> dict:
+    """Run directory content, logged scalars and the first-order check shared by every end-to-end test."""
+    run = read_run(run_dir)
+    pairs, layers, updates = run["pairs"], run["layers"], run["updates"]
+    assert set(PAIR_COLUMNS) | {"step"} <= set(pairs.columns)
+    assert list(layers.columns) == LAYER_COLUMNS and list(updates.columns) == UPDATE_COLUMNS
+    # one row per probe pair per measured step; one row per probe sequence per measured update
+    assert sorted(pairs["step"].unique()) == steps
+    assert (pairs.groupby("step")["pair"].apply(sorted).map(list) == [list(range(n_pairs))] * len(steps)).all()
+    assert sorted(updates["step"].unique()) == update_steps
+    assert (updates.groupby("step").size() == 2 * n_pairs).all()
+    assert (layers.groupby(["step", "layer"]).size() == n_pairs).all()
+    assert run["summary"]["step"].tolist() == steps
+    numeric = ["logp_chosen", "logp_rejected", "norm2_chosen", "norm2_rejected", "inner", "a_chosen", "a_rejected",
+               "pred_dlogp_chosen", "pred_dlogp_rejected", "batch_dlogp_chosen", "batch_dlogp_rejected", "loss"]
+    assert np.isfinite(pairs[numeric].to_numpy(float)).all()
+    assert np.isfinite(layers[["inner", "norm2_chosen", "norm2_rejected"]].to_numpy(float)).all()
+    assert np.isfinite(updates[UPDATE_COLUMNS[4:8]].to_numpy(float)).all()
+    # the realised update's first-order prediction agrees in sign with the observed change
+    moved = updates[updates["observed"].abs() > 1e-3]
+    assert len(moved) >= len(updates) // 2
+    assert (np.sign(moved["observed"]) == np.sign(moved["pred_update"])).mean() >= 0.9
+    # scalars reached the trainer's log history
+    logged = [h for h in log_history if "entangle/cosine_mean" in h]
+    assert len(logged) >= len(steps) - 1
+    assert any("entangle/update/sign_agreement" in h for h in log_history)
+    manifest = run["manifest"]
+    assert manifest["probe"]["pairs"] == n_pairs and len(manifest["probe"]["sha256"]) == 64
+    if objective is not None:
+        assert manifest["objective"] == objective
+    return run
+
+
+def _dpo(tmp_path, cb=None, loss_type="sigmoid", max_steps=4, model=None, tok=None, train=None, **kw):
+    kw = {**COMMON, **kw}
+    tok = tok or builtin_tokenizer()
+    model = model if model is not None else builtin_model(tok)
+    peft = kw.pop("peft_config", None)
+    ref = None if peft is not None else copy.deepcopy(model)
+    args = DPOConfig(output_dir=str(tmp_path / "out"), max_steps=max_steps, loss_type=loss_type, **kw)
+    trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list(train or _rows(64, 1)),
+                         processing_class=tok, callbacks=[cb] if cb is not None else None, peft_config=peft)
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("loss_type, weights, objective", [
+    ("ipo", None, "ipo"),
+    (["sigmoid", "sft"], [1.0, 0.5], "1*sigmoid + 0.5*sft"),
+])
+def test_dpo_loss_types(tmp_path, loss_type, weights, objective):
+    cb = EntanglementCallback(_rows(8, 2), every=2, strict=True)
+    trainer = _dpo(tmp_path, cb, loss_type=loss_type, loss_weights=weights, max_steps=4)
+    run = check_run(tmp_path / "out" / "entangle", 8, [0, 2, 4], [0, 2], trainer.state.log_history, objective)
+    assert run["manifest"]["hyper"]["beta"] == 0.1
+    assert "summary_adam" in run and run["summary_adam"]["step"].tolist() == [2]  # Adam state exists from step 1
+
+
+def test_dpo_sigmoid_stories_hh(tmp_path, stories_model, stories_tokenizer, hh_rows):
+    """TRL DPO (sigmoid, gradient checkpointing on, TRL's default) on stories260k with real HH-RLHF pairs."""
+    from entangle.data import load_pairs
+
+    rows = [r for r in load_pairs(hh_rows[:400]) if len(r["prompt"]) < 200 and len(r["chosen"]) < 200
+            and len(r["rejected"]) < 200]
+    probe, train = rows[:8], rows[8:40]
+    cb = EntanglementCallback(probe, every=2, strict=True)
+    trainer = _dpo(tmp_path, cb, "sigmoid", max_steps=2, model=stories_model, tok=stories_tokenizer, train=train,
+                   max_length=128, gradient_checkpointing=True, learning_rate=1e-4)
+    assert trainer.args.gradient_checkpointing
+    check_run(tmp_path / "out" / "entangle", 8, [0, 2], [0], trainer.state.log_history, "sigmoid")
+
+
+def test_dpo_lora_reference_is_base_model(tmp_path):
+    peft = pytest.importorskip("peft")
+    tok = builtin_tokenizer()
+    base = builtin_model(tok)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
+                             lora_dropout=0.0, task_type="CAUSAL_LM")
+    cb = EntanglementCallback(_rows(8, 2), every=2, strict=True)
+    trainer = _dpo(tmp_path, cb, model=base, peft_config=config, max_steps=4, learning_rate=1e-2)
+    run = check_run(tmp_path / "out" / "entangle", 8, [0, 2, 4], [0, 2], trainer.state.log_history, "sigmoid")
+    assert run["manifest"]["params"]["tensors"] == sum("lora_" in n for n, _ in trainer.model.named_parameters())
+    # LoRA B starts at zero: at step 0 the policy is the base model, the reference
+    step0 = run["pairs"][run["pairs"]["step"] == 0]
+    np.testing.assert_allclose(step0["logp_chosen"], step0["ref_logp_chosen"], atol=1e-4)
+
+
+def test_cpo_simpo(tmp_path):
+    cpo = pytest.importorskip("trl.experimental.cpo")
+    tok = builtin_tokenizer()
+    model = builtin_model(tok)
+    args = cpo.CPOConfig(output_dir=str(tmp_path / "out"), max_steps=4, loss_type="simpo", cpo_alpha=0.5,
+                         max_length=64, **COMMON)
+    cb = EntanglementCallback(_rows(8, 2), every=2, strict=True)
+    trainer = cpo.CPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(_rows(64, 1)),
+                             processing_class=tok, callbacks=[cb])
+    trainer.train()
+    run = check_run(tmp_path / "out" / "entangle", 8, [0, 2, 4], [0, 2], trainer.state.log_history, "simpo")
+    assert run["manifest"]["hyper"]["cpo_alpha"] == 0.5 and run["manifest"]["hyper"]["nll_norm"] == "batch"
+
+
+def test_plain_trainer_sft(tmp_path):
+    """transformers.Trainer on a causal-LM (SFT) loss; the objective is given explicitly; cb.attach(trainer)."""
+    tok = builtin_tokenizer()
+    model = builtin_model(tok)
+    data = Dataset.from_list([tok(r["text"] + " " + tok.eos_token) for r in builtin_sft_rows(64)])
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=4, **COMMON)
+    trainer = Trainer(model=model, args=args, train_dataset=data, processing_class=tok,
+                      data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
+    cb = EntanglementCallback(_rows(8, 2), objective="sft", every=2, strict=True,
+                              out_dir=tmp_path / "run").attach(trainer)
+    trainer.train()
+    check_run(tmp_path / "run", 8, [0, 2, 4], [0, 2], trainer.state.log_history, "sft")
+    assert cb.trainer is trainer
+
+
+def test_callback_does_not_change_training(tmp_path):
+    """Two identical runs, with and without the callback (measuring every step), end bit-identical."""
+    without = _dpo(tmp_path / "a", max_steps=3)
+    with_cb = _dpo(tmp_path / "b", EntanglementCallback(_rows(4, 2), every=1, strict=True), max_steps=3)
+    a, b = without.model.state_dict(), with_cb.model.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["loss"] for h in without.state.log_history if "loss" in h] == \
+        [h["loss"] for h in with_cb.state.log_history if "loss" in h]
+
+
+def test_failures_are_logged_or_raised(tmp_path, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(monitor_module, "sequence_gram", broken)
+    with caplog.at_level(logging.ERROR, logger="entangle.integrations.monitor"):
+        trainer = _dpo(tmp_path / "lenient", EntanglementCallback(_rows(4, 2), every=2), max_steps=2)
+    assert trainer.state.global_step == 2
+    assert "measurement at step 0 failed" in caplog.text and "injected failure" in caplog.text
+    with pytest.raises(RuntimeError, match="injected failure"):
+        _dpo(tmp_path / "strict", EntanglementCallback(_rows(4, 2), every=2, strict=True), max_steps=2)
+
+
+def test_probe_by_index_and_trainer_found_automatically(tmp_path):
+    """Probe = indices into the (TRL-tokenised) train dataset; the callback finds its trainer by itself."""
+    cb = EntanglementCallback([0, 1, 2, 3], every=2, strict=True)
+    trainer = _dpo(tmp_path, cb, max_steps=2)
+    assert cb.trainer is trainer
+    run = read_run(tmp_path / "out" / "entangle")
+    assert run["pairs"]["step"].tolist() == [0] * 4 + [2] * 4
