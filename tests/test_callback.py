@@ -11,58 +11,21 @@ import torch
 
 pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
+from test_monitor import check_run  # noqa: E402
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 from entangle.builtin import builtin_model, builtin_pairs, builtin_sft_rows, builtin_tokenizer  # noqa: E402
 from entangle.integrations import monitor as monitor_module  # noqa: E402
 from entangle.integrations.callback import EntanglementCallback  # noqa: E402
-from entangle.metrics import PAIR_COLUMNS  # noqa: E402
 from entangle.runio import read_run  # noqa: E402
 
-LAYER_COLUMNS = ["step", "pair", "layer", "inner", "norm2_chosen", "norm2_rejected", "cosine"]
-UPDATE_COLUMNS = ["step", "seq", "pair", "side", "logp_before", "logp_after", "observed", "pred_update",
-                  "pred_gradient"]
 COMMON = dict(report_to=[], save_strategy="no", use_cpu=True, bf16=False, logging_steps=1, seed=0,
               per_device_train_batch_size=4, learning_rate=1e-3, disable_tqdm=True)
 
 
 def _rows(n: int, seed: int) -> list[dict]:
     return [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in builtin_pairs(n, seed=seed)]
-
-
-def check_run(run_dir, n_pairs: int, steps: list[int], update_steps: list[int], log_history: list[dict],
-              objective: str | None = None) -> dict:
-    """Run directory content, logged scalars and the first-order check shared by every end-to-end test."""
-    run = read_run(run_dir)
-    pairs, layers, updates = run["pairs"], run["layers"], run["updates"]
-    assert set(PAIR_COLUMNS) | {"step"} <= set(pairs.columns)
-    assert list(layers.columns) == LAYER_COLUMNS and list(updates.columns) == UPDATE_COLUMNS
-    # one row per probe pair per measured step; one row per probe sequence per measured update
-    assert sorted(pairs["step"].unique()) == steps
-    assert (pairs.groupby("step")["pair"].apply(sorted).map(list) == [list(range(n_pairs))] * len(steps)).all()
-    assert sorted(updates["step"].unique()) == update_steps
-    assert (updates.groupby("step").size() == 2 * n_pairs).all()
-    assert (layers.groupby(["step", "layer"]).size() == n_pairs).all()
-    assert run["summary"]["step"].tolist() == steps
-    numeric = ["logp_chosen", "logp_rejected", "norm2_chosen", "norm2_rejected", "inner", "a_chosen", "a_rejected",
-               "pred_dlogp_chosen", "pred_dlogp_rejected", "batch_dlogp_chosen", "batch_dlogp_rejected", "loss"]
-    assert np.isfinite(pairs[numeric].to_numpy(float)).all()
-    assert np.isfinite(layers[["inner", "norm2_chosen", "norm2_rejected"]].to_numpy(float)).all()
-    assert np.isfinite(updates[UPDATE_COLUMNS[4:8]].to_numpy(float)).all()
-    # the realised update's first-order prediction agrees in sign with the observed change
-    moved = updates[updates["observed"].abs() > 1e-3]
-    assert len(moved) >= len(updates) // 2
-    assert (np.sign(moved["observed"]) == np.sign(moved["pred_update"])).mean() >= 0.9
-    # scalars reached the trainer's log history
-    logged = [h for h in log_history if "entangle/cosine_mean" in h]
-    assert len(logged) >= len(steps) - 1
-    assert any("entangle/update/sign_agreement" in h for h in log_history)
-    manifest = run["manifest"]
-    assert manifest["probe"]["pairs"] == n_pairs and len(manifest["probe"]["sha256"]) == 64
-    if objective is not None:
-        assert manifest["objective"] == objective
-    return run
 
 
 def _dpo(tmp_path, cb=None, loss_type="sigmoid", max_steps=4, model=None, tok=None, train=None, **kw):

@@ -1,0 +1,170 @@
+"""Monitor in a hand-written PyTorch loop: run directory, first-order check, and untouched training state."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from entangle.builtin import builtin_model, builtin_pairs, builtin_tokenizer
+from entangle.capture.engine import sequence_gram
+from entangle.capture.logprobs import sequence_logps
+from entangle.data import encode_pairs
+from entangle.integrations.monitor import Monitor
+from entangle.metrics import PAIR_COLUMNS
+from entangle.runio import read_run
+
+LAYER_COLUMNS = ["step", "pair", "layer", "inner", "norm2_chosen", "norm2_rejected", "cosine"]
+UPDATE_COLUMNS = ["step", "seq", "pair", "side", "logp_before", "logp_after", "observed", "pred_update",
+                  "pred_gradient"]
+
+def check_run(run_dir, n_pairs: int, steps: list[int], update_steps: list[int], log_history: list[dict],
+              objective: str | None = None) -> dict:
+    """Run directory content, logged scalars and the first-order check shared by every end-to-end test."""
+    run = read_run(run_dir)
+    pairs, layers, updates = run["pairs"], run["layers"], run["updates"]
+    assert set(PAIR_COLUMNS) | {"step"} <= set(pairs.columns)
+    assert list(layers.columns) == LAYER_COLUMNS and list(updates.columns) == UPDATE_COLUMNS
+    # one row per probe pair per measured step; one row per probe sequence per measured update
+    assert sorted(pairs["step"].unique()) == steps
+    assert (pairs.groupby("step")["pair"].apply(sorted).map(list) == [list(range(n_pairs))] * len(steps)).all()
+    assert sorted(updates["step"].unique()) == update_steps
+    assert (updates.groupby("step").size() == 2 * n_pairs).all()
+    assert (layers.groupby(["step", "layer"]).size() == n_pairs).all()
+    assert run["summary"]["step"].tolist() == steps
+    numeric = ["logp_chosen", "logp_rejected", "norm2_chosen", "norm2_rejected", "inner", "a_chosen", "a_rejected",
+               "pred_dlogp_chosen", "pred_dlogp_rejected", "batch_dlogp_chosen", "batch_dlogp_rejected", "loss"]
+    assert np.isfinite(pairs[numeric].to_numpy(float)).all()
+    assert np.isfinite(layers[["inner", "norm2_chosen", "norm2_rejected"]].to_numpy(float)).all()
+    assert np.isfinite(updates[UPDATE_COLUMNS[4:8]].to_numpy(float)).all()
+    # the realised update's first-order prediction agrees in sign with the observed change
+    moved = updates[updates["observed"].abs() > 1e-3]
+    assert len(moved) >= len(updates) // 2
+    assert (np.sign(moved["observed"]) == np.sign(moved["pred_update"])).mean() >= 0.9
+    # scalars reached the trainer's log history
+    logged = [h for h in log_history if "entangle/cosine_mean" in h]
+    assert len(logged) >= len(steps) - 1
+    assert any("entangle/update/sign_agreement" in h for h in log_history)
+    manifest = run["manifest"]
+    assert manifest["probe"]["pairs"] == n_pairs and len(manifest["probe"]["sha256"]) == 64
+    if objective is not None:
+        assert manifest["objective"] == objective
+    return run
+
+
+def _dpo_loss(model, ref, batch, beta=0.1):
+    B = batch["input_ids"].shape[0] // 2
+    lp = sequence_logps(model, batch)
+    with torch.no_grad():
+        rl = sequence_logps(ref, batch)
+    return -F.logsigmoid(beta * ((lp[:B] - rl[:B]) - (lp[B:] - rl[B:]))).mean()
+
+
+def _state(model, optimizer):
+    """Everything a measurement must leave as it was: parameters, .grad, optimizer state, RNG, modes, flags."""
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+        "opt": copy.deepcopy(optimizer.state_dict()),
+        "rng": torch.get_rng_state(),
+        "modes": [m.training for m in model.modules()],
+        "flags": [p.requires_grad for p in model.parameters()],
+    }
+
+
+def _same(a, b) -> bool:
+    def eq(x, y):
+        if isinstance(x, dict):
+            return x.keys() == y.keys() and all(eq(x[k], y[k]) for k in x)
+        if isinstance(x, list | tuple):
+            return len(x) == len(y) and all(eq(u, v) for u, v in zip(x, y, strict=True))
+        if torch.is_tensor(x):
+            return torch.is_tensor(y) and torch.equal(x, y)
+        return x == y
+    return eq(a, b)
+
+
+def test_hand_written_adamw_loop(tmp_path):
+    tok = builtin_tokenizer()
+    model, ref = builtin_model(tok), builtin_model(tok)
+    model.train()
+    model.transformer.h[1].requires_grad_(False)        # a frozen block: its flags must survive too
+    probe, train = builtin_pairs(8, seed=2), builtin_pairs(48, seed=1)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    monitor = Monitor(model, tok, probe, "sigmoid", out_dir=tmp_path, ref_model=ref, strict=True, beta=0.1)
+    history = []
+    for step in range(6):
+        _dpo_loss(model, ref, encode_pairs(tok, train[8 * step: 8 * step + 8])).backward()
+        if step % 2 == 0:
+            before = _state(model, opt)
+            history.append(monitor.measure(step, optimizer=opt))
+            monitor.before_update(step)
+            assert _same(before, _state(model, opt))
+        opt.step()
+        if step % 2 == 0:
+            before = _state(model, opt)
+            history.append(monitor.after_update(step, optimizer=opt))
+            assert _same(before, _state(model, opt))
+        opt.zero_grad()
+    run = check_run(tmp_path, 8, [0, 2, 4], [0, 2, 4], history, "sigmoid")
+    assert run["manifest"]["params"]["tensors"] == sum(p.requires_grad for p in model.parameters())
+    assert "layer 1" not in set(run["layers"]["layer"])                 # frozen block not measured
+    assert run["summary_adam"]["step"].tolist() == [2, 4]
+    # pred_gradient is lr · (K c) of the measurement at the same step
+    upd, pairs = run["updates"], run["pairs"]
+    at0 = pairs[pairs["step"] == 0].sort_values("pair")
+    np.testing.assert_allclose(upd[(upd["step"] == 0) & (upd["side"] == "chosen")]["pred_gradient"],
+                               at0["batch_dlogp_chosen"])
+    # the measurement equals a fresh one, and pairs agree with a direct Gram computation
+    gram = sequence_gram(model, encode_pairs(tok, probe))
+    assert np.isfinite(gram.matrix.numpy()).all()
+
+
+def test_update_without_measurement_and_failures(tmp_path, monkeypatch, caplog):
+    tok = builtin_tokenizer()
+    model = builtin_model(tok)
+    opt = torch.optim.SGD(model.parameters(), lr=2e-3)
+    monitor = Monitor(model, tok, builtin_pairs(4, seed=3), "sft", out_dir=tmp_path)
+    (-sequence_logps(model, encode_pairs(tok, builtin_pairs(8, seed=4))).mean()).backward()
+    monitor.before_update(0)
+    opt.step()
+    out = monitor.after_update(0)
+    assert out["entangle/update/sign_agreement"] >= 0.9
+    assert read_run(tmp_path)["updates"]["pred_gradient"].isna().all()   # no measurement at that step
+    # after_update without before_update: logged, or raised with strict
+    assert monitor.after_update(1) == {}
+    assert "after_update(1) without before_update(1)" in caplog.text
+    from entangle.integrations import monitor as monitor_module
+
+    monkeypatch.setattr(monitor_module, "sequence_gram", lambda *a, **k: 1 / 0)
+    assert monitor.measure(5) == {}
+    monitor.strict = True
+    with pytest.raises(ZeroDivisionError):
+        monitor.measure(6)
+
+
+def test_bf16_model_and_explicit_reference(tmp_path):
+    tok = builtin_tokenizer()
+    model = builtin_model(tok).to(torch.bfloat16)
+    probe = builtin_pairs(4, seed=5)
+    ref = torch.zeros(8, dtype=torch.float64) - 50.0
+    monitor = Monitor(model, tok, probe, "ipo", out_dir=tmp_path, ref_logps=ref, strict=True, beta=0.5)
+    scalars = monitor.measure(0)
+    assert np.isfinite(scalars["entangle/cosine_mean"])
+    pairs = read_run(tmp_path)["pairs"]
+    assert (pairs["ref_logp_chosen"] == -50.0).all() and len(pairs) == 4
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_configuration_errors():
+    tok = builtin_tokenizer()
+    model = builtin_model(tok)
+    with pytest.raises(ValueError, match="needs reference log-probs"):
+        Monitor(model, tok, builtin_pairs(2), "sigmoid")
+    with pytest.raises(ValueError, match="expected 4"):
+        Monitor(model, tok, builtin_pairs(2), "sigmoid", ref_logps=[0.0, 0.0])
+    with pytest.raises(ValueError, match="empty"):
+        Monitor(model, tok, [], "sft")
