@@ -1,0 +1,163 @@
+"""Token gradient maps against the per-token brute force (one backward per token, flattened, float64)."""
+
+from __future__ import annotations
+
+import matplotlib
+import pytest
+import torch
+from conftest import random_batch, tiny_gpt2, tiny_llama
+
+from entangle.capture.engine import sequence_gram
+from entangle.capture.tokens import _loop_token_grads, response_hidden, token_gram, token_map
+
+matplotlib.use("Agg")
+
+MODELS = {
+    "gpt2": lambda: tiny_gpt2(dtype=torch.float64),                 # Conv1D, tied embeddings, learned positions
+    "llama": lambda: tiny_llama(dtype=torch.float64),
+    "llama_tied": lambda: tiny_llama(tie=True, dtype=torch.float64),
+}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_full_matches_per_token_brute_force(arch, padding_side):
+    model = MODELS[arch]()
+    batch = random_batch(3, 101, padding_side=padding_side, seed=1)
+    gram, n_w = token_gram(model, batch, pair=1)
+    grads = _loop_token_grads(model, batch, pair=1)
+    assert n_w == int(batch["completion_mask"][1].sum())
+    assert gram.shape == (grads.shape[0],) * 2
+    assert rel_err(gram, grads @ grads.T) < 1e-10
+
+
+def test_wl_block_sums_to_the_pair_gram_entry():
+    """GPT-2 in float64 is float64 throughout (Llama's RMSNorm rounds through float32, ~1e-7)."""
+    model = MODELS["gpt2"]()
+    batch = random_batch(3, 101, padding_side="left", seed=4)
+    K = sequence_gram(model, batch).matrix
+    frame = token_map(model, batch, pair=2)
+    sums = frame.groupby("block")["inner"].sum()
+    scale = float(K.abs().max())
+    assert abs(sums["wl"] - float(K[2, 5])) / scale < 1e-10
+    assert abs(sums["ww"] - float(K[2, 2])) / scale < 1e-10
+    assert abs(sums["ll"] - float(K[5, 5])) / scale < 1e-10
+    # row sums are <grad l_t, g_l>: one token against the whole rejected response
+    wl = frame[frame.block == "wl"].pivot(index="t", columns="u", values="inner")
+    assert abs(wl.sum(axis=1).sum() - float(K[2, 5])) / scale < 1e-10
+
+
+def test_params_subset_matches_brute_force():
+    model = MODELS["llama_tied"]()
+    batch = random_batch(2, 101, seed=2)
+    gram, _ = token_gram(model, batch, pair=0, params=r"layers\.1\.|embed")
+    grads = _loop_token_grads(model, batch, pair=0, params=r"layers\.1\.|embed")
+    assert rel_err(gram, grads @ grads.T) < 1e-10
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_head_matches_brute_force_on_the_head_weight(padding_side):
+    model = MODELS["llama"]()
+    batch = random_batch(3, 101, padding_side=padding_side, seed=2)
+    gram, _ = token_gram(model, batch, pair=2, method="head")
+    grads = _loop_token_grads(model, batch, pair=2, params=["lm_head.weight"])
+    assert rel_err(gram, grads @ grads.T) < 1e-10
+    # params may name the head weight, nothing else
+    torch.testing.assert_close(token_gram(model, batch, 2, params=["lm_head.weight"], method="head")[0], gram)
+    with pytest.raises(ValueError, match="output-layer weight only"):
+        token_gram(model, batch, 2, params=r"layers", method="head")
+
+
+def test_head_on_tied_gpt2_is_the_head_use_only():
+    """For tied embeddings the closed form is the head use alone: equal to the brute force on an untied copy."""
+    model = MODELS["gpt2"]()
+    batch = random_batch(2, 101, seed=3)
+    head_only, _ = token_gram(model, batch, pair=1, method="head")
+    untied = MODELS["gpt2"]()
+    untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach().clone())
+    grads = _loop_token_grads(untied, batch, pair=1, params=["lm_head.weight"])
+    assert rel_err(head_only, grads @ grads.T) < 1e-10
+
+
+def test_frame_layout_tokens_and_cosines():
+    model = MODELS["gpt2"]()
+    batch = random_batch(2, 101, seed=5)
+    n_w, n_l = (int(batch["completion_mask"][i].sum()) for i in (1, 3))
+
+    class Tok:
+        def decode(self, ids):
+            return f"<{ids[0]}>"
+
+    frame = token_map(model, batch, pair=1, tokenizer=Tok())
+    assert list(frame.columns) == ["pair", "block", "t", "u", "token_w", "token_u", "inner", "cosine"]
+    assert frame.groupby("block").size().to_dict() == {"wl": n_w * n_l, "ww": n_w * n_w, "ll": n_l * n_l}
+    assert (frame.pair == 1).all()
+    ids_w = batch["input_ids"][1][batch["completion_mask"][1].bool()].tolist()
+    first = frame[(frame.block == "wl") & (frame.u == 0)].sort_values("t")
+    assert first.token_w.tolist() == [f"<{i}>" for i in ids_w]
+    diag = frame[(frame.block == "ww") & (frame.t == frame.u)]
+    torch.testing.assert_close(torch.tensor(diag.cosine.to_numpy()), torch.ones(n_w, dtype=torch.float64))
+    assert frame.cosine.abs().max() <= 1 + 1e-12
+    plain = token_map(model, batch, pair=1, method="head")
+    assert plain.token_w.map(type).eq(int).all()
+
+
+def test_model_state_is_restored():
+    model = MODELS["llama"]().train()
+    model.model.layers[0].mlp.gate_proj.weight.requires_grad_(False)
+    batch = random_batch(2, 101, seed=6)
+    token_map(model, batch, pair=0)
+    token_map(model, batch, pair=0, method="head")
+    response_hidden(model, batch)
+    assert model.training
+    assert not model.model.layers[0].mlp.gate_proj.weight.requires_grad
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_bad_arguments():
+    model = MODELS["gpt2"]()
+    batch = random_batch(2, 101)
+    with pytest.raises(ValueError, match="out of range"):
+        token_map(model, batch, pair=2)
+    with pytest.raises(ValueError, match="unknown method"):
+        token_map(model, batch, method="vmap")
+
+
+def test_response_hidden_sums_and_means_the_predicting_positions():
+    model = MODELS["llama"]()
+    batch = random_batch(2, 101, padding_side="left", seed=7)
+    h_sum, h_mean = response_hidden(model, batch)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=(batch["attention_mask"].cumsum(-1) - 1).clamp(min=0), output_hidden_states=True)
+    h = out.hidden_states[-1]
+    for i in range(4):
+        pos = batch["completion_mask"][i].bool().nonzero().flatten()
+        torch.testing.assert_close(h_sum[i], h[i, pos - 1].sum(0).detach())
+        torch.testing.assert_close(h_mean[i], h[i, pos - 1].mean(0).detach())
+
+
+def test_heatmap_draws_the_wl_block():
+    import pandas as pd
+
+    from entangle.report.tokens import token_heatmap
+
+    frame = pd.DataFrame({
+        "pair": 0, "block": "wl", "t": [0, 0, 1, 1], "u": [0, 1, 0, 1],
+        "token_w": ["a", "a", " b\n", " b\n"], "token_u": ["c", "d", "c", "d"],
+        "inner": [1.0, -2.0, 0.5, 0.0], "cosine": [0.5, -0.9, 0.1, 0.0],
+    })
+    fig = token_heatmap(frame, pair=0)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "␣b\\n"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["c", "d"]
+    im = ax.images[0]
+    assert im.norm.vmin == -1 and im.norm.vmax == 1 and im.norm.vcenter == 0
+    assert "cosine" in fig.axes[1].get_ylabel()
+    inner = token_heatmap(frame, pair=0, value="inner").axes[0].images[0].norm
+    assert inner.vmin == -2 and inner.vmax == 2
+    with pytest.raises(ValueError, match="no rows"):
+        token_heatmap(frame, pair=3)
