@@ -27,17 +27,6 @@ from entangle.runio import RunWriter, read_run
 N_PAIRS, LR, BETA = 12, 0.3, 0.1
 
 
-def _layer_frame(gram: GramResult, step: int) -> pd.DataFrame:
-    B, idx = gram.n_pairs, np.arange(gram.n_pairs)
-    parts = []
-    for layer, K in gram.blocks("layer").items():
-        K = K.numpy()
-        ww, ll, wl = K[idx, idx], K[B + idx, B + idx], K[idx, B + idx]
-        parts.append(pd.DataFrame({"step": step, "pair": idx, "layer": layer, "inner": wl, "norm2_chosen": ww,
-                                   "norm2_rejected": ll, "cosine": wl / np.sqrt(ww * ll)}))
-    return pd.concat(parts, ignore_index=True)
-
-
 def write_run(out: Path, n_steps: int = 8, sgd_steps: int = 3) -> Path:
     """A real run: the built-in GPT-2, warmed up on the chosen responses, then DPO by plain SGD.
 
@@ -48,6 +37,7 @@ def write_run(out: Path, n_steps: int = 8, sgd_steps: int = 3) -> Path:
     from entangle.capture.engine import sequence_gram, update_dot
     from entangle.capture.logprobs import sequence_logps
     from entangle.data import encode_pairs
+    from entangle.integrations.monitor import layer_frame
 
     tok = builtin_tokenizer()
     model = builtin_model(tok, n_layer=2, n_embd=32)
@@ -69,7 +59,7 @@ def write_run(out: Path, n_steps: int = 8, sgd_steps: int = 3) -> Path:
         frame = pair_frame(gram, "sigmoid", ref, step=step, lr=LR, beta=BETA)
         writer.write("pairs", frame, step)
         writer.write("summary", summarize(frame), step)
-        writer.write("layers", _layer_frame(gram, step), step)
+        writer.write("layers", layer_frame(gram, step, range(B)), step)
         for j in range(sgd_steps):
             before = {n: p.detach().clone() for n, p in model.named_parameters()}
             logps = sequence_logps(model, batch)
@@ -308,6 +298,34 @@ def test_report_with_missing_tables(run_dir, tmp_path):
     assert cells.images == len(FIGURES) - 2
     expected = summarize(read_run(partial)["pairs"])
     assert [float(r["ratio_q50"][1]) for r in cells.rows if r] == expected["ratio_q50"].tolist()
+
+
+def test_report_of_a_monitor_run(tmp_path):
+    """The tables the training monitor writes (here from a hand-written AdamW loop) make a full report."""
+    from entangle.builtin import builtin_model, builtin_pairs, builtin_tokenizer
+    from entangle.capture.logprobs import sequence_logps
+    from entangle.data import encode_pairs
+    from entangle.integrations.monitor import Monitor
+
+    tok = builtin_tokenizer()
+    model = builtin_model(tok, n_layer=1, n_embd=32)
+    rows = builtin_pairs(4)
+    batch = encode_pairs(tok, rows)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    monitor = Monitor(model, tok, rows, "sigmoid", out_dir=tmp_path / "run", ref_logps="initial", beta=BETA)
+    ref = sequence_logps(model, batch).detach()
+    for step in range(3):
+        logps = sequence_logps(model, batch)
+        margin = BETA * ((logps[:4] - ref[:4]) - (logps[4:] - ref[4:]))
+        (-torch.nn.functional.logsigmoid(margin).mean()).backward()
+        monitor.measure(step, optimizer=opt)
+        monitor.before_update(step)
+        opt.step()
+        monitor.after_update(step, optimizer=opt)
+        opt.zero_grad()
+    path = make_report(tmp_path / "run")
+    assert _parse(path).images == len(FIGURES)
+    assert [float(r["step"][1]) for r in _parse(path).rows if r] == [0, 1, 2]
 
 
 def test_report_errors(tmp_path):

@@ -386,9 +386,10 @@ def prediction_check(updates: pd.DataFrame) -> Figure:
     ax.set_aspect("equal", adjustable="box")
     ax.legend(loc="upper left", fontsize=9)
     agree = sign_agreement(updates, column)
-    for side in ("chosen", "rejected"):
-        a = agree[agree["side"] == side]
-        bx.plot(a["step"], 100 * a["agreement"], marker="o", markersize=3.5, color=SIDE_COLORS[side], label=side)
+    for side, style in (("chosen", {"marker": "o", "markersize": 7, "markerfacecolor": "none"}),
+                        ("rejected", {"marker": "s", "markersize": 3.5, "linestyle": "--"})):
+        a = agree[agree["side"] == side]   # distinct markers: the two lines often coincide (e.g. at 100%)
+        bx.plot(a["step"], 100 * a["agreement"], color=SIDE_COLORS[side], label=side, **style)
     _step_axis(bx, agree["step"])
     bx.axhline(50, color="0.6", linestyle=":", linewidth=1, label="chance")
     bx.set(ylim=(-3, 103), xlabel=STEP_LABEL, ylabel="sign agreement (% of sequences)",

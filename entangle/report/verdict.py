@@ -35,6 +35,8 @@ class Verdict:
             or of all pairs when none is affected (``ratio_of`` says which).
         layers: the fewest layers carrying at least half of the summed inner product of those pairs (model order),
             layer_share: the share they carry; None/NaN without a layer table or with a non-positive sum.
+        batch_chosen_falls, batch_rejected_rises: the same shares under the whole minibatch step (THEORY.md §4,
+            ``batch_chosen_rises``/``batch_rejected_falls`` columns), NaN without them.
         observed_chosen_falls, observed_rejected_rises: share of probe sequences whose log-prob was seen to
             fall / rise after the step (``updates`` table), NaN without one.
         text: the sentence.
@@ -52,6 +54,8 @@ class Verdict:
     ratio_of: str
     layers: list[str] | None = None
     layer_share: float = float("nan")
+    batch_chosen_falls: float = float("nan")
+    batch_rejected_rises: float = float("nan")
     observed_chosen_falls: float = float("nan")
     observed_rejected_rises: float = float("nan")
     text: str = field(default="")
@@ -171,6 +175,9 @@ def verdict_for(
     if layers is not None and not layers.empty:
         keys = basis[["step", "pair"]].drop_duplicates()
         v.layers, v.layer_share = top_layers(layers.merge(keys, on=["step", "pair"]))
+    if len(f) and {"batch_chosen_rises", "batch_rejected_falls"} <= set(f.columns):
+        v.batch_chosen_falls = float((~f["batch_chosen_rises"].astype(bool)).mean())
+        v.batch_rejected_rises = float((~f["batch_rejected_falls"].astype(bool)).mean())
     v.observed_chosen_falls, v.observed_rejected_rises = _observed(updates, steps)
     v.text = _sentence(v)
     return v
@@ -192,14 +199,18 @@ def _sentence(v: Verdict) -> str:
         text += f"; the median entanglement ratio is {v.median_ratio:.2f}, below the threshold 1"
     if v.layers:
         text += f"; the inner product sits mostly in {layer_phrase(v.layers)} ({_percent(v.layer_share)})"
-    if np.isfinite(v.observed_chosen_falls) or np.isfinite(v.observed_rejected_rises):
-        seen = []
-        if np.isfinite(v.observed_chosen_falls):
-            seen.append(f"chosen fell for {_percent(v.observed_chosen_falls)} of pairs")
-        if np.isfinite(v.observed_rejected_rises):
-            seen.append(f"rejected rose for {_percent(v.observed_rejected_rises)}")
-        text += "; observed after the update: " + ", ".join(seen)
+    text += _both("; within the minibatch step, chosen falls for {} and rejected rises for {}",
+                  v.batch_chosen_falls, v.batch_rejected_rises)
+    text += _both("; observed after the update: chosen fell for {} and rejected rose for {}",
+                  v.observed_chosen_falls, v.observed_rejected_rises)
     return text + "."
+
+
+def _both(template: str, chosen: float, rejected: float) -> str:
+    """``template`` filled with two percentages, or "" when they are unknown."""
+    if not (np.isfinite(chosen) and np.isfinite(rejected)):
+        return ""
+    return template.format(_percent(chosen), _percent(rejected))
 
 
 def verdicts(

@@ -1,0 +1,236 @@
+"""The ``entangle`` command line.
+
+Each subcommand is one function ``(args) -> exit code`` registered with :func:`subcommand`, together with a
+function that adds its arguments to its parser. Adding a subcommand (``analyze``, ``demo``, ...) means writing
+those two functions; :func:`main` builds the parser from :data:`COMMANDS` and turns the project's known errors
+into one line on stderr and a non-zero exit code.
+
+    entangle gram --model builtin --data builtin --n-pairs 8 --out gram-out
+    entangle report RUN_DIR [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from entangle.data import PairError
+
+
+class CLIError(Exception):
+    """A usage problem found by a subcommand; printed as one line, exit code 1."""
+
+
+# Errors shown to the user as one line (no traceback): bad input rather than a bug in entangle.
+KNOWN_ERRORS: tuple[type[BaseException], ...] = (CLIError, PairError, ValueError, FileNotFoundError, OSError, KeyError)
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """A registered subcommand: its name, one-line help, argument adder and runner."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Subcommand] = {}
+
+
+def subcommand(name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None]):
+    """Register the decorated ``run(args) -> int`` as subcommand ``name`` with ``arguments(parser)``."""
+
+    def deco(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        if name in COMMANDS:
+            raise ValueError(f"subcommand {name!r} is already registered")
+        COMMANDS[name] = Subcommand(name, help, arguments, run)
+        return run
+
+    return deco
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line (the usage is behind ``--help``)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def note(message: str) -> None:
+    """A one-line note for the user on stderr (stdout stays for results)."""
+    print(f"note: {message}", file=sys.stderr)
+
+
+# ---- gram ----------------------------------------------------------------------------------------------------
+
+def _gram_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="builtin",
+                   help="a local model directory, a hub name, or 'builtin' (small GPT-2 built from code; default)")
+    p.add_argument("--data", default="builtin",
+                   help="preference pairs: a .jsonl/.json/.parquet/.csv file, or 'builtin' (default)")
+    p.add_argument("--n-pairs", type=int, default=8, help="number of pairs to measure (default 8)")
+    p.add_argument("--params", default=None,
+                   help="parameters to measure: a regex searched in parameter names, or 'lora' (default: all trainable)")
+    p.add_argument("--objective", default="sigmoid", help="preference objective (default sigmoid = DPO)")
+    p.add_argument("--beta", type=float, default=None, help="the objective's beta (default: the objective's own)")
+    p.add_argument("--max-length", type=int, default=None, help="cut each sequence to this many tokens")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--out", default=None,
+                   help="write the pair frame, summary and layer tables here as a run directory (entangle report reads it)")
+
+
+def load_model_and_tokenizer(model: str) -> tuple[Any, Any]:
+    """``builtin`` -> the built-in tokenizer and small GPT-2; else ``AutoTokenizer``/``AutoModelForCausalLM``.
+
+    A tokenizer without a pad token gets its EOS token as pad token, with a note.
+    """
+    if model == "builtin":
+        from entangle.builtin import builtin_model, builtin_tokenizer
+
+        tokenizer = builtin_tokenizer()
+        return builtin_model(tokenizer), tokenizer
+    looks_local = os.sep in model or model.startswith(".") or Path(model).exists()
+    if looks_local and not Path(model).is_dir():
+        raise FileNotFoundError(f"model directory {model!r} does not exist")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise CLIError(f"the tokenizer of {model!r} has neither a pad nor an eos token; add a pad token to it")
+        tokenizer.pad_token = tokenizer.eos_token
+        note(f"the tokenizer has no pad token; using its eos token {tokenizer.eos_token!r} for padding")
+    return AutoModelForCausalLM.from_pretrained(model).eval(), tokenizer
+
+
+def load_rows(data: str, n_pairs: int) -> list[dict]:
+    """The first ``n_pairs`` preference pairs of ``data`` (a file, or ``builtin``)."""
+    if n_pairs < 1:
+        raise CLIError(f"--n-pairs must be at least 1, got {n_pairs}")
+    if data == "builtin":
+        from entangle.builtin import builtin_pairs
+
+        return builtin_pairs(n_pairs)
+    from entangle.data import load_pairs
+
+    if not Path(data).is_file():
+        raise FileNotFoundError(f"data file {data!r} does not exist")
+    rows = load_pairs(data)[:n_pairs]
+    if not rows:
+        raise CLIError(f"no usable preference pairs in {data!r}")
+    return rows
+
+
+def _print_gram(frame: Any, summary: Any) -> None:
+    import pandas as pd
+
+    cols = ["pair"] + (["kind"] if "kind" in frame else []) + ["len_chosen", "len_rejected", "cosine", "ratio",
+                                                               "regime"]
+    with pd.option_context("display.width", 120, "display.max_rows", 200, "display.float_format", "{:.3f}".format):
+        print(frame[cols].to_string(index=False))
+    s = summary.iloc[0]
+    shares = ", ".join(f"{r.replace('_', ' ')} {100 * s[f'share_{r}']:.0f}%"
+                       for r in ("ideal", "both_rise", "both_fall") if f"share_{r}" in s)
+    print(f"\n{int(s['n_pairs'])} pairs: {shares}; median cosine {s['cosine_q50']:.3f}, "
+          f"median ratio {s['ratio_q50']:.3f}, ranking accuracy {s['ranking_accuracy']:.3f}")
+
+
+@subcommand("gram", "measure the gradient Gram matrix of a model on preference pairs", _gram_arguments)
+def gram(args: argparse.Namespace) -> int:
+    """Measure one model on pairs: per-pair cosine, ratio and regime, and their summary."""
+    import torch
+
+    from entangle.capture.engine import sequence_gram
+    from entangle.data import encode_pairs
+    from entangle.metrics import pair_frame, resolve_objective, summarize
+
+    objective = resolve_objective(args.objective)
+    hyper = {}
+    if args.beta is not None:
+        if "beta" not in objective.hyper_names:
+            raise CLIError(f"objective {objective.name!r} has no beta; its hyper-parameters are "
+                           f"{sorted(objective.hyper_names) or 'none'}")
+        hyper["beta"] = args.beta
+    rows = load_rows(args.data, args.n_pairs)
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model.to(device)
+    batch = {k: v.to(device) for k, v in encode_pairs(tokenizer, rows, max_length=args.max_length).items()}
+    params = args.params
+    result = sequence_gram(model, batch, params=params)
+    ref = None
+    if objective.needs_ref:
+        ref = result.logps
+        note("reference model = the measured model itself (as at the start of DPO training)")
+    extra = {"kind": [r["kind"] for r in rows]} if all("kind" in r for r in rows) else {}
+    frame = pair_frame(result, objective, ref, step=0, **hyper, **extra)
+    summary = summarize(frame)
+    _print_gram(frame, summary)
+    if args.out:
+        from entangle.integrations.monitor import layer_frame
+        from entangle.runio import RunWriter
+
+        writer = RunWriter(args.out)
+        writer.write("pairs", frame, step=0)
+        writer.write("summary", summary, step=0)
+        writer.write("layers", layer_frame(result, 0, range(len(rows))), step=0)
+        writer.write_manifest({"command": "entangle gram", "model": args.model, "data": args.data,
+                               "n_pairs": len(rows), "objective": objective.name, **frame.attrs.get("hyper", {}),
+                               "params": params or "all trainable"})
+        print(f"\nwrote {args.out}")
+    return 0
+
+
+# ---- report ---------------------------------------------------------------------------------------------------
+
+def _report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a run directory (from the callback, entangle analyze or entangle gram --out)")
+    p.add_argument("--out", default=None, help="output directory (default RUN_DIR/report)")
+    p.add_argument("--format", nargs="+", default=["png"], choices=["png", "pdf", "svg"],
+                   help="figure file formats beside report.html (default png)")
+
+
+@subcommand("report", "write the figures and a self-contained report.html of a run directory", _report_arguments)
+def report(args: argparse.Namespace) -> int:
+    """Write the report of a run directory and print the HTML's path."""
+    from entangle.report import make_report
+
+    print(make_report(args.run_dir, args.out, formats=args.format))
+    return 0
+
+
+# ---- entry point ------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``entangle`` parser with one sub-parser per registered subcommand."""
+    parser = _Parser(prog="entangle", description="Measure gradient entanglement in DPO-style preference training.")
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for cmd in COMMANDS.values():
+        cmd.add_arguments(subs.add_parser(cmd.name, help=cmd.help, description=cmd.help))
+    return parser
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    text = " ".join(text.split()) or type(err).__name__
+    return f"missing key or column {text}" if isinstance(err, KeyError) else text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``entangle`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command].run(args)
+    except KNOWN_ERRORS as err:
+        print(f"entangle {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
