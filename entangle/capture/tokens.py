@@ -11,7 +11,9 @@ Two methods:
   scored at its last position only). Copies of a causal LM do not interact, so the capture engine's one
   backward over the copies yields each token's own output gradients at every layer, and its per-layer rules
   (ghost / materialised, sparse embeddings, tied-parameter cross terms, generic fallback) reduce them to the
-  K x K Gram matrix layer by layer. No Python loop over tokens and no full per-token gradient is ever held.
+  K x K Gram matrix layer by layer. No Python loop over tokens and no full per-token gradient is ever held:
+  memory is the forward activations of the copies (sum over tokens of their prefix lengths, i.e. a batch of
+  K sequences of about the pair's length) plus one layer's per-token gradients at a time.
 * ``"head"``: the output layer alone, in closed form and without a backward pass. The gradient of ``l_t``
   w.r.t. the head weight is ``(e_{y_t} - p_t) h_t^T``, so
   ``<grad l_t, grad l_u> = ((e_{y_t} - p_t) . (e_{y_u} - p_u)) (h_t . h_u)``. For tied input/output
@@ -28,7 +30,7 @@ import pandas as pd
 import torch
 
 from .engine import measurement_mode, sequence_gram
-from .logprobs import position_ids_from_mask
+from .logprobs import model_logits, position_ids_from_mask, token_logps
 from .params import ParamSpec, select_params, unwrap_model
 
 METHODS = ("full", "head")
@@ -80,12 +82,16 @@ def prefix_copies(batch: Mapping[str, torch.Tensor], rows: tuple[int, ...]) -> d
 def last_position_logits(model: torch.nn.Module, copies: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Logits [K, 2, V] for :func:`prefix_copies`: row 0 holds each copy's last-position logits.
 
-    Only the last position goes through the output layer (``logits_to_keep=1``), so the head costs K
-    rows, not K x P. Row 1 is a placeholder that ``token_logps`` never reads (it predicts past the end).
+    Only the last position goes through the output layer (``logits_to_keep=1`` where the model accepts it),
+    so the head costs K rows, not K x P. Row 1 is a placeholder that ``token_logps`` never reads.
     """
     mask = copies["context_mask"]
-    out = model(input_ids=copies["context_ids"], attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                use_cache=False, logits_to_keep=1)
+    kwargs = {"input_ids": copies["context_ids"], "attention_mask": mask,
+              "position_ids": position_ids_from_mask(mask), "use_cache": False}
+    try:
+        out = model(**kwargs, logits_to_keep=1)
+    except TypeError:                                   # a model without logits_to_keep: every position
+        out = model(**kwargs)
     logits = out.logits if hasattr(out, "logits") else out[0]
     return torch.cat([logits[:, -1:], torch.zeros_like(logits[:, -1:])], 1)
 
@@ -222,8 +228,6 @@ def _loop_token_grads(model: torch.nn.Module, batch: Mapping[str, torch.Tensor],
 
     This is the approach of the paper's public heatmap script; ``token_gram`` must agree with ``G G^T``.
     """
-    from .logprobs import model_logits, token_logps
-
     model = unwrap_model(model)
     named = select_params(model, params)
     rows = _pair_rows(batch, pair)

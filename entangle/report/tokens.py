@@ -17,7 +17,7 @@ _AXIS_LABELS = {"wl": ("chosen", "rejected"), "ww": ("chosen", "chosen"), "ll": 
 def _label(token: object) -> str:
     """A readable tick label: visible leading spaces, escaped newlines, at most 12 characters."""
     s = str(token).replace("\n", "\\n").replace("\t", "\\t")
-    s = "␣" + s[1:] if s.startswith(" ") else s
+    s = "␣" + s[1:] if s.startswith(" ") else s or "''"
     return s if len(s) <= 12 else s[:11] + "…"
 
 
