@@ -27,6 +27,15 @@ from entangle.runio import RunWriter, read_run
 N_PAIRS, LR, BETA = 12, 0.3, 0.1
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; with more, a loaded machine's spinning OpenMP workers slow them ~100x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def write_run(out: Path, n_steps: int = 8, sgd_steps: int = 3) -> Path:
     """A real run: the built-in GPT-2, warmed up on the chosen responses, then DPO by plain SGD.
 
