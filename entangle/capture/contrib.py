@@ -1,14 +1,15 @@
 """Per-example gradient contributions of one parameter use, and their inner products.
 
 A *contribution* stands for the per-example gradients ``g_i`` (i = 0..N-1) that one use of one
-parameter produces, without necessarily materialising them. It offers two operations:
+parameter produces, without necessarily materialising them. It offers:
 
-* ``gram()``        -> float64 [N, N], ``<g_i, g_j>`` over this parameter (THEORY §6);
-* ``rows(index)``   -> float [N, R, ...], ``g_i`` restricted to the parameter's rows ``index``
-                       (``None`` = all rows), used for cross terms of tied parameters.
-
-``touched`` lists the parameter rows that can be non-zero (``None`` = all); for an embedding
-lookup it is the set of token ids, which keeps tied input/output embeddings cheap.
+* ``gram()``          -> float64 [N, N], ``<g_i, g_j>`` over this parameter (THEORY §6);
+* ``rows(index)``     -> float [N, R, ...], ``g_i`` restricted to parameter rows ``index`` (a sorted
+                         LongTensor; ``None`` = all rows); used for cross terms and metrics;
+* ``dot(delta)``      -> float64 [N], ``<g_i, delta>`` (THEORY §5);
+* ``restricted(index)`` -> a contribution that only keeps what ``rows`` needs for those rows;
+* ``touched``         the parameter rows that can be non-zero (``None`` = all); for an embedding
+                      lookup the token ids, which keeps tied input/output embeddings cheap.
 """
 
 from __future__ import annotations
@@ -23,12 +24,21 @@ PARTIAL_SUM = 1 << 15
 
 def _gram64(flat: torch.Tensor) -> torch.Tensor:
     """``flat @ flat.T`` for [N, P]: float32 partial sums over column blocks, accumulated in float64."""
-    n, p = flat.shape
-    out = torch.zeros(n, n, dtype=torch.float64, device=flat.device)
-    for s in range(0, p, PARTIAL_SUM):
-        c = flat[:, s:s + PARTIAL_SUM]
-        out += (c @ c.T).to(torch.float64)
+    return _cross64(flat, flat)
+
+
+def _cross64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b.T`` for [N, P] and [M, P] with float32 partial sums accumulated in float64."""
+    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
+    for s in range(0, a.shape[1], PARTIAL_SUM):
+        out += (a[:, s:s + PARTIAL_SUM] @ b[:, s:s + PARTIAL_SUM].T).to(torch.float64)
     return out
+
+
+def _row_chunks(index: torch.Tensor, n: int, width: int):
+    """Split row ids so that an [n, chunk, width] buffer stays under CHUNK_ELEMS."""
+    step = max(1, CHUNK_ELEMS // max(n * width, 1))
+    return [index[s:s + step] for s in range(0, index.numel(), step)]
 
 
 class Dense:
@@ -40,59 +50,68 @@ class Dense:
     def __init__(self, values: torch.Tensor):
         self.values = values
         self.n = values.shape[0]
+        self.n_rows = values.shape[1] if values.dim() > 1 else 1
 
     def gram(self) -> torch.Tensor:
-        return _gram64(self.values.reshape(self.values.shape[0], -1))
+        return _gram64(self.values.reshape(self.n, -1))
 
     def rows(self, index: torch.Tensor | None) -> torch.Tensor:
         return self.values if index is None else self.values[:, index]
+
+    def restricted(self, index: torch.Tensor | None) -> Dense:
+        return self
 
     def dot(self, delta: torch.Tensor) -> torch.Tensor:
         return self.values.flatten(1).to(torch.float64) @ delta.flatten().to(torch.float64)
 
 
 class Factored:
-    """Per-example gradients ``g_i = L_i^T R_i`` with ``L`` [N, T, rows] and ``R`` [N, T, cols].
+    """Per-example gradients ``g_i = L_i^T R_i`` from per-example factors ``L_i`` [T_i, rows], ``R_i`` [T_i, cols].
 
     nn.Linear weight [out, in]: L = output gradients, R = inputs. Conv1D weight [in, out]: the reverse.
-    Only each sequence's span of positions with a non-zero output gradient is used (padding and,
-    at the head, prompt tokens drop out); the padded tensors are viewed, never copied.
+    Only each sequence's span of positions with a non-zero output gradient is kept (padding and, at the
+    head, prompt tokens drop out); the spans are views of the padded tensors, never copies.
     ``mode`` is ``"auto"`` (cheaper of ghost and materialised), ``"ghost"`` or ``"materialise"``.
     """
 
     touched = None
 
-    def __init__(self, left: torch.Tensor, right: torch.Tensor, valid: torch.Tensor, mode: str = "auto"):
-        self.n = left.shape[0]
-        self.left, self.right = left, right
-        pos = torch.arange(valid.shape[1], device=valid.device)
-        any_valid = valid.any(1)
-        lo = torch.where(valid, pos, valid.shape[1]).amin(1)
-        hi = torch.where(valid, pos + 1, 0).amax(1)
-        self.spans = [(int(a), int(b)) if ok else (0, 0) for a, b, ok in zip(lo, hi, any_valid, strict=True)]
-        m = sum(b - a for a, b in self.spans)
-        a, b = left.shape[-1], right.shape[-1]
+    def __init__(self, parts: list[tuple[torch.Tensor, torch.Tensor]], n_rows: int, mode: str = "auto",
+                 row_ids: torch.Tensor | None = None):
+        self.parts, self.n, self.n_rows = parts, len(parts), n_rows
+        self.row_ids = row_ids                         # param rows of L's columns when restricted
+        m = sum(lp.shape[0] for lp, _ in parts)
+        a, b = parts[0][0].shape[-1], parts[0][1].shape[-1]
         ghost_cost = m * m * (a + b)
         mat_cost = m * a * b + self.n * self.n * a * b
         self.kind = {"auto": "ghost" if ghost_cost < mat_cost else "materialised",
                      "ghost": "ghost", "materialise": "materialised"}[mode]
 
+    @classmethod
+    def from_padded(cls, left: torch.Tensor, right: torch.Tensor, valid: torch.Tensor, mode: str = "auto"):
+        """Build from padded [N, T, ·] factors and the [N, T] mask of positions with a gradient."""
+        pos = torch.arange(valid.shape[1], device=valid.device)
+        lo = torch.where(valid, pos, valid.shape[1]).amin(1).tolist()
+        hi = torch.where(valid, pos + 1, 0).amax(1).tolist()
+        parts = [(left[i, a:max(a, b)], right[i, a:max(a, b)]) for i, (a, b) in enumerate(zip(lo, hi, strict=True))]
+        return cls(parts, left.shape[-1], mode)
+
     def gram(self) -> torch.Tensor:
         if self.kind == "ghost":
             return self._ghost()
-        out = torch.zeros(self.n, self.n, dtype=torch.float64, device=self.left.device)
-        rows = self.left.shape[-1]
-        step = max(1, CHUNK_ELEMS // max(self.n * self.right.shape[-1], 1))
-        for s in range(0, rows, step):
+        out = torch.zeros(self.n, self.n, dtype=torch.float64, device=self.parts[0][0].device)
+        step = max(1, CHUNK_ELEMS // max(self.n * self.parts[0][1].shape[-1], 1))
+        for s in range(0, self.parts[0][0].shape[-1], step):
             out += _gram64(self._per_example(slice(s, s + step)).flatten(1))
         return out
 
     def _ghost(self) -> torch.Tensor:
         """K_ij = sum over positions t of i, s of j of (L L^T)_ts (R R^T)_ts (THEORY §6)."""
-        left = torch.cat([self.left[i, a:b] for i, (a, b) in enumerate(self.spans)])
-        right = torch.cat([self.right[i, a:b] for i, (a, b) in enumerate(self.spans)])
-        seg = torch.cat([torch.full((b - a,), i, device=left.device) for i, (a, b) in enumerate(self.spans)])
+        left = torch.cat([lp for lp, _ in self.parts])
+        right = torch.cat([rp for _, rp in self.parts])
         m = left.shape[0]
+        seg = torch.repeat_interleave(torch.arange(self.n, device=left.device),
+                                      torch.tensor([lp.shape[0] for lp, _ in self.parts], device=left.device))
         onehot = torch.zeros(self.n, m, dtype=torch.float64, device=left.device)
         onehot[seg, torch.arange(m, device=left.device)] = 1.0
         out = torch.zeros(self.n, self.n, dtype=torch.float64, device=left.device)
@@ -102,57 +121,94 @@ class Factored:
             out += onehot[:, s:s + step] @ prod.to(torch.float64) @ onehot.T
         return out
 
-    def _per_example(self, index) -> torch.Tensor:
-        """Materialised ``g_i[index]`` [N, len(index), cols] (index: a slice or a row-index tensor)."""
-        left = self.left[..., index]
-        out = torch.zeros(self.n, left.shape[-1], self.right.shape[-1], dtype=left.dtype, device=left.device)
-        for i, (a, b) in enumerate(self.spans):
-            if b > a:
-                torch.matmul(left[i, a:b].T, self.right[i, a:b], out=out[i])
+    def _per_example(self, cols) -> torch.Tensor:
+        """Materialised rows [N, r, cols] of the per-example gradients; ``cols`` indexes L's columns."""
+        first = self.parts[0][0][:, cols]
+        out = torch.zeros(self.n, first.shape[-1], self.parts[0][1].shape[-1], dtype=first.dtype,
+                          device=first.device)
+        for i, (lp, rp) in enumerate(self.parts):
+            if lp.shape[0]:
+                torch.matmul(lp[:, cols].T, rp, out=out[i])
         return out
 
+    def _local(self, index: torch.Tensor | None):
+        if self.row_ids is None:
+            return slice(None) if index is None else index
+        return slice(None) if index is None else torch.searchsorted(self.row_ids, index)
+
     def rows(self, index: torch.Tensor | None) -> torch.Tensor:
-        return self._per_example(slice(None) if index is None else index)
+        return self._per_example(self._local(index))
+
+    def restricted(self, index: torch.Tensor | None) -> Factored:
+        """Keep only L's columns ``index`` (one flat copy), e.g. the head's vocabulary rows of the batch's tokens."""
+        if index is None:
+            return self
+        flat = torch.cat([lp[:, index] for lp, _ in self.parts])
+        parts, s = [], 0
+        for lp, rp in self.parts:
+            parts.append((flat[s:s + lp.shape[0]], rp))
+            s += lp.shape[0]
+        return Factored(parts, index.numel(), "materialise", row_ids=index)
 
     def dot(self, delta: torch.Tensor) -> torch.Tensor:
         """<g_i, D> = sum_t L_t^T D R_t per example (THEORY §5): no per-example gradient is formed."""
-        per_position = ((self.left @ delta.to(self.left.dtype)) * self.right).sum(-1)
-        return per_position.to(torch.float64).sum(1)
+        d = delta.to(self.parts[0][0].dtype)
+        return torch.stack([((lp @ d) * rp).sum().to(torch.float64) for lp, rp in self.parts])
 
 
 class EmbeddingRows:
-    """Per-example gradients of an embedding lookup: ``g_i[v] = sum_{t: id_t = v} delta_t`` (sparse by id)."""
+    """Per-example gradients of an embedding lookup, sparse by token id: ``g_i[v] = sum_{t: id_t = v} delta_t``.
 
-    kind = "materialised"
+    Stored as one summed vector per distinct (sequence, token id) key, so memory and work scale with the
+    tokens of the batch, never with the vocabulary.
+    """
+
+    kind = "sparse"
 
     def __init__(self, ids: torch.Tensor, grads: torch.Tensor, valid: torch.Tensor):
         self.n = ids.shape[0]
-        self.seg = valid.nonzero()[:, 0]
-        self.ids = ids[valid]                                   # [M]
-        self.grads = grads[valid]                               # [M, d]
+        seg = valid.nonzero()[:, 0]
+        ids_v, grads_v = ids[valid], grads[valid]
+        width = int(ids.max()) + 1 if ids.numel() else 1
+        keys, inverse = torch.unique(seg * width + ids_v, return_inverse=True)
+        self.key_ex, self.key_id = keys // width, keys % width
+        self.sums = torch.zeros(keys.numel(), grads.shape[-1], dtype=grads.dtype, device=grads.device)
+        self.sums.index_add_(0, inverse, grads_v)
         self.touched = torch.unique(ids)
 
     def rows(self, index: torch.Tensor | None) -> torch.Tensor:
         if index is None:
             raise ValueError("embedding rows must be requested by token id")
-        pos = torch.searchsorted(index, self.ids)
-        keep = (pos < index.numel()) & (index[pos.clamp(max=index.numel() - 1)] == self.ids)
-        out = torch.zeros(self.n * index.numel(), self.grads.shape[1], dtype=self.grads.dtype,
-                          device=self.grads.device)
-        out.index_add_(0, (self.seg * index.numel() + pos)[keep], self.grads[keep])
-        return out.view(self.n, index.numel(), -1)
+        pos = torch.searchsorted(index, self.key_id).clamp(max=max(index.numel() - 1, 0))
+        keep = index[pos] == self.key_id if index.numel() else torch.zeros_like(pos, dtype=torch.bool)
+        out = torch.zeros(self.n, index.numel(), self.sums.shape[-1], dtype=self.sums.dtype, device=self.sums.device)
+        out[self.key_ex[keep], pos[keep]] = self.sums[keep]
+        return out
 
-    def dot(self, delta: torch.Tensor) -> torch.Tensor:
-        per_position = (self.grads * delta.to(self.grads.dtype)[self.ids]).sum(-1).to(torch.float64)
-        return torch.zeros(self.n, dtype=torch.float64, device=per_position.device).index_add_(0, self.seg, per_position)
+    def restricted(self, index: torch.Tensor | None) -> EmbeddingRows:
+        return self
 
     def gram(self) -> torch.Tensor:
-        rows = torch.unique(self.ids)
-        out = torch.zeros(self.n, self.n, dtype=torch.float64, device=self.grads.device)
-        step = max(1, CHUNK_ELEMS // max(self.n * self.grads.shape[1], 1))
-        for s in range(0, rows.numel(), step):
-            out += _gram64(self.rows(rows[s:s + step]).flatten(1))
-        return out
+        """Sum of <sums_k, sums_k'> over key pairs with the same token id (work ~ pairs sharing an id)."""
+        order = torch.argsort(self.key_id, stable=True)
+        ids, ex, sums = self.key_id[order], self.key_ex[order], self.sums[order]
+        _, counts = torch.unique_consecutive(ids, return_counts=True)
+        starts = torch.cumsum(counts, 0) - counts
+        group = torch.repeat_interleave(torch.arange(counts.numel(), device=ids.device), counts)
+        c_key, start_key = counts[group], starts[group]
+        p = torch.repeat_interleave(torch.arange(ids.numel(), device=ids.device), c_key)
+        q = start_key[p] + torch.arange(p.numel(), device=ids.device) - torch.repeat_interleave(
+            torch.cumsum(c_key, 0) - c_key, c_key)
+        out = torch.zeros(self.n * self.n, dtype=torch.float64, device=sums.device)
+        step = max(1, CHUNK_ELEMS // max(sums.shape[-1], 1))
+        for s in range(0, p.numel(), step):
+            pp, qq = p[s:s + step], q[s:s + step]
+            out.index_add_(0, ex[pp] * self.n + ex[qq], (sums[pp] * sums[qq]).sum(-1).to(torch.float64))
+        return out.view(self.n, self.n)
+
+    def dot(self, delta: torch.Tensor) -> torch.Tensor:
+        per_key = (self.sums * delta.to(self.sums.dtype)[self.key_id]).sum(-1).to(torch.float64)
+        return torch.zeros(self.n, dtype=torch.float64, device=per_key.device).index_add_(0, self.key_ex, per_key)
 
 
 class Scaled:
@@ -166,20 +222,22 @@ class Scaled:
     def __init__(self, contrib, scale: torch.Tensor):
         self.contrib, self.scale = contrib, scale
         self.touched = contrib.touched
+        self.n = contrib.n
 
     def rows(self, index: torch.Tensor | None) -> torch.Tensor:
         rows = self.contrib.rows(index)
         scale = self.scale if index is None else self.scale[index]
         return rows * scale.to(rows.dtype)
 
+    def restricted(self, index: torch.Tensor | None) -> Scaled:
+        return Scaled(self.contrib.restricted(index), self.scale)
+
     def gram(self) -> torch.Tensor:
         index = self.touched if self.touched is not None else torch.arange(self.scale.shape[0],
                                                                             device=self.scale.device)
-        width = max(1, self.scale[0].numel())
-        step = max(1, CHUNK_ELEMS // max(width * 64, 1))
-        out = torch.zeros(self.contrib.n, self.contrib.n, dtype=torch.float64, device=self.scale.device)
-        for s in range(0, index.numel(), step):
-            out += _gram64(self.rows(index[s:s + step]).flatten(1))
+        out = torch.zeros(self.n, self.n, dtype=torch.float64, device=self.scale.device)
+        for chunk in _row_chunks(index, self.n, max(1, self.scale[0].numel())):
+            out += _gram64(self.rows(chunk).flatten(1))
         return out
 
 
@@ -199,22 +257,22 @@ def _union(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
 
 
 class SharedParameter:
-    """Accumulates a parameter used more than once in the forward pass (tied embeddings).
+    """Accumulates a parameter used more than once in the forward pass (tied embeddings, reused layers).
 
     Its per-example gradient is the sum over uses, so ``K = sum_u K_u + sum_{u != v} <c_u, c_v>``.
-    Each use's own Gram is computed when it arrives; for the cross terms each use keeps only its
-    rows that another use can touch (for GPT-2's tied head: the token ids of the input).
+    Each use's own Gram is computed when it arrives; for the cross terms each use keeps only the rows
+    that another use can touch (for a tied head: the vocabulary rows of the batch's tokens).
     """
 
-    def __init__(self, touched_per_use: list[torch.Tensor | None]):
-        self.touched = touched_per_use
-        self.kept: list[tuple[torch.Tensor | None, torch.Tensor]] = []
+    def __init__(self, touched_per_use: list[torch.Tensor | None], n_rows: int):
+        self.touched, self.n_rows = touched_per_use, n_rows
+        self.kept: list[tuple[torch.Tensor | None, object]] = []
         self.own = None
 
     def add(self, use: int, contrib) -> None:
         others = _union([t for k, t in enumerate(self.touched) if k != use])
         index = _intersect(contrib.touched, others)
-        self.kept.append((index, contrib.rows(index)))
+        self.kept.append((index, contrib.restricted(index)))
         g = contrib.gram()
         self.own = g if self.own is None else self.own + g
 
@@ -222,15 +280,12 @@ class SharedParameter:
         out = self.own.clone()
         for u in range(len(self.kept)):
             for v in range(u + 1, len(self.kept)):
-                common = _intersect(self.kept[u][0], self.kept[v][0])
-                cu, cv = _select(*self.kept[u], common), _select(*self.kept[v], common)
-                cross = cu.flatten(1).to(torch.float64) @ cv.flatten(1).to(torch.float64).T
-                out += cross + cross.T
+                (iu, cu), (iv, cv) = self.kept[u], self.kept[v]
+                common = _intersect(iu, iv)
+                if common is None:
+                    common = torch.arange(self.n_rows, device=out.device)
+                width = max(1, cu.rows(common[:1]).shape[-1]) if common.numel() else 1
+                for chunk in _row_chunks(common, cu.n, width):
+                    cross = _cross64(cu.rows(chunk).flatten(1), cv.rows(chunk).flatten(1))
+                    out += cross + cross.T
         return out
-
-
-def _select(index: torch.Tensor | None, rows: torch.Tensor, wanted: torch.Tensor | None) -> torch.Tensor:
-    """Rows ``wanted`` of per-example ``rows`` that were kept for parameter rows ``index`` (``None`` = all)."""
-    if wanted is None:
-        return rows
-    return rows[:, wanted if index is None else torch.searchsorted(index, wanted)]

@@ -45,13 +45,6 @@ def measurement_mode(model: torch.nn.Module, named_params):
             p.requires_grad_(was)
 
 
-def contrib_dtype(contrib) -> torch.dtype:
-    for attr in ("values", "left", "grads"):
-        if hasattr(contrib, attr):
-            return getattr(contrib, attr).dtype
-    return torch.float32
-
-
 @dataclass
 class _Use:
     module: torch.nn.Module
@@ -72,6 +65,7 @@ class GramEngine:
         self.delta = delta
         self.dots: dict[str, torch.Tensor] = {}   # param name -> <g_i, delta> [N] (delta mode)
         self.name_of = {id(p): name for name, p in named_params}
+        self.param_rows = {name: p.shape[0] if p.dim() else 1 for name, p in named_params}
         self.blocks: dict[str, torch.Tensor] = {}
         self.info: dict[str, str] = {}
         self.uses: dict[str, list] = {}          # param name -> touched rows of each use, in forward order
@@ -148,11 +142,14 @@ class GramEngine:
             g = g.unsqueeze(1)
             args = tuple(a.unsqueeze(1) if torch.is_tensor(a) and a.dim() >= 1 else a for a in args)
         valid = (g != 0).any(-1)
-        contribs = rule(module, args, g, valid, self.mode)
+        args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
+        with torch.no_grad():
+            contribs = rule(module, args, g, valid, self.mode)
         for k in own:
             if k not in contribs:
                 raise RuntimeError(f"rule {rule.__name__} gave no gradient for {type(module).__name__}.{k}")
-            self._add(self.name_of[id(module._parameters[k])], use_index[k], contribs[k], rule.__name__)
+            with torch.no_grad():
+                self._add(self.name_of[id(module._parameters[k])], use_index[k], contribs[k], rule.__name__)
 
     def _add(self, name: str, use: int, contrib, how: str):
         if self.delta is not None:                  # a dot product is linear: uses simply add up
@@ -161,10 +158,12 @@ class GramEngine:
             self.info[name] = f"{how}:dot"
             return
         if self.scale is not None:
-            contrib = Scaled(contrib, self.scale[name].to(contrib_dtype(contrib)))
+            contrib = Scaled(contrib, self.scale[name])
         self.info[name] = f"{how}:{getattr(contrib, 'kind', 'materialised')}"
         if len(self.uses[name]) > 1:
-            self.shared.setdefault(name, SharedParameter(self.uses[name])).add(use, contrib)
+            if name not in self.shared:
+                self.shared[name] = SharedParameter(self.uses[name], self.param_rows[name])
+            self.shared[name].add(use, contrib)
             self.info[name] += f" (shared by {len(self.uses[name])} uses)"
             return
         g = contrib.gram()

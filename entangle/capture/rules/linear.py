@@ -16,7 +16,7 @@ def _bias(grad_out: torch.Tensor) -> Dense:
 def linear(module, inputs, grad_out, valid, mode):
     """y = x W^T + b, W [out, in]: g_i(W) = G_i^T A_i."""
     a = inputs[0].to(grad_out.dtype)
-    out = {"weight": Factored(grad_out, a, valid, mode)}
+    out = {"weight": Factored.from_padded(grad_out, a, valid, mode)}
     if module.bias is not None:
         out["bias"] = _bias(grad_out)
     return out
@@ -26,4 +26,4 @@ def linear(module, inputs, grad_out, valid, mode):
 def conv1d(module, inputs, grad_out, valid, mode):
     """transformers.pytorch_utils.Conv1D: y = x W + b, W [in, out]: g_i(W) = A_i^T G_i."""
     a = inputs[0].to(grad_out.dtype)
-    return {"weight": Factored(a, grad_out, valid, mode), "bias": _bias(grad_out)}
+    return {"weight": Factored.from_padded(a, grad_out, valid, mode), "bias": _bias(grad_out)}
