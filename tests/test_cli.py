@@ -7,19 +7,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
+from test_report import one_thread  # noqa: F401  (autouse: tiny models on one thread)
 
 from entangle.cli import COMMANDS, main
 from entangle.runio import read_run
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; with more, a loaded machine's spinning OpenMP workers slow them ~100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_subcommands_are_registered():
