@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from entangle.metrics.pairs import REGIMES  # noqa: E402
 
@@ -83,6 +84,8 @@ def _step_axis(ax, steps) -> None:
     steps = np.unique(np.asarray(steps))
     if len(steps) <= 12:
         ax.set_xticks(steps)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if len(steps) == 1:
         ax.set_xlim(steps[0] - 1, steps[0] + 1)
 
@@ -267,6 +270,7 @@ def _stack(ax, summary: pd.DataFrame, prefix: str, title: str) -> None:
     steps = s["step"].to_numpy()
     if len(steps) > 1:
         ax.stackplot(steps, *shares, colors=colors, labels=labels, alpha=0.85)
+        _step_axis(ax, steps)
         ax.set_xlim(steps.min(), steps.max())
     else:
         bottom = 0.0
