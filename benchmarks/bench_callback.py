@@ -1,0 +1,70 @@
+"""Wall-time overhead of EntanglementCallback on a short TRL DPO run, against the same run without it.
+
+    python benchmarks/bench_callback.py [--steps 40] [--every 10] [--probe 16] [--repeats 2]
+
+Both runs use the built-in GPT-2 (no downloads), the same data and seed; the callback measures a probe of
+``--probe`` pairs every ``--every`` steps (Gram, Adam view, realised update) and at the end. Runs alternate and
+the fastest of ``--repeats`` is kept for each, after one untimed warm-up run of each kind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import tempfile
+import time
+import warnings
+
+
+def run_once(steps: int, every: int, n_probe: int, with_callback: bool, model_kwargs: dict) -> float:
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from entangle.builtin import builtin_model, builtin_pairs, builtin_tokenizer
+    from entangle.integrations.callback import EntanglementCallback
+
+    tok = builtin_tokenizer()
+    model = builtin_model(tok, **model_kwargs)
+    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in builtin_pairs(8 * steps, seed=1)]
+    with tempfile.TemporaryDirectory() as out:
+        args = DPOConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=8, learning_rate=1e-4,
+                         report_to=[], save_strategy="no", use_cpu=True, bf16=False, logging_steps=1, seed=0,
+                         disable_tqdm=True)
+        callbacks = [EntanglementCallback(builtin_pairs(n_probe, seed=2), every=every)] if with_callback else None
+        trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args,
+                             train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=callbacks)
+        start = time.perf_counter()
+        trainer.train()
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--every", type=int, default=10)
+    parser.add_argument("--probe", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--n-layer", type=int, default=4)
+    parser.add_argument("--n-embd", type=int, default=128)
+    opts = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    model_kwargs = {"n_layer": opts.n_layer, "n_embd": opts.n_embd}
+    for flag in (False, True):   # warm-up: imports, first-call costs
+        run_once(2, 1, opts.probe, flag, model_kwargs)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(opts.repeats):
+        for flag in (False, True):
+            times[flag].append(run_once(opts.steps, opts.every, opts.probe, flag, model_kwargs))
+    base, with_cb = min(times[False]), min(times[True])
+    measured = len(range(0, opts.steps, opts.every)) + 1
+    print(f"DPO run: {opts.steps} steps, batch 8, GPT-2 {opts.n_layer}x{opts.n_embd}; probe {opts.probe} pairs, "
+          f"every {opts.every} steps ({measured} measurements)")
+    print(f"without callback: {base:.2f} s   with callback: {with_cb:.2f} s   "
+          f"(runs: {[round(t, 2) for t in times[False]]} / {[round(t, 2) for t in times[True]]})")
+    print(f"overhead: {with_cb / base - 1:+.1%}  (ratio {with_cb / base:.3f})")
+
+
+if __name__ == "__main__":
+    main()
