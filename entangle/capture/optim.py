@@ -15,7 +15,7 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, model: torch.nn.Module
     with amsgrad). Pass the result as ``sequence_gram(..., preconditioner=P)`` to get ``g_i^T P g_j``.
     Wrappers with an ``.optimizer`` attribute (accelerate's AcceleratedOptimizer) are unwrapped.
     """
-    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+    while hasattr(optimizer, "optimizer"):          # AcceleratedOptimizer subclasses Optimizer and wraps one
         optimizer = optimizer.optimizer
     if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
         raise TypeError(f"adam_preconditioner needs torch.optim.Adam/AdamW, got {type(optimizer).__name__}")

@@ -236,8 +236,6 @@ class Monitor:
     def _preconditioner(self, optimizer: Any) -> dict[str, torch.Tensor] | None:
         if optimizer is None or not self.adam:
             return None
-        while hasattr(optimizer, "optimizer"):   # accelerate's AcceleratedOptimizer and similar wrappers
-            optimizer = optimizer.optimizer
         try:
             return adam_preconditioner(optimizer, self.model, self.params)
         except (TypeError, ValueError) as e:  # not Adam, or no state before the first step: no Adam view

@@ -402,6 +402,40 @@ def prediction_check(updates: pd.DataFrame) -> Figure:
     return fig
 
 
+def shared_content(pairs: pd.DataFrame, covariates: pd.DataFrame) -> Figure:
+    """Entanglement against how much a pair's two responses share (THEORY §7).
+
+    Left: median gradient cosine over steps per group of pairs (the ``kind`` column when the covariates have
+    one, else terciles of token overlap). Right: every (pair, step) by token-set Jaccard overlap and cosine.
+    """
+    cov = covariates.drop(columns=[c for c in ("step",) if c in covariates]).drop_duplicates("pair")
+    frame = _finite(pairs, "cosine").merge(cov, on="pair", how="inner")
+    if "kind" in frame:
+        group = frame["kind"].astype(str)
+        order = list(dict.fromkeys(cov["kind"].astype(str)))
+    else:
+        group = pd.qcut(frame["jaccard"].rank(method="first"), 3, labels=["low overlap", "mid overlap",
+                                                                          "high overlap"]).astype(str)
+        order = ["low overlap", "mid overlap", "high overlap"]
+    frame = frame.assign(group=group)
+    colors = dict(zip(order, plt.get_cmap("viridis_r")(np.linspace(0.1, 0.9, max(len(order), 2))), strict=False))
+    fig, (ax, bx) = _figure(2)
+    for g in order:
+        q = step_quantiles(frame[frame["group"] == g], "cosine")
+        if len(q):
+            _band(ax, q, "q50", colors[g], g)
+    ax.axhline(0, color="0.6", linewidth=0.8)
+    ax.set(xlabel=STEP_LABEL, ylabel="cos(g_w, g_l) (median, q10–q90)", title="Gradient cosine by pair group")
+    ax.legend(fontsize=9, loc="best")
+    for g in order:
+        sub = frame[frame["group"] == g]
+        bx.scatter(sub["jaccard"], sub["cosine"], s=14, alpha=0.6, color=colors[g], label=g)
+    bx.axhline(0, color="0.6", linewidth=0.8)
+    bx.set(xlabel="token overlap of the two responses (Jaccard, 0–1)", ylabel="cos(g_w, g_l)",
+           title="Shared tokens entangle the gradients")
+    return fig
+
+
 # ---- registry ----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -432,4 +466,7 @@ FIGURES: tuple[FigureSpec, ...] = (
     FigureSpec("prediction_check", "Predicted vs observed", ("updates",), prediction_check,
                "The first-order prediction of each log-prob change against the change observed after the "
                "step: the toolkit checking itself."),
+    FigureSpec("shared_content", "Entanglement and shared content", ("pairs", "covariates"), shared_content,
+               "How much the chosen and rejected responses share (token overlap, or the pair kind of the "
+               "built-in task) against their gradient cosine: pairs that share more are more entangled."),
 )
