@@ -205,6 +205,48 @@ def report(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- analyze --------------------------------------------------------------------------------------------------
+
+def _analyze_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a transformers/TRL output directory with checkpoint-* folders, or one model directory")
+    p.add_argument("--data", required=True,
+                   help="probe preference pairs: a .jsonl/.json/.parquet/.csv file, or 'builtin'")
+    p.add_argument("--objective", default="sigmoid", help="preference objective (default sigmoid = DPO)")
+    p.add_argument("--beta", type=float, default=None, help="the objective's beta (default: the objective's own)")
+    p.add_argument("--ref-model", default=None,
+                   help="reference model directory (default: adapters disabled for PEFT checkpoints, "
+                        "else the first checkpoint)")
+    p.add_argument("--out", default=None, help="output run directory (default RUN_DIR/entangle-analysis)")
+    p.add_argument("--max-pairs", type=int, default=None, help="measure only the first N pairs (builtin: default 64)")
+    p.add_argument("--max-length", type=int, default=None, help="cut each sequence to this many tokens")
+    p.add_argument("--params", default=None,
+                   help="parameters to measure: a regex searched in parameter names, or 'lora' (default: all trainable)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory or name (default: found beside the checkpoints)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
+
+
+@subcommand("analyze", "measure every checkpoint of a training run on probe pairs (resumable)", _analyze_arguments)
+def analyze(args: argparse.Namespace) -> int:
+    """Measure a checkpoint series into a run directory; print notes on skipped checkpoints and the directory."""
+    from entangle.integrations.checkpoints import analyze as analyze_checkpoints
+    from entangle.runio import read_manifest
+
+    if args.max_pairs is not None and args.max_pairs < 1:
+        raise CLIError(f"--max-pairs must be at least 1, got {args.max_pairs}")
+    rows = load_rows(args.data, args.max_pairs or (64 if args.data == "builtin" else sys.maxsize))
+    out = analyze_checkpoints(
+        args.run_dir, rows, out=args.out, objective=args.objective, ref_model=args.ref_model, params=args.params,
+        max_length=args.max_length, tokenizer=args.tokenizer, device=None if args.device == "auto" else args.device,
+        **({} if args.beta is None else {"beta": args.beta}))
+    manifest = read_manifest(out)
+    for s in manifest.get("skipped", []):
+        note(f"skipped {s['checkpoint']}: {s['reason']}")
+    steps = manifest.get("measured_steps", [])
+    note(f"{len(steps)} checkpoint step(s) in the run directory: {', '.join(map(str, steps))}")
+    print(out)
+    return 0
+
+
 # ---- entry point ------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
