@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -207,6 +208,21 @@ def test_a_single_model_directory(tmp_path):
     assert run["manifest"]["reference"] is None                 # simpo needs no reference model
 
 
+def test_explicit_reference_and_tokenizer_without_pad(tmp_path, caplog):
+    tok = builtin_tokenizer()
+    for seed in (0, 1):
+        builtin_model(tok, seed=seed).save_pretrained(tmp_path / f"model{seed}")
+    nopad = builtin_tokenizer()
+    nopad.pad_token = None
+    with caplog.at_level("WARNING", logger="entangle"):
+        out = entangle.analyze(tmp_path / "model0", _rows(3, 0), ref_model=tmp_path / "model1", tokenizer=nopad,
+                               beta=0.1, progress=False)
+    assert nopad.pad_token == nopad.eos_token and "no pad token" in caplog.text
+    run = check_tables(out, [0], n_pairs=3)
+    assert run["manifest"]["reference"] == str(tmp_path / "model1")
+    assert (np.abs(run["pairs"]["loss"] - math.log(2)) > 1e-3).all()     # another model as reference
+
+
 def test_checkpoints_are_split_across_processes(analysed, tmp_path, monkeypatch):
     series = checkpoints.find_checkpoints(analysed["run"])
     assert [c.step for c in series] == STEPS
@@ -234,6 +250,37 @@ def test_checkpoints_are_split_across_processes(analysed, tmp_path, monkeypatch)
     # the monitor's collectives are restored afterwards
     assert monitor_module.rank_and_world is distributed_module.rank_and_world
     assert monitor_module.gather_to_main is distributed_module.gather_to_main
+
+
+TORCHRUN_SCRIPT = """
+import sys, torch, torch.distributed as dist
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+import entangle
+entangle.analyze(sys.argv[1], sys.argv[2], out=sys.argv[3], beta=0.1, progress=False)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_two_processes_under_torchrun(analysed, tmp_path):
+    """Rank 0 measures checkpoints 1 and 3, rank 1 checkpoint 2 (corrupt here): no hang, one manifest."""
+    run = tmp_path / "run"
+    shutil.copytree(analysed["run"], run)
+    (run / "checkpoint-2" / "model.safetensors").write_bytes(b"\0" * 100)
+    script = tmp_path / "script.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+           "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", str(script), str(run), str(analysed["probe"]),
+           str(tmp_path / "out")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_ = check_tables(tmp_path / "out", [1, 3])
+    assert run_["manifest"]["world_size"] == 2 and run_["manifest"]["measured_steps"] == [1, 3]
+    assert [s["checkpoint"] for s in run_["manifest"]["skipped"]] == ["checkpoint-2"]
+    expected = read_run(analysed["out"])["pairs"]
+    np.testing.assert_allclose(run_["pairs"]["cosine"], expected[expected["step"] != 2]["cosine"], rtol=1e-6)
 
 
 # ---- command line -------------------------------------------------------------------------------------------

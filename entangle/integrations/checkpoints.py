@@ -330,18 +330,25 @@ def _done_steps(writer: RunWriter) -> set[int]:
     return set.intersection(*(set(writer.steps(t)) for t in TABLES))
 
 
-def _check_resumable(out: Path, settings: dict[str, Any]) -> None:
-    """Refuse to add to ``out`` when it holds tables of another analysis or of a live run."""
-    previous = read_manifest(out).get("analysis")
-    if previous is None:
-        if any((out / t).is_dir() for t in TABLES):
-            raise ValueError(f"{str(out)!r} already holds a run directory not written by {SOURCE}; "
-                             "choose another out directory")
-        return
-    changed = sorted(k for k in settings if previous.get(k) != settings[k])
-    if changed:
-        raise ValueError(f"{str(out)!r} holds an analysis with other settings ({', '.join(changed)}); "
-                         "choose another out directory or delete it")
+def _open_out(out: Path, settings: dict[str, Any], rank: int) -> RunWriter:
+    """The writer of ``out``, after rank 0 has checked that this analysis may add to it and recorded its settings
+    (before any process writes a part). Every rank raises when it may not: ``out`` holds tables of another
+    analysis or of a live run."""
+    error = None
+    if rank == 0:
+        previous = read_manifest(out).get("analysis")
+        changed = sorted(k for k in settings if previous.get(k) != settings[k]) if previous is not None else []
+        if previous is None and any((out / t).is_dir() for t in TABLES):
+            error = f"{str(out)!r} already holds a run directory not written by {SOURCE}; choose another out directory"
+        elif changed:
+            error = (f"{str(out)!r} holds an analysis with other settings ({', '.join(changed)}); "
+                     "choose another out directory or delete it")
+        else:
+            RunWriter(out).write_manifest({"source": SOURCE, "analysis": settings})
+    error = broadcast_from_main(error)
+    if error is not None:
+        raise ValueError(error)
+    return RunWriter(out)
 
 
 def analyze(
@@ -366,12 +373,13 @@ def analyze(
         data: probe preference pairs (a file or rows; anything :func:`entangle.data.load_pairs` accepts).
         out: the run directory to write; default ``run_dir/entangle-analysis``. Steps already there are skipped.
         objective: the loss whose entanglement is analysed (name, callable or list; ``resolve_objective``).
-        ref_model: reference model (a directory or a module) for objectives that need one; default: adapters
-            disabled for PEFT checkpoints, else the first checkpoint of the series.
+        ref_model: reference model (a directory, hub name or module) for objectives that need one; default:
+            adapters disabled for PEFT checkpoints, else the first loadable checkpoint of the series.
         params: measured parameters (``select_params`` spec: regex, ``"lora"``, ...); default all trainable.
         max_pairs: measure only the first ``max_pairs`` pairs of ``data``.
         max_length: probe truncation, as TRL's ``max_length``.
-        tokenizer: a tokenizer or its directory/name; default: found beside the checkpoints.
+        tokenizer: a tokenizer or its directory/name; default: the checkpoint's, the run directory's or the base
+            model's.
         device: where to measure; default CUDA when available.
         progress: show tqdm bars (overall, and one per checkpoint) when stderr is a terminal.
         hyper: hyper-parameters of the objective (``beta=0.1``).
@@ -398,34 +406,21 @@ def analyze(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(out) if out is not None else run_dir / DEFAULT_OUT
     reference = _Reference(objective_.needs_ref, ref_model, series, rows, max_length, device)
-    settings = {
+    settings = json.loads(json.dumps({
         "run_dir": str(run_dir.resolve()), "objective": objective_.name, "hyper": {**objective_.defaults, **hyper},
         "params": repr(params), "max_length": max_length,
         "reference": f"model {reference.describe()}" if reference.kind == "model" else reference.kind,
         "probe_sha256": hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest(),
-    }
-    settings = json.loads(json.dumps(settings, default=str))
+    }, default=str))
     rank, world = rank_and_world()
-    error = None
-    if rank == 0:  # before any process writes a part
-        try:
-            _check_resumable(out, settings)
-            RunWriter(out).write_manifest({"source": SOURCE, "analysis": settings})
-        except ValueError as e:
-            error = str(e)
-    error = broadcast_from_main(error)
-    if error is not None:
-        raise ValueError(error)
-    writer = RunWriter(out)
-    done = _done_steps(writer)
-    tokenizers = _Tokenizers(run_dir, tokenizer)
-    mine = checkpoints_for_rank(series, rank, world)
-    skipped: list[dict[str, Any]] = []
-    owner = {}
+    writer = _open_out(out, settings, rank)
+
+    done, tokenizers, skipped = _done_steps(writer), _Tokenizers(run_dir, tokenizer), []
+    owner: dict[int, Checkpoint] = {}
     for ckpt in series:
         owner.setdefault(ckpt.step, ckpt)
-    bar = tqdm(mine, desc="checkpoints", unit="ckpt", disable=_bars_off(progress, rank == 0))
-    for ckpt in bar:
+    for ckpt in tqdm(checkpoints_for_rank(series, rank, world), desc="checkpoints", unit="ckpt",
+                     disable=_bars_off(progress, rank == 0)):
         if ckpt.step in done:
             continue
         if owner[ckpt.step] is not ckpt:
@@ -437,7 +432,6 @@ def analyze(
         if reason is not None:
             logger.warning("entangle: skipping %s: %s", ckpt.path, reason)
             skipped.append({"checkpoint": ckpt.name, "step": ckpt.step, "path": str(ckpt.path), "reason": reason})
-    bar.close()
 
     reports = gather_to_main(skipped)     # also the barrier: every rank has written its parts
     error = None
@@ -446,14 +440,15 @@ def analyze(
         measured = sorted(_done_steps(writer))
         writer.write_manifest({
             "source": SOURCE, "model": str(run_dir), "objective": objective_.name, "hyper": settings["hyper"],
-            "reference": reference.describe(read_manifest(out).get("reference")), "world_size": world, "measured_steps": measured, "skipped": skipped,
+            "reference": reference.describe(read_manifest(out).get("reference")), "world_size": world,
+            "measured_steps": measured, "skipped": skipped,
             "checkpoints": [{"checkpoint": c.name, "step": c.step, "kind": "peft" if c.is_peft else "full",
                              "path": str(c.path), "learning_rate": _learning_rate(c)} for c in series],
         })
         if not measured:
-            first = skipped[0]
             more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
-            error = f"no checkpoint of {str(run_dir)!r} could be measured: {first['checkpoint']}: {first['reason']}{more}"
+            error = (f"no checkpoint of {str(run_dir)!r} could be measured: "
+                     f"{skipped[0]['checkpoint']}: {skipped[0]['reason']}{more}")
     error = broadcast_from_main(error)
     if error is not None:
         raise ValueError(error)
