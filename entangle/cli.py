@@ -7,6 +7,8 @@ into one line on stderr and a non-zero exit code.
 
     entangle gram --model builtin --data builtin --n-pairs 8 --out gram-out
     entangle report RUN_DIR [--out DIR]
+    entangle analyze RUN_DIR --data PAIRS --objective sigmoid --beta 0.1 [--out OUT]
+    entangle demo [--model NAME_OR_DIR --data PAIRS]
 """
 
 from __future__ import annotations
@@ -244,6 +246,39 @@ def analyze(args: argparse.Namespace) -> int:
     steps = manifest.get("measured_steps", [])
     note(f"{len(steps)} checkpoint step(s) in the run directory: {', '.join(map(str, steps))}")
     print(out)
+    return 0
+
+
+# ---- demo -----------------------------------------------------------------------------------------------------
+
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    from entangle.demo import DemoConfig
+
+    d = DemoConfig()
+    p.add_argument("--out", default=d.out, help=f"output folder (default {d.out}): run/ tables and report/")
+    p.add_argument("--model", default=None, help="a local model directory or hub name (default: built-in GPT-2)")
+    p.add_argument("--data", default=None, help="preference pairs, any format load_pairs reads (default: built-in)")
+    p.add_argument("--n-train", type=int, default=d.n_train, help="DPO training pairs")
+    p.add_argument("--n-probe", type=int, default=d.n_probe, help="probe pairs measured by the callback")
+    p.add_argument("--sft-steps", type=int, default=d.sft_steps, help="supervised warm-up steps on chosen responses")
+    p.add_argument("--dpo-steps", type=int, default=d.dpo_steps, help="DPO training steps")
+    p.add_argument("--every", type=int, default=d.every, help="measure the probe every N steps")
+    p.add_argument("--beta", type=float, default=d.beta, help="DPO beta")
+    p.add_argument("--max-length", type=int, default=None, help="truncate sequences to this many tokens")
+
+
+@subcommand("demo", "train a small model with DPO on a built-in task (or yours) and report its entanglement",
+            _demo_arguments)
+def demo(args: argparse.Namespace) -> int:
+    """Run the whole pipeline; the demo prints its summary and the report's path."""
+    from entangle.demo import DemoConfig, run_demo
+
+    for name in ("n_train", "n_probe", "dpo_steps", "every"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be at least 1")
+    run_demo(DemoConfig(out=args.out, model=args.model, data=args.data, n_train=args.n_train, n_probe=args.n_probe,
+                        sft_steps=args.sft_steps, dpo_steps=args.dpo_steps, every=args.every, beta=args.beta,
+                        max_length=args.max_length))
     return 0
 
 

@@ -26,14 +26,12 @@ so the result is the same run directory (``pairs``, ``summary``, ``layers`` tabl
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import hashlib
 import json
 import logging
 import os
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +42,6 @@ from tqdm.auto import tqdm
 from entangle.capture.logprobs import sequence_logps
 from entangle.capture.params import ParamSpec
 from entangle.data import encode_pairs
-from entangle.integrations import monitor as monitor_module
 from entangle.integrations.distributed import broadcast_from_main, gather_to_main, rank_and_world, shard
 from entangle.integrations.monitor import Monitor, probe_rows
 from entangle.metrics import resolve_objective
@@ -292,28 +289,6 @@ def _logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tens
 
 # ---- the analysis ------------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _process_local(world: int) -> Iterator[None]:
-    """Make :class:`Monitor` a group of one while it measures this process's own checkpoint.
-
-    Monitor splits the probe across the default process group and gathers on rank 0; here each process has whole
-    checkpoints of its own, so it must measure every pair and write its own parts, with no collective.
-    """
-    if world == 1:
-        yield
-        return
-    local = {"rank_and_world": lambda: (0, 1), "gather_to_main": lambda obj: [obj],
-             "broadcast_from_main": lambda obj: obj}
-    saved = {name: getattr(monitor_module, name) for name in local}
-    for name, fn in local.items():
-        setattr(monitor_module, name, fn)
-    try:
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(monitor_module, name, fn)
-
-
 def _bars_off(progress: bool, main: bool) -> bool | None:
     """tqdm's ``disable``: off when not wanted or not on rank 0, else ``None`` (shown on a terminal only)."""
     return True if not progress or not main else None
@@ -470,12 +445,12 @@ def _measure_checkpoint(ckpt: Checkpoint, rows: list[dict], objective: Any, refe
         ref = reference.logps(ckpt, model, tokenizer)
         stages.update()
         stages.set_postfix_str("measure")
-        with _process_local(world):
-            # rank 0's monitor also records the model, probe and versions in the manifest
-            monitor = Monitor(model, tokenizer, rows, objective, out_dir=writer.dir if main else None, params=params,
-                              ref_logps=ref, max_length=max_length, strict=True, adam=False, **hyper)
-            monitor.writer = writer
-            monitor.measure(ckpt.step, lr=_learning_rate(ckpt))
+        # each process measures whole checkpoints of its own: no collective inside the monitor;
+        # rank 0's monitor also records the model, probe and versions in the manifest
+        monitor = Monitor(model, tokenizer, rows, objective, out_dir=writer.dir if main else None, params=params,
+                          ref_logps=ref, max_length=max_length, strict=True, adam=False, distributed=False, **hyper)
+        monitor.writer = writer
+        monitor.measure(ckpt.step, lr=_learning_rate(ckpt))
         stages.update()
         return None
     except Exception as e:  # never let one checkpoint end the series

@@ -113,6 +113,8 @@ class Monitor:
         loss_weights: weights of a list ``objective``.
         method: Gram method of ``sequence_gram``.
         adam: also measure in Adam's preconditioned geometry when an Adam/AdamW optimizer with state is given.
+        distributed: split the probe across the default process group and gather on rank 0 (the default);
+            ``False`` makes this process measure every pair on its own (e.g. one checkpoint per process).
         hyper: hyper-parameters of the objective (``beta=0.1``).
     """
 
@@ -133,12 +135,13 @@ class Monitor:
         loss_weights: Sequence[float] | None = None,
         method: str = "auto",
         adam: bool = True,
+        distributed: bool = True,
         **hyper: Any,
     ):
         self.model, self.params, self.strict, self.method, self.adam = model, params, strict, method, adam
         self.objective = resolve_objective(objective, loss_weights)
         self.hyper = hyper
-        self.rank, self.world = rank_and_world()
+        self.rank, self.world = rank_and_world() if distributed else (0, 1)
         rows = probe_rows(probe)
         self.n_pairs = len(rows)
         if self.n_pairs == 0:
@@ -331,7 +334,7 @@ class Monitor:
                 raise
             logger.exception("entangle: %s at step %d failed on rank %d", what, step, self.rank)
             payload, error = None, f"rank {self.rank}: {type(e).__name__}: {e}"
-        parts = gather_to_main((payload, error))
+        parts = gather_to_main((payload, error)) if self.world > 1 else [(payload, error)]
         result = None
         if parts is not None:
             errors = [e for _, e in parts if e is not None]
@@ -344,7 +347,7 @@ class Monitor:
                     logger.exception("entangle: writing the %s of step %d failed", what, step)
                     errors = [f"rank 0: {type(e).__name__}: {e}"]
             result = (result, "; ".join(errors) or None)
-        scalars, error = broadcast_from_main(result)
+        scalars, error = broadcast_from_main(result) if self.world > 1 else result
         if error is not None and self.strict:
             raise RuntimeError(f"entangle: {what} at step {step} failed: {error}")
         return scalars or {}
