@@ -77,9 +77,11 @@ class Factored:
     touched = None
 
     def __init__(self, parts: list[tuple[torch.Tensor, torch.Tensor]], n_rows: int, mode: str = "auto",
-                 row_ids: torch.Tensor | None = None):
+                 row_ids: torch.Tensor | None = None, padded: tuple | None = None):
         self.parts, self.n, self.n_rows = parts, len(parts), n_rows
         self.row_ids = row_ids                         # param rows of L's columns when restricted
+        # (left, right) padded [N, T', ·] over the union of the spans: one batched matmul instead of N small ones
+        self.padded = padded
         m = sum(lp.shape[0] for lp, _ in parts)
         a, b = parts[0][0].shape[-1], parts[0][1].shape[-1]
         ghost_cost = m * m * (a + b)
@@ -94,7 +96,11 @@ class Factored:
         lo = torch.where(valid, pos, valid.shape[1]).amin(1).tolist()
         hi = torch.where(valid, pos + 1, 0).amax(1).tolist()
         parts = [(left[i, a:max(a, b)], right[i, a:max(a, b)]) for i, (a, b) in enumerate(zip(lo, hi, strict=True))]
-        return cls(parts, left.shape[-1], mode)
+        start, stop = min(lo), max(hi)
+        # outside its own span a sequence's output gradient (one of the two factors) is exactly zero, so the
+        # union span adds only zero terms
+        padded = (left[:, start:stop], right[:, start:stop]) if stop > start else None
+        return cls(parts, left.shape[-1], mode, padded=padded)
 
     def gram(self) -> torch.Tensor:
         if self.kind == "ghost":
@@ -123,6 +129,11 @@ class Factored:
 
     def _per_example(self, cols) -> torch.Tensor:
         """Materialised rows [N, r, cols] of the per-example gradients; ``cols`` indexes L's columns."""
+        if self.padded is not None:
+            left, right = self.padded
+            out = torch.bmm(left[..., cols].transpose(1, 2), right)
+            if torch.isfinite(out).all():                # a non-finite padded activation times 0 is NaN
+                return out
         first = self.parts[0][0][:, cols]
         out = torch.zeros(self.n, first.shape[-1], self.parts[0][1].shape[-1], dtype=first.dtype,
                           device=first.device)
