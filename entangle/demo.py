@@ -5,7 +5,8 @@
 3. TRL's ``DPOTrainer`` trains it on preference pairs with :class:`EntanglementCallback` attached, measuring a
    probe set of pairs every few steps;
 4. a ``covariates`` table records how much each probe pair's two responses share (pair kind, shared prefix,
-   token overlap), and ``entangle report`` turns the run directory into figures and ``report.html``.
+   token overlap), a ``tokens`` table the token-level gradient maps of the most and least entangled probe
+   pairs at the final step, and ``entangle report`` turns the run directory into figures and ``report.html``.
 
 The built-in task follows the controlled sentiment experiment of Yuan et al. (arXiv:2410.13828): pairs
 that differ only in their last token, in a short suffix, in a long suffix, or that are unrelated.
@@ -163,6 +164,8 @@ def _run(cfg: DemoConfig) -> Path:
                          train_dataset=Dataset.from_list([{k: r[k] for k in columns} for r in train]),
                          callbacks=[callback])
     trainer.train()
+    if callback.monitor is not None:   # token maps of the most and least entangled probe pairs, at the final step
+        callback.monitor.token_maps()
     report = make_report(run_dir, out / "report")
     print(summary_text(run_dir))
     print(f"[entangle demo] done in {time.perf_counter() - t0:.0f} s; report: {report}")

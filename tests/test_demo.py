@@ -67,3 +67,18 @@ def test_demo_cli_runs_and_rejects_bad_sizes(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "e"), "--every", "0"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--every must be at least 1" in err[0] and "Traceback" not in err[0]
+
+
+def test_demo_report_has_token_maps_of_the_extreme_pairs(tmp_path):
+    report = run_demo(DemoConfig(out=str(tmp_path / "demo"), n_train=16, n_probe=4, sft_steps=2, dpo_steps=2,
+                                 every=1, batch_size=4))
+    run = read_run(tmp_path / "demo" / "run")
+    tokens, pairs = run["tokens"], run["pairs"]
+    last = pairs[pairs.step == pairs.step.max()].set_index("pair")["cosine"]
+    assert set(tokens["step"]) == {pairs.step.max()}
+    which = tokens.drop_duplicates("pair").set_index("which")["pair"].to_dict()
+    assert which == {"most entangled": last.idxmax(), "least entangled": last.idxmin()}
+    html = report.read_text()
+    for name in ("token_heatmap_most_entangled", "token_heatmap_least_entangled", "ranking_accuracy"):
+        assert (report.parent / f"{name}.png").stat().st_size > 5000, name
+        assert f'id="fig-{name}"' in html

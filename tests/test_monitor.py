@@ -168,3 +168,71 @@ def test_configuration_errors():
         Monitor(model, tok, builtin_pairs(2), "sigmoid", ref_logps=[0.0, 0.0])
     with pytest.raises(ValueError, match="empty"):
         Monitor(model, tok, [], "sft")
+
+
+def test_token_maps_and_preference_column(tmp_path):
+    """token_maps writes the tokens table of the most and least entangled pairs, whose chosen × rejected blocks
+    sum to the pairs' inner products; a probe preference column gives the idealized ranking accuracy."""
+    from entangle.metrics import summarize
+
+    tok = builtin_tokenizer()
+    model = builtin_model(tok, n_layer=1, n_embd=32)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    pref = [0.9, 0.55, 0.2, 0.99, 0.7]
+    probe = [r | {"pref_prob": p} for r, p in zip(builtin_pairs(5, seed=6), pref, strict=True)]
+    monitor = Monitor(model, tok, probe, "sigmoid", out_dir=tmp_path, ref_logps="initial", strict=True, beta=0.1)
+    assert monitor.pref_col == "pref_prob"
+    (-sequence_logps(model, encode_pairs(tok, builtin_pairs(8, seed=4))).mean()).backward()
+    opt.step()
+    scalars = monitor.measure(4)
+    assert "entangle/idealized_ranking_accuracy" in scalars and "entangle/ranking_accuracy_gap" in scalars
+    before = _state(model, opt)
+    tokens = monitor.token_maps()
+    assert _same(before, _state(model, opt))
+    run = read_run(tmp_path)
+    pairs, summary = run["pairs"], run["summary"]
+    assert pairs["pref_prob"].tolist() == pref
+    expected = summarize(pairs, pref_col="pref_prob", beta=0.1)
+    assert summary["idealized_ranking_accuracy"].tolist() == expected["idealized_ranking_accuracy"].tolist()
+    assert summary["ranking_accuracy_gap"].tolist() == expected["ranking_accuracy_gap"].tolist()
+    written = run["tokens"]
+    assert written.equals(tokens) and set(written["step"]) == {4} and set(written["method"]) == {"full"}
+    assert list(written.columns[:4]) == ["step", "pair", "which", "method"]
+    cos = pairs.set_index("pair")["cosine"]
+    which = written.drop_duplicates("pair").set_index("which")["pair"]
+    assert which.to_dict() == {"most entangled": cos.idxmax(), "least entangled": cos.idxmin()}
+    sums = written.groupby(["pair", "block"])["inner"].sum().unstack()
+    for pair, row in sums.iterrows():
+        at = pairs.set_index("pair").loc[pair]
+        np.testing.assert_allclose([row["wl"], row["ww"], row["ll"]],
+                                   [at["inner"], at["norm2_chosen"], at["norm2_rejected"]], rtol=1e-4, atol=1e-6)
+    # chosen pairs, the head method, and the errors
+    head = monitor.token_maps(step=5, pairs=[3], method="head")
+    assert set(head["pair"]) == {3} and set(head["which"]) == {"selected"} and set(head["method"]) == {"head"}
+    assert set(read_run(tmp_path)["tokens"]["step"]) == {4, 5}
+    assert set(monitor.token_maps(which="least")["which"]) == {"least entangled"}
+    with pytest.raises(ValueError, match="not probe pair ids"):
+        monitor.token_maps(pairs=[9])
+    with pytest.raises(ValueError, match="which must be"):
+        monitor.token_maps(which="some")
+    fresh = Monitor(model, tok, probe, "sigmoid", ref_logps="initial", beta=0.1)
+    assert fresh.token_maps().empty                     # not strict: logged, nothing written
+    fresh.strict = True
+    with pytest.raises(ValueError, match="needs a measurement first"):
+        fresh.token_maps()
+
+
+def test_preference_column_errors():
+    tok = builtin_tokenizer()
+    model = builtin_model(tok, n_layer=1, n_embd=32)
+    rows = builtin_pairs(3, seed=1)
+    # no column: nothing, unless asked for by name
+    assert Monitor(model, tok, rows, "sigmoid", ref_logps="initial", beta=0.1).pref_col is None
+    with pytest.raises(ValueError, match="have no such column"):
+        Monitor(model, tok, rows, "sigmoid", ref_logps="initial", beta=0.1, pref_col="share")
+    with pytest.raises(ValueError, match=r"probability in \[0, 1\]"):
+        Monitor(model, tok, [r | {"share": 1.5} for r in rows], "sigmoid", ref_logps="initial", pref_col="share")
+    with pytest.raises(ValueError, match="needs beta"):
+        Monitor(model, tok, [r | {"share": 0.5} for r in rows], "sft", pref_col="share")
+    # an objective without beta ignores a pref_prob column it was not asked to use
+    assert Monitor(model, tok, [r | {"pref_prob": 0.5} for r in rows], "sft").pref_col is None

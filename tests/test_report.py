@@ -61,14 +61,22 @@ def write_run(out: Path, n_steps: int = 8, sgd_steps: int = 3) -> Path:
     ref = sequence_logps(model, batch).detach().double()
     writer = RunWriter(out)
     writer.write_manifest({"objective": "sigmoid", "beta": BETA, "model": "builtin", "lr": LR})
+    from entangle.metrics.covariates import pair_covariates
+
+    covariates = pair_covariates(batch)
+    covariates.insert(1, "kind", [r["kind"] for r in builtin_pairs(B)])
+    writer.write("covariates", covariates.assign(step=0), 0)
     names = [n for n, _ in model.named_parameters()]
+    pref = np.linspace(0.2, 0.95, B)      # per-pair preference probabilities: some pairs are near coin flips
     for k in range(n_steps):
         step = k * sgd_steps
         gram = sequence_gram(model, batch)
-        frame = pair_frame(gram, "sigmoid", ref, step=step, lr=LR, beta=BETA)
+        frame = pair_frame(gram, "sigmoid", ref, step=step, lr=LR, beta=BETA, pref_prob=pref)
         writer.write("pairs", frame, step)
-        writer.write("summary", summarize(frame), step)
+        writer.write("summary", summarize(frame, pref_col="pref_prob"), step)
         writer.write("layers", layer_frame(gram, step, range(B)), step)
+        if k == n_steps - 1:   # token maps of the most and least entangled pairs, as Monitor.token_maps writes
+            writer.write("tokens", token_maps_of(model, batch, tok, frame, step), step)
         for j in range(sgd_steps):
             before = {n: p.detach().clone() for n, p in model.named_parameters()}
             logps = sequence_logps(model, batch)
@@ -94,6 +102,15 @@ def write_run(out: Path, n_steps: int = 8, sgd_steps: int = 3) -> Path:
                     "pred_gradient": np.concatenate([frame["batch_dlogp_chosen"], frame["batch_dlogp_rejected"]]),
                 }), step)
     return out
+
+
+def token_maps_of(model, batch, tok, frame: pd.DataFrame, step: int) -> pd.DataFrame:
+    from entangle.capture.tokens import token_map
+
+    cos = frame.set_index("pair")["cosine"]
+    picked = ((int(cos.idxmax()), "most entangled"), (int(cos.idxmin()), "least entangled"))
+    return pd.concat([token_map(model, batch, pair=p, tokenizer=tok).assign(step=step, which=w, method="full")
+                      for p, w in picked], ignore_index=True)
 
 
 def update_dot_at(model, batch, delta, before, update_dot) -> torch.Tensor:
@@ -169,13 +186,22 @@ def test_run_has_both_regimes(run_dir):
     assert "ideal" in regimes and regimes & {"both_fall", "both_rise"}
 
 
+HEATMAPS = ("token_heatmap_most_entangled", "token_heatmap_least_entangled")
+
+
+def n_images(heatmaps: int = len(HEATMAPS), skipped: int = 0) -> int:
+    """Images of a report: one per figure, except the token maps (one per mapped pair), less those skipped."""
+    return len(FIGURES) - 1 + heatmaps - skipped
+
+
 def test_every_figure_is_a_nonempty_png_and_embedded(report):
-    for spec in FIGURES:
-        png = report.parent / f"{spec.name}.png"
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000, spec.name
-        assert (report.parent / f"{spec.name}.pdf").stat().st_size > 1_000
+    names = [spec.name for spec in FIGURES if not spec.many] + list(HEATMAPS)
+    for name in names:
+        png = report.parent / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000, name
+        assert (report.parent / f"{name}.pdf").stat().st_size > 1_000
     assert report.name == "report.html"
-    assert _parse(report).images == len(FIGURES)
+    assert _parse(report).images == n_images()
     assert "<link" not in report.read_text() and "<script" not in report.read_text()  # self-contained
 
 
@@ -294,17 +320,19 @@ def test_boundary_functions_follow_theory():
 def test_report_with_missing_tables(run_dir, tmp_path):
     partial = tmp_path / "checkpoints"
     shutil.copytree(run_dir, partial)
-    for table in ("updates", "layers", "summary"):
+    for table in ("updates", "layers", "summary", "tokens", "covariates"):
         shutil.rmtree(partial / table)
     path = make_report(partial)
     assert path == partial / "report" / "report.html"
     text = path.read_text()
     assert "the run has no updates table" in text and "the run has no layers table" in text
+    assert "the run has no tokens table" in text and "token_heatmap_" not in text
     assert "summary was computed from the pairs table" in text
     assert not (path.parent / "prediction_check.png").exists() and not (path.parent / "layer_breakdown.png").exists()
     assert (path.parent / "regime_shares.png").exists()
     cells = _parse(path)
-    assert cells.images == len(FIGURES) - 2
+    assert cells.images == n_images(heatmaps=0, skipped=3)
+    assert not list(path.parent.glob("token_heatmap*"))
     expected = summarize(read_run(partial)["pairs"])
     assert [float(r["ratio_q50"][1]) for r in cells.rows if r] == expected["ratio_q50"].tolist()
 
@@ -318,7 +346,7 @@ def test_report_of_a_monitor_run(tmp_path):
 
     tok = builtin_tokenizer()
     model = builtin_model(tok, n_layer=1, n_embd=32)
-    rows = builtin_pairs(4)
+    rows = [r | {"pref_prob": p} for r, p in zip(builtin_pairs(4), (0.9, 0.6, 0.3, 0.99), strict=True)]
     batch = encode_pairs(tok, rows)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     monitor = Monitor(model, tok, rows, "sigmoid", out_dir=tmp_path / "run", ref_logps="initial", beta=BETA)
@@ -332,9 +360,16 @@ def test_report_of_a_monitor_run(tmp_path):
         opt.step()
         monitor.after_update(step, optimizer=opt)
         opt.zero_grad()
+    monitor.measure(3)
+    monitor.token_maps()
     path = make_report(tmp_path / "run")
-    assert _parse(path).images == len(FIGURES)
-    assert [float(r["step"][1]) for r in _parse(path).rows if r] == [0, 1, 2]
+    assert _parse(path).images == n_images(skipped=1)      # no covariates table: no shared-content figure
+    assert "the run has no covariates table" in path.read_text()
+    rows = [r for r in _parse(path).rows if r]
+    assert [float(r["step"][1]) for r in rows] == [0, 1, 2, 3]
+    assert all("idealized_ranking_accuracy" in r and "ranking_accuracy_gap" in r for r in rows)
+    for name in HEATMAPS + ("ranking_accuracy",):
+        assert (path.parent / f"{name}.png").stat().st_size > 10_000, name
 
 
 def test_report_errors(tmp_path):
@@ -343,3 +378,49 @@ def test_report_errors(tmp_path):
     (tmp_path / "empty" / "updates").mkdir(parents=True)
     with pytest.raises(ValueError, match="no pairs or summary table"):
         make_report(tmp_path / "empty")
+
+
+def test_token_heatmaps_and_ranking_accuracy_in_the_report(report, run_dir):
+    from entangle.report.figures import ranking_accuracy
+    from entangle.report.tokens import pair_cosine, token_heatmaps
+
+    run = read_run(run_dir)
+    tokens, pairs, summary = run["tokens"], run["pairs"], run["summary"]
+    text = report.read_text()
+    for name, label in zip(HEATMAPS, ("most entangled", "least entangled"), strict=True):
+        assert f'id="fig-{name}"' in text and f"Token maps: {label}</h3>" in text
+    assert 'id="fig-ranking_accuracy"' in text and "idealized" in text
+    # the heatmaps: most entangled first, titled with the pair's cosine, which the tokens' blocks reproduce
+    last = pairs[pairs["step"] == pairs["step"].max()].set_index("pair")
+    drawn = token_heatmaps(tokens)
+    assert [(suffix, label) for suffix, label, _ in drawn] == [("most_entangled", "most entangled"),
+                                                               ("least_entangled", "least entangled")]
+    for (_, label, fig), pair in zip(drawn, (last["cosine"].idxmax(), last["cosine"].idxmin()), strict=True):
+        assert pair_cosine(tokens, pair) == pytest.approx(last.loc[pair, "cosine"], rel=1e-6)
+        title = fig._suptitle.get_text()
+        assert title.startswith(f"{label} (step {pairs['step'].max()}): pair {pair}")
+        assert f"cos(g_w, g_l) = {last.loc[pair, 'cosine']:.2f}" in title
+    # ranking accuracy: four series and the gap panel with the preference column, one panel without
+    fig = ranking_accuracy(summary)
+    assert len(fig.axes) == 2 and len(fig.axes[0].get_lines()) == 5     # 4 series + the 50% line
+    assert "idealized" in " ".join(t.get_text() for t in fig.axes[0].get_legend().get_texts())
+    bars = [p.get_height() for p in fig.axes[1].patches]
+    np.testing.assert_allclose(bars, 100 * summary.sort_values("step")["ranking_accuracy_gap"])
+    plain = ranking_accuracy(summary.drop(columns=["idealized_ranking_accuracy", "ranking_accuracy_gap"]))
+    assert len(plain.axes) == 1 and len(plain.axes[0].get_lines()) == 4
+
+
+def test_token_heatmap_of_long_responses_is_capped():
+    from entangle.report.tokens import token_heatmaps
+
+    t, u = np.meshgrid(np.arange(90), np.arange(130), indexing="ij")
+    frame = pd.DataFrame({"step": 7, "pair": 2, "block": "wl", "t": t.ravel(), "u": u.ravel(),
+                          "token_w": [f" w{i}" for i in t.ravel()], "token_u": [f"u{j}" for j in u.ravel()],
+                          "inner": 0.01, "cosine": np.cos(t.ravel() - u.ravel())})
+    (suffix, label, fig), = token_heatmaps(frame)
+    assert (suffix, label) == ("pair2", "pair 2")
+    ax = fig.axes[0]
+    assert len(ax.get_xticklabels()) == 60 and len(ax.get_yticklabels()) == 60
+    assert "first 60 × 60 of 90 × 130 tokens" in fig._suptitle.get_text()
+    w, h = fig.get_size_inches()
+    assert w <= 20 and h <= 20

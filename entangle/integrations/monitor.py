@@ -115,6 +115,10 @@ class Monitor:
         adam: also measure in Adam's preconditioned geometry when an Adam/AdamW optimizer with state is given.
         distributed: split the probe across the default process group and gather on rank 0 (the default);
             ``False`` makes this process measure every pair on its own (e.g. one checkpoint per process).
+        pref_col: a probe column holding each pair's probability that the chosen response is preferred (e.g. the
+            share of annotators who preferred it). It becomes a column of the ``pairs`` table and gives the
+            summary's ``idealized_ranking_accuracy`` and ``ranking_accuracy_gap`` (THEORY.md §8; they need
+            reference log-probs and ``beta``). Default: ``"pref_prob"`` when every probe row has it.
         hyper: hyper-parameters of the objective (``beta=0.1``).
     """
 
@@ -136,6 +140,7 @@ class Monitor:
         method: str = "auto",
         adam: bool = True,
         distributed: bool = True,
+        pref_col: str | None = None,
         **hyper: Any,
     ):
         self.model, self.params, self.strict, self.method, self.adam = model, params, strict, method, adam
@@ -149,6 +154,10 @@ class Monitor:
         self.pairs = shard(self.n_pairs, self.rank, self.world)      # global pair ids measured by this rank
         local = [rows[i] for i in self.pairs]
         self.batch = encode_pairs(tokenizer, local, max_length=max_length, truncation=truncation) if local else None
+        self.tokenizer, self._rows = tokenizer, rows
+        self._encoding = {"max_length": max_length, "truncation": truncation}
+        self.pref_col, self._pref = self._preferences(rows, pref_col)
+        self._last: tuple[int, pd.DataFrame] | None = None          # (step, pairs table) of the last measurement
         self.ref_model = ref_model
         self._ref = self._initial_reference(rows, ref_logps)
         self._before: dict[str, torch.Tensor] | None = None
@@ -157,6 +166,33 @@ class Monitor:
         self.writer = RunWriter(out_dir) if out_dir is not None and self.rank == 0 else None
         if self.writer is not None:
             self.writer.write_manifest(self._manifest(rows, tokenizer, max_length, truncation))
+
+    # -- preference probabilities -----------------------------------------------------------------------------
+    def _preferences(self, rows: list[dict], pref_col: str | None) -> tuple[str | None, np.ndarray | None]:
+        """The preference column and its local values [b] (float), or ``(None, None)``."""
+        explicit = pref_col is not None
+        col = pref_col if explicit else "pref_prob"
+        if not all(col in r for r in rows):
+            if explicit:
+                missing = [i for i, r in enumerate(rows) if col not in r]
+                raise ValueError(f"pref_col={col!r}: probe rows {missing[:10]} have no such column")
+            return None, None
+        beta = {**self.objective.defaults, **self.hyper}.get("beta")
+        if beta is None:
+            if explicit:
+                raise ValueError(f"pref_col={col!r}: idealized ranking accuracy needs beta, and objective "
+                                 f"{self.objective.name!r} has none")
+            logger.info("entangle: probe column %r ignored: objective %r has no beta", col, self.objective.name)
+            return None, None
+        try:
+            values = np.array([float(r[col]) for r in rows], dtype=float)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"pref_col={col!r}: probe values must be probabilities ({e})") from None
+        bad = np.flatnonzero(~((values >= 0) & (values <= 1)))
+        if len(bad):
+            raise ValueError(f"pref_col={col!r} must be a probability in [0, 1]; probe pairs {bad[:10].tolist()} "
+                             "are not")
+        return col, values[self.pairs]
 
     # -- reference log-probs ---------------------------------------------------------------------------------
     def _initial_reference(self, rows: list[dict], ref_logps: Any) -> torch.Tensor | None:
@@ -232,9 +268,16 @@ class Monitor:
         return out
 
     def _frame(self, gram: GramResult, ref: torch.Tensor | None, step: int, lr: float) -> pd.DataFrame:
-        frame = pair_frame(gram, self.objective, ref, step=step, lr=lr, **self.hyper)
+        extra = {self.pref_col: self._pref} if self.pref_col is not None else {}
+        frame = pair_frame(gram, self.objective, ref, step=step, lr=lr, **self.hyper, **extra)
         frame["pair"] = self.pairs
         return frame
+
+    def _summarize(self, pairs: pd.DataFrame) -> pd.DataFrame:
+        """``summarize``, with the idealized ranking accuracy when there are preferences and reference log-probs."""
+        if self.pref_col is None or self.pref_col not in pairs or "ref_logp_chosen" not in pairs:
+            return summarize(pairs)
+        return summarize(pairs, pref_col=self.pref_col, beta={**self.objective.defaults, **self.hyper}["beta"])
 
     def _preconditioner(self, optimizer: Any) -> dict[str, torch.Tensor] | None:
         if optimizer is None or not self.adam:
@@ -248,16 +291,96 @@ class Monitor:
     def _write_measurement(self, step: int, parts: list[dict | None]) -> dict[str, float]:
         parts = [p for p in parts if p is not None]
         pairs = _concat([p["pairs"] for p in parts], "pair")
-        summary = summarize(pairs)
+        summary = self._summarize(pairs)
+        self._last = (step, pairs)
         scalars = _scalars(summary, PREFIX)
         tables = {"pairs": pairs, "summary": summary, "layers": _concat([p["layers"] for p in parts], "pair")}
         if all("adam" in p for p in parts):
-            tables["summary_adam"] = summarize(_concat([p["adam"] for p in parts], "pair"))
+            tables["summary_adam"] = self._summarize(_concat([p["adam"] for p in parts], "pair"))
             scalars |= _scalars(tables["summary_adam"], PREFIX + "adam/")
         if self.writer is not None:
             for name, table in tables.items():
                 self.writer.write(name, table, step)
         return scalars
+
+    # -- token maps -------------------------------------------------------------------------------------------
+    def token_maps(self, step: int | None = None, pairs: Sequence[int] | None = None, which: str = "extremes",
+                   method: str = "full") -> pd.DataFrame:
+        """Token-level gradient maps (THEORY.md §7) of a few probe pairs; written as the ``tokens`` table.
+
+        Args:
+            step: the step to file the maps under (the model is measured as it is now); default the step of the
+                last :meth:`measure`.
+            pairs: probe pair ids to map (their ``which`` is ``"selected"``); default: picked by ``which`` from
+                the last measurement's pairs (by gradient cosine).
+            which: ``"extremes"`` (the most and the least entangled pair), ``"most"`` or ``"least"``.
+            method: ``"full"`` (exact, every measured parameter) or ``"head"`` (output layer only, no backward);
+                see :func:`entangle.capture.tokens.token_map`.
+
+        Returns the frame written: the ``token_map`` columns (``pair`` = probe pair id) plus ``step``, ``which``
+        and ``method``. Under ``torch.distributed`` only rank 0 computes it (the others return an empty frame).
+        Model and training state are left as found; a failure is logged and gives an empty frame (raised with
+        ``strict``).
+        """
+        if self.rank != 0:
+            return pd.DataFrame()
+        try:
+            return self._token_maps(step, pairs, which, method)
+        except Exception:
+            if self.strict:
+                raise
+            logger.exception("entangle: token maps at step %s failed", step)
+            return pd.DataFrame()
+
+    def _token_maps(self, step: int | None, pairs: Sequence[int] | None, which: str, method: str) -> pd.DataFrame:
+        from entangle.capture.tokens import token_map
+
+        if pairs is None:
+            picked = self._extreme_pairs(which)
+        else:
+            bad = [p for p in pairs if not 0 <= int(p) < self.n_pairs]
+            if bad:
+                raise ValueError(f"pairs {bad} are not probe pair ids (0..{self.n_pairs - 1})")
+            picked = [(int(p), "selected") for p in dict.fromkeys(pairs)]
+        if step is None:
+            if self._last is None:
+                raise ValueError("token_maps(step=None) needs a measurement first (or pass step=)")
+            step = self._last[0]
+        batch = encode_pairs(self.tokenizer, [self._rows[p] for p, _ in picked], **self._encoding)
+        model = unwrap_model(self.model)
+        device = next(model.parameters()).device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        frames = []
+        with preserved_rng():
+            for j, (p, label) in enumerate(picked):
+                frame = token_map(model, batch, pair=j, params=self.params if method == "full" else None,
+                                  method=method, tokenizer=self.tokenizer)
+                frame["pair"] = p
+                frames.append(frame.assign(step=step, which=label, method=method))
+        out = pd.concat(frames, ignore_index=True)
+        out = out[["step", "pair", "which", "method"] + [c for c in out.columns
+                                                          if c not in ("step", "pair", "which", "method")]]
+        if self.writer is not None:
+            self.writer.write("tokens", out, step)
+        return out
+
+    def _extreme_pairs(self, which: str) -> list[tuple[int, str]]:
+        """[(pair id, label)]: the highest- and/or lowest-cosine pair of the last measurement."""
+        if which not in ("extremes", "most", "least"):
+            raise ValueError(f"which must be 'extremes', 'most' or 'least', not {which!r}")
+        if self._last is None:
+            raise ValueError("token_maps needs a measurement first to pick pairs by cosine (or pass pairs=)")
+        frame = self._last[1]
+        cos = frame.set_index("pair")["cosine"].astype(float)
+        cos = cos[np.isfinite(cos.to_numpy())]
+        if cos.empty:
+            raise ValueError(f"no probe pair has a finite gradient cosine at step {self._last[0]}")
+        picked = []
+        if which in ("extremes", "most"):
+            picked.append((int(cos.idxmax()), "most entangled"))
+        if which in ("extremes", "least") and not (picked and int(cos.idxmin()) == picked[0][0]):
+            picked.append((int(cos.idxmin()), "least entangled"))
+        return picked
 
     # -- the realised update ---------------------------------------------------------------------------------
     def before_update(self, step: int) -> None:

@@ -25,6 +25,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from entangle.metrics.pairs import REGIMES  # noqa: E402
+from entangle.report.tokens import token_heatmaps  # noqa: E402
 
 REGIME_COLORS = {
     "ideal": "#2a9d59",
@@ -436,6 +437,56 @@ def shared_content(pairs: pd.DataFrame, covariates: pd.DataFrame) -> Figure:
     return fig
 
 
+# ---- 8. ranking accuracy ---------------------------------------------------------------------------------------
+
+RANKING_SERIES: tuple[tuple[str, str, str, dict], ...] = (
+    ("ranking_accuracy", "policy: log π(chosen) > log π(rejected)", "#2a6fb0", {"marker": "o"}),
+    ("ranking_accuracy_ref_adjusted", "policy, reference-adjusted (DPO implicit reward)", "#2a9d59",
+     {"marker": "s", "markersize": 3.5}),
+    ("ref_ranking_accuracy", "reference model", "0.6", {"linewidth": 5, "alpha": 0.45, "marker": "none",
+                                                         "zorder": 1}),
+    ("idealized_ranking_accuracy", "idealized (DPO optimum, THEORY §8)", "#a23bb0", {"linestyle": ":",
+                                                                                       "marker": "D"}),
+)
+
+
+def ranking_accuracy(summary: pd.DataFrame) -> Figure:
+    """Ranking accuracy of the probe pairs over steps (THEORY.md §8), from the ``summary`` table.
+
+    Left: the share of pairs the policy ranks right (chosen log-prob above rejected), the same after subtracting
+    the reference's log-probs (the DPO implicit reward), the reference's own, and — when the summary has it (a
+    per-pair preference probability was given) — the idealized ranking accuracy of the DPO optimum. Right, with
+    the idealized accuracy: the gap idealized − policy, in percentage points.
+    """
+    s = summary.sort_values("step")
+    present = [x for x in RANKING_SERIES if x[0] in s and np.isfinite(s[x[0]].to_numpy(dtype=float)).any()]
+    if not present or present[0][0] != "ranking_accuracy":
+        raise KeyError("ranking_accuracy")
+    gap = "ranking_accuracy_gap" in s and np.isfinite(s["ranking_accuracy_gap"].to_numpy(dtype=float)).any()
+    fig, axes = _figure(2) if gap else _figure(1, size=(7.5, 4.0))
+    ax = axes[0]
+    steps = s["step"].to_numpy()
+    present.sort(key=lambda x: x[0] != "ref_ranking_accuracy")   # the broad reference line first, underneath
+    for column, label, color, style in present:
+        style = {"markersize": 5, "linewidth": 1.6, **style}
+        ax.plot(steps, 100 * s[column].to_numpy(dtype=float), color=color, label=label, **style)
+    ax.axhline(50, color="0.7", linestyle=":", linewidth=1)
+    ax.set(ylim=(-3, 103), xlabel=STEP_LABEL, ylabel="ranking accuracy (% of probe pairs)",
+           title="Ranking accuracy over steps")
+    ax.legend(loc="best", fontsize=8.5)
+    _step_axis(ax, steps)
+    if gap:
+        bx = axes[1]
+        g = 100 * s["ranking_accuracy_gap"].to_numpy(dtype=float)
+        bx.bar(steps, g, width=0.6 * (np.diff(steps).min() if len(steps) > 1 else 1.0),
+               color=np.where(g >= 0, "#a23bb0", "#2a9d59"), alpha=0.8)
+        bx.axhline(0, color="0.4", linewidth=0.8)
+        bx.set(xlabel=STEP_LABEL, ylabel="idealized − policy (percentage points)",
+               title="Ranking accuracy gap to the DPO optimum")
+        _step_axis(bx, steps)
+    return fig
+
+
 # ---- registry ----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -447,6 +498,7 @@ class FigureSpec:
     tables: tuple[str, ...]
     draw: Callable[..., Figure]
     caption: str
+    many: bool = False   # ``draw`` returns several figures: a list of (file suffix, label, Figure)
 
 
 FIGURES: tuple[FigureSpec, ...] = (
@@ -469,4 +521,14 @@ FIGURES: tuple[FigureSpec, ...] = (
     FigureSpec("shared_content", "Entanglement and shared content", ("pairs", "covariates"), shared_content,
                "How much the chosen and rejected responses share (token overlap, or the pair kind of the "
                "built-in task) against their gradient cosine: pairs that share more are more entangled."),
+    FigureSpec("ranking_accuracy", "Ranking accuracy", ("summary",), ranking_accuracy,
+               "Share of probe pairs ranked right (chosen above rejected) by the policy, by its DPO implicit reward "
+               "(log-probs minus the reference's; a tie counts as wrong, so it is 0 while the policy still equals "
+               "its reference) and by the reference; with a per-pair preference probability, also the idealized "
+               "accuracy of the DPO optimum and the gap to it (THEORY.md §8)."),
+    FigureSpec("token_heatmap", "Token maps", ("tokens",), token_heatmaps,
+               "Cosine between the per-token gradients of the chosen (rows) and rejected (columns) response "
+               "tokens of one probe pair (red: aligned, blue: opposed). Summed over the cells, the inner products "
+               "give the pair's ⟨g_w, g_l⟩: the tokens whose gradients align are where the entanglement comes "
+               "from (THEORY.md §7).", many=True),
 )

@@ -15,7 +15,7 @@ import json
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,10 @@ SUMMARY_COLUMNS: tuple[tuple[str, str], ...] = (
     ("cosine_q50", "median cosine"),
     ("ratio_q50", "median ratio ρ"),
     ("ranking_accuracy", "ranking accuracy"),
+    ("ranking_accuracy_ref_adjusted", "ranking accuracy, ref-adjusted"),
+    ("ref_ranking_accuracy", "reference ranking accuracy"),
+    ("idealized_ranking_accuracy", "idealized ranking accuracy"),
+    ("ranking_accuracy_gap", "ranking accuracy gap"),
 )
 TABLES_NEEDED = ("pairs", "summary")
 
@@ -89,24 +93,34 @@ def draw_figures(
                                      + (" (a checkpoint analysis records no updates)" if "updates" in missing else "")))
             continue
         try:
-            fig = spec.draw(*(tables[t] for t in spec.tables))
+            result = spec.draw(*(tables[t] for t in spec.tables))
         except (KeyError, ValueError) as err:
             warnings.warn(f"figure {spec.name!r} not drawn: {err!r}", stacklevel=2)
             drawn.append(DrawnFigure(spec, None, [], f"skipped: could not draw it from the tables ({err!r})"))
             continue
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=dpi)
-        files = []
-        for fmt in formats:
-            path = out / f"{spec.name}.{fmt}"
-            if fmt == "png":
-                path.write_bytes(buffer.getvalue())
-            else:
-                fig.savefig(path, format=fmt, dpi=dpi)
-            files.append(path)
-        plt.close(fig)
-        drawn.append(DrawnFigure(spec, buffer.getvalue(), files))
+        # a spec with ``many`` gives (file suffix, label, Figure) per figure: each becomes its own entry
+        items = ([(f"{spec.name}_{suffix}", f"{spec.title}: {label}", fig) for suffix, label, fig in result]
+                 if spec.many else [(spec.name, spec.title, result)])
+        for name, title, fig in items:
+            sub = spec if not spec.many else replace(spec, name=name, title=title, many=False)
+            drawn.append(_save(sub, fig, out, formats, dpi))
     return drawn
+
+
+def _save(spec: FigureSpec, fig, out: Path, formats: Sequence[str], dpi: int) -> DrawnFigure:
+    """Write ``fig`` as ``<spec.name>.<fmt>`` for each format; close it; return its entry."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    files = []
+    for fmt in formats:
+        path = out / f"{spec.name}.{fmt}"
+        if fmt == "png":
+            path.write_bytes(buffer.getvalue())
+        else:
+            fig.savefig(path, format=fmt, dpi=dpi)
+        files.append(path)
+    plt.close(fig)
+    return DrawnFigure(spec, buffer.getvalue(), files)
 
 
 def _cell(value: Any, column: str) -> str:
