@@ -4,7 +4,8 @@
 
 - :func:`make_report` — ``make_report(run_dir, out_dir=None) -> Path`` of ``report.html`` (PNGs beside it);
 - :mod:`entangle.report.figures` — one function per figure, each returning a matplotlib ``Figure``;
-- :mod:`entangle.report.verdict` — plain-language verdicts per step range.
+- :mod:`entangle.report.verdict` — plain-language verdicts per step range;
+- :mod:`entangle.report.tokens` — token heatmaps of the ``tokens`` table (``Monitor.token_maps``).
 """
 
 from entangle.report.figures import (
@@ -16,11 +17,13 @@ from entangle.report.figures import (
     logprob_dynamics,
     plane_regime,
     prediction_check,
+    ranking_accuracy,
     regime_plane,
     regime_shares,
     rejected_rises_boundary,
 )
 from entangle.report.html import make_report
+from entangle.report.tokens import token_heatmap, token_heatmaps
 from entangle.report.verdict import Verdict, step_ranges, verdicts
 
 __all__ = [
@@ -34,9 +37,12 @@ __all__ = [
     "make_report",
     "plane_regime",
     "prediction_check",
+    "ranking_accuracy",
     "regime_plane",
     "regime_shares",
     "rejected_rises_boundary",
     "step_ranges",
+    "token_heatmap",
+    "token_heatmaps",
     "verdicts",
 ]
