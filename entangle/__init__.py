@@ -21,7 +21,7 @@ _EXPORTS = {
     # metrics
     "pair_frame": "entangle.metrics", "summarize": "entangle.metrics", "coefficients": "entangle.metrics",
     "register_objective": "entangle.metrics", "available_objectives": "entangle.metrics",
-    "pair_covariates": "entangle.metrics.covariates",
+    "pair_covariates": "entangle.metrics.covariates", "covariate_report": "entangle.metrics.covariates",
     # integrations
     "verify_step": "entangle.verify", "Monitor": "entangle.integrations.monitor",
     "EntanglementCallback": "entangle.integrations.callback", "analyze": "entangle.integrations.checkpoints",
@@ -33,7 +33,12 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
+_SUBMODULES = {"data", "capture", "metrics", "report", "integrations", "verify", "runio", "builtin", "demo", "cli"}
+
+
 def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in _SUBMODULES:                       # entangle.verify.make_step_fn works without an explicit import
+        return importlib.import_module(f"entangle.{name}")
     raise AttributeError(f"module 'entangle' has no attribute {name!r}")

@@ -100,7 +100,7 @@ def supervised_warmup(model, tokenizer, rows: list[dict], steps: int, lr: float,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     model.eval()
     return losses
 

@@ -12,7 +12,9 @@ Tables used by the toolkit (columns are a contract):
     layers   one row per (step, pair, layer): step, pair, layer, inner, norm2_chosen, norm2_rejected, cosine
     updates  one row per (step, seq): step, seq, pair, side, logp_before, logp_after, observed,
              pred_update, pred_gradient
-    tokens   one row per (step, pair, t, u): token maps
+    tokens   one row per (step, pair, block, t, u): step, pair, which, method, block, t, u, token_w, token_u,
+             inner, cosine (``Monitor.token_maps``)
+    covariates  one row per pair: pair, shared_prefix_len, edit_distance, jaccard, ... (``pair_covariates``)
 
 :func:`read_run` concatenates the parts of every table into one frame per table.
 """

@@ -135,7 +135,8 @@ def covariate_report(frame: pd.DataFrame, top: float = 0.1) -> pd.DataFrame:
 
     Args:
         frame: per-pair rows holding covariate columns (``pair_covariates``) and the ``cosine`` and ``regime``
-            columns of ``pair_frame`` (e.g. ``pair_frame(...).merge(pair_covariates(...), on="pair")``).
+            columns of ``pair_frame`` (e.g. ``pair_frame(...).merge(pair_covariates(...), on=["pair", "len_chosen", "len_rejected"])``; both
+            frames carry the lengths).
         top: the share of pairs flagged by each covariate (0.1 = the top decile).
 
     Returns:
