@@ -92,3 +92,16 @@ def test_bad_optimizer_inputs():
     delta["transformer.wte.weight"] = torch.full_like(delta["transformer.wte.weight"], float("nan"))
     with pytest.raises(ValueError, match="NaN/inf"):
         update_dot(model, batch, delta)
+
+
+def test_plain_and_preconditioned_from_one_pass():
+    model = tiny_gpt2(dtype=torch.float64)
+    batch = random_batch(3, 101, seed=23)
+    P = adam_preconditioner(_adam_after_steps(model, batch), model)
+    both = sequence_gram(model, batch, preconditioner=P, plain=True)
+    assert torch.equal(both.matrix, sequence_gram(model, batch).matrix)
+    assert torch.equal(both.preconditioned.matrix, sequence_gram(model, batch, preconditioner=P).matrix)
+    assert sequence_gram(model, batch).preconditioned is None
+    exact = sequence_gram(model, batch, preconditioner=P, plain=True, method="exact")
+    torch.testing.assert_close(exact.matrix, both.matrix, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(exact.preconditioned.matrix, both.preconditioned.matrix, rtol=1e-10, atol=1e-10)

@@ -59,17 +59,18 @@ class GramEngine:
 
     def __init__(self, model: torch.nn.Module, named_params, n: int, mode: str = "auto",
                  preconditioner: Mapping[str, torch.Tensor] | None = None,
-                 delta: Mapping[str, torch.Tensor] | None = None):
+                 delta: Mapping[str, torch.Tensor] | None = None, plain: bool = True):
         self.n, self.mode = n, mode
         self.scale = None if preconditioner is None else {k: v.sqrt() for k, v in preconditioner.items()}
+        # Gram blocks per geometry: "plain" <g_i, g_j> and/or "preconditioned" g_i^T P g_j, from the same pass
+        kinds = (["plain"] if plain or preconditioner is None else []) + (["preconditioned"] if self.scale else [])
+        self.geometries = {k: {"blocks": {}, "shared": {}} for k in kinds}
         self.delta = delta
         self.dots: dict[str, torch.Tensor] = {}   # param name -> <g_i, delta> [N] (delta mode)
         self.name_of = {id(p): name for name, p in named_params}
         self.param_rows = {name: p.shape[0] if p.dim() else 1 for name, p in named_params}
-        self.blocks: dict[str, torch.Tensor] = {}
         self.info: dict[str, str] = {}
         self.uses: dict[str, list] = {}          # param name -> touched rows of each use, in forward order
-        self.shared: dict[str, SharedParameter] = {}
         self.generic_uses: list[_Use] = []
         self.sources: list[torch.Tensor] = []    # hooked outputs whose inputs carry no gradient
         self.calls: dict[int, int] = {}          # id(param) -> hooked calls of rule-handled modules
@@ -158,16 +159,25 @@ class GramEngine:
             self.info[name] = f"{how}:dot"
             return
         if self.scale is not None:
-            contrib = Scaled(contrib, self.scale[name])
+            self._accumulate(self.geometries["preconditioned"], name, use, Scaled(contrib, self.scale[name]))
+            if "plain" not in self.geometries:
+                self.info[name] = f"{how}:materialised"
+                return
         self.info[name] = f"{how}:{getattr(contrib, 'kind', 'materialised')}"
         if len(self.uses[name]) > 1:
-            if name not in self.shared:
-                self.shared[name] = SharedParameter(self.uses[name], self.param_rows[name])
-            self.shared[name].add(use, contrib)
             self.info[name] += f" (shared by {len(self.uses[name])} uses)"
+        self._accumulate(self.geometries["plain"], name, use, contrib)
+
+    def _accumulate(self, geometry: dict, name: str, use: int, contrib) -> None:
+        """Add one use's contribution to the Gram block of ``name`` (tied parameters via SharedParameter)."""
+        if len(self.uses[name]) > 1:
+            if name not in geometry["shared"]:
+                geometry["shared"][name] = SharedParameter(self.uses[name], self.param_rows[name])
+            geometry["shared"][name].add(use, contrib)
             return
         g = contrib.gram()
-        self.blocks[name] = self.blocks[name] + g if name in self.blocks else g
+        blocks = geometry["blocks"]
+        blocks[name] = blocks[name] + g if name in blocks else g
 
     def backward(self, total: torch.Tensor, named_params) -> None:
         """Backward pass of ``total`` that reaches every hooked output but computes no parameter gradient.
@@ -217,13 +227,15 @@ class GramEngine:
                 name = self.name_of[id(use.module._parameters[k])]
                 # a generic use was counted in self.uses like any other; find its index among them
                 self._add(name, self._generic_index(name, use), contribs[k], "generic")
-        for name, acc in self.shared.items():
-            self.blocks[name] = acc.gram()
         if self.delta is not None:
             return {}
+        return {kind: self._blocks(geometry, named_params) for kind, geometry in self.geometries.items()}
+
+    def _blocks(self, geometry: dict, named_params) -> dict[str, torch.Tensor]:
+        blocks = {**geometry["blocks"], **{name: acc.gram() for name, acc in geometry["shared"].items()}}
         out = {}
         for name, p in named_params:
-            out[name] = self.blocks.get(name)
+            out[name] = blocks.get(name)
             if out[name] is None:                       # parameter not reached by the log-probs
                 out[name] = torch.zeros(self.n, self.n, dtype=torch.float64, device=p.device)
                 self.info.setdefault(name, "unused (zero gradient)")
@@ -246,14 +258,14 @@ def _check_metric(named, tensors: Mapping[str, torch.Tensor] | None, what: str) 
             raise ValueError(f"{what}[{name!r}] has NaN/inf entries")
 
 
-def _run(model, batch, params, method, forward, preconditioner=None, delta=None):
+def _run(model, batch, params, method, forward, preconditioner=None, delta=None, plain=True):
     model = unwrap_model(model)
     named = select_params(model, params)
     _check_metric(named, preconditioner, "preconditioner")
     _check_metric(named, delta, "delta")
     n = batch["input_ids"].shape[0]
     with measurement_mode(model, named):
-        engine = GramEngine(model, named, n, mode=method, preconditioner=preconditioner, delta=delta)
+        engine = GramEngine(model, named, n, mode=method, preconditioner=preconditioner, delta=delta, plain=plain)
         with engine:
             logps = token_logps(forward(model, batch), batch).sum(-1)
             if not torch.isfinite(logps).all():
@@ -271,6 +283,7 @@ def sequence_gram(
     method: str = "auto",
     forward: Callable = model_logits,
     preconditioner: Mapping[str, torch.Tensor] | None = None,
+    plain: bool = False,
 ) -> GramResult:
     """Gram matrix of per-sequence gradients of the summed response log-probs (THEORY §1, §4, §6).
 
@@ -283,6 +296,8 @@ def sequence_gram(
         forward: ``forward(model, batch) -> logits`` for models that need a custom call.
         preconditioner: optional diagonal metric ``P`` per parameter name (same shapes); the result is
             then ``g_i^T P g_j`` (Adam's geometry, THEORY §5; see :func:`adam_preconditioner`).
+        plain: with a ``preconditioner``, return the plain Gram with the preconditioned one attached as
+            ``result.preconditioned``, both from the same forward and backward pass.
 
     Returns:
         :class:`GramResult` with ``matrix`` float64 [2B, 2B], ``logps``, ``lengths`` and per-parameter
@@ -295,11 +310,23 @@ def sequence_gram(
         named = select_params(model, params)
         _check_metric(named, preconditioner, "preconditioner")
         with measurement_mode(model, named):
-            return exact_gram(model, batch, named, forward, preconditioner)
-    engine, named, per_param, logps = _run(model, batch, params, method, forward, preconditioner=preconditioner)
-    matrix = torch.stack(list(per_param.values())).sum(0)
-    return GramResult(matrix=matrix, logps=logps, lengths=response_lengths(batch),
-                      per_param=per_param, method=method, info=engine.info)
+            out = exact_gram(model, batch, named, forward, None if plain else preconditioner)
+            if plain and preconditioner is not None:
+                out.preconditioned = exact_gram(model, batch, named, forward, preconditioner)
+            return out
+    engine, named, geometries, logps = _run(model, batch, params, method, forward, preconditioner=preconditioner,
+                                            plain=plain)
+
+    def result(per_param):
+        return GramResult(matrix=torch.stack(list(per_param.values())).sum(0), logps=logps,
+                          lengths=response_lengths(batch), per_param=per_param, method=method, info=engine.info)
+
+    if "plain" not in geometries:
+        return result(geometries["preconditioned"])
+    out = result(geometries["plain"])
+    if "preconditioned" in geometries:
+        out.preconditioned = result(geometries["preconditioned"])
+    return out
 
 
 def update_dot(

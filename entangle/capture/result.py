@@ -40,6 +40,8 @@ class GramResult:
         per_param: float64 [2B, 2B] block per parameter name; the blocks sum to ``matrix``.
         method: ``"exact"`` or ``"auto"``.
         info: how each module was handled (rule name, ghost/materialised), for inspection.
+        preconditioned: the same batch in Adam's geometry, when measured in the same pass
+            (``sequence_gram(..., preconditioner=P, plain=True)``).
     """
 
     matrix: torch.Tensor
@@ -48,6 +50,7 @@ class GramResult:
     per_param: dict[str, torch.Tensor] = field(default_factory=dict)
     method: str = "auto"
     info: dict[str, str] = field(default_factory=dict)
+    preconditioned: GramResult | None = None
 
     @property
     def n_pairs(self) -> int:

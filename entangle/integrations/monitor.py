@@ -254,17 +254,15 @@ class Monitor:
         if self.batch is None:
             return None
         with preserved_rng():
+            P = self._preconditioner(optimizer)      # plain and Adam geometry come from one backward pass
             gram = sequence_gram(self.model, self._on(unwrap_model(self.model)), params=self.params,
-                                 method=self.method)
+                                 method=self.method, preconditioner=P, plain=True)
             ref = self._reference()
             frame = self._frame(gram, ref, step, lr)
             self._pre = (step, np.concatenate([frame["batch_dlogp_chosen"], frame["batch_dlogp_rejected"]]))
             out = {"pairs": frame, "layers": layer_frame(gram, step, self.pairs)}
-            P = self._preconditioner(optimizer)
-            if P is not None:
-                gram_p = sequence_gram(self.model, self._on(unwrap_model(self.model)), params=self.params,
-                                       method=self.method, preconditioner=P)
-                out["adam"] = self._frame(gram_p, ref, step, lr)
+            if gram.preconditioned is not None:
+                out["adam"] = self._frame(gram.preconditioned, ref, step, lr)
         return out
 
     def _frame(self, gram: GramResult, ref: torch.Tensor | None, step: int, lr: float) -> pd.DataFrame:
