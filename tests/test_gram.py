@@ -248,3 +248,20 @@ def test_real_pretrained_llama_on_hh_rlhf_pairs(stories_model, stories_tokenizer
     # the same in float64 is exact to round-off
     model64 = stories_model.to(torch.float64)
     assert rel_err(sequence_gram(model64, batch).matrix, sequence_gram(model64, batch, method="exact").matrix) <= 1e-10
+
+
+def test_non_finite_padded_activations_do_not_leak_into_the_gram():
+    """The batched per-example product also multiplies padding positions; a NaN there must not reach K."""
+    from entangle.capture.contrib import Factored
+
+    torch.manual_seed(0)
+    n, t, a, b = 3, 6, 4, 5
+    grad = torch.randn(n, t, a, dtype=torch.float64)
+    act = torch.randn(n, t, b, dtype=torch.float64)
+    valid = torch.ones(n, t, dtype=torch.bool)
+    valid[0, 4:] = False
+    grad[0, 4:] = 0.0
+    act[0, 5] = float("nan")                        # garbage in a padded position of sequence 0
+    got = Factored.from_padded(grad, act, valid, mode="materialise").gram()
+    per = torch.stack([grad[i, valid[i]].T @ act[i, valid[i]] for i in range(n)]).flatten(1)
+    torch.testing.assert_close(got, per @ per.T, rtol=1e-12, atol=1e-12)

@@ -236,3 +236,34 @@ def test_preference_column_errors():
         Monitor(model, tok, [r | {"share": 0.5} for r in rows], "sft", pref_col="share")
     # an objective without beta ignores a pref_prob column it was not asked to use
     assert Monitor(model, tok, [r | {"pref_prob": 0.5} for r in rows], "sft").pref_col is None
+
+
+def test_fixed_reference_is_computed_once_and_a_moving_one_every_time(tmp_path):
+    import copy
+
+    from entangle.builtin import builtin_model, builtin_pairs, builtin_tokenizer
+    from entangle.integrations.monitor import Monitor
+
+    tok = builtin_tokenizer()
+    model = builtin_model(tok)
+    ref = copy.deepcopy(model)
+    calls = {"n": 0}
+    forward = ref.forward
+
+    def counted(*a, **k):
+        calls["n"] += 1
+        return forward(*a, **k)
+
+    ref.forward = counted
+    fixed = Monitor(model, tok, builtin_pairs(4), ref_model=ref, beta=0.1)
+    fixed.measure(0)
+    fixed.measure(1)
+    assert calls["n"] == 1
+    moving = Monitor(model, tok, builtin_pairs(4), ref_model=ref, beta=0.1, fixed_reference=False)
+    first = moving.measure(0)
+    with torch.no_grad():                                   # the reference is synced to a new model
+        for p in ref.parameters():
+            p.add_(0.05)
+    second = moving.measure(1)
+    assert calls["n"] == 3
+    assert first["entangle/loss_mean"] != second["entangle/loss_mean"]

@@ -108,7 +108,10 @@ class Factored:
         out = torch.zeros(self.n, self.n, dtype=torch.float64, device=self.parts[0][0].device)
         step = max(1, CHUNK_ELEMS // max(self.n * self.parts[0][1].shape[-1], 1))
         for s in range(0, self.parts[0][0].shape[-1], step):
-            out += _gram64(self._per_example(slice(s, s + step)).flatten(1))
+            out += _gram64(self._per_example(slice(s, s + step), check=False).flatten(1))
+        if self.padded is not None and not torch.isfinite(out).all():
+            self.padded = None          # a non-finite padded activation times a zero gradient: redo span by span
+            return self.gram()
         return out
 
     def _ghost(self) -> torch.Tensor:
@@ -127,12 +130,16 @@ class Factored:
             out += onehot[:, s:s + step] @ prod.to(torch.float64) @ onehot.T
         return out
 
-    def _per_example(self, cols) -> torch.Tensor:
-        """Materialised rows [N, r, cols] of the per-example gradients; ``cols`` indexes L's columns."""
+    def _per_example(self, cols, check: bool = True) -> torch.Tensor:
+        """Materialised rows [N, r, cols] of the per-example gradients; ``cols`` indexes L's columns.
+
+        The batched path multiplies padded positions too; a non-finite activation there times a zero gradient
+        would be NaN, so the result is checked (``check=False``: the caller checks the reduced result instead).
+        """
         if self.padded is not None:
             left, right = self.padded
             out = torch.bmm(left[..., cols].transpose(1, 2), right)
-            if torch.isfinite(out).all():                # a non-finite padded activation times 0 is NaN
+            if not check or torch.isfinite(out.sum()):
                 return out
         first = self.parts[0][0][:, cols]
         out = torch.zeros(self.n, first.shape[-1], self.parts[0][1].shape[-1], dtype=first.dtype,

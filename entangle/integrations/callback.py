@@ -226,6 +226,8 @@ class EntanglementCallback(TrainerCallback):
             if key in declared and value is not None:
                 settings.setdefault(key, value)
         settings["objective"] = objective
+        if getattr(trainer.args, "sync_ref_model", False):   # TR-DPO: the reference moves during training
+            settings.setdefault("fixed_reference", False)
         if kind == "dpo" and "ref_model" not in settings and "ref_logps" not in settings:
             if trainer.ref_model is not None:
                 settings["ref_model"] = trainer.accelerator.unwrap_model(trainer.ref_model)

@@ -113,6 +113,8 @@ class Monitor:
         loss_weights: weights of a list ``objective``.
         method: Gram method of ``sequence_gram``.
         adam: also measure in Adam's preconditioned geometry when an Adam/AdamW optimizer with state is given.
+        fixed_reference: the reference does not change during training (TRL's default), so its probe log-probs
+            are computed once; ``False`` recomputes them at every measurement (e.g. TRL's ``sync_ref_model``).
         distributed: split the probe across the default process group and gather on rank 0 (the default);
             ``False`` makes this process measure every pair on its own (e.g. one checkpoint per process).
         pref_col: a probe column holding each pair's probability that the chosen response is preferred (e.g. the
@@ -141,9 +143,11 @@ class Monitor:
         adam: bool = True,
         distributed: bool = True,
         pref_col: str | None = None,
+        fixed_reference: bool = True,
         **hyper: Any,
     ):
         self.model, self.params, self.strict, self.method, self.adam = model, params, strict, method, adam
+        self.fixed_reference = fixed_reference
         self.objective = resolve_objective(objective, loss_weights)
         self.hyper = hyper
         self.rank, self.world = rank_and_world() if distributed else (0, 1)
@@ -218,12 +222,15 @@ class Monitor:
     def _reference(self) -> torch.Tensor | None:
         if self._ref is not None:
             return self._ref
+        ref = None
         if self.ref_model is not None:
-            return self._logps(self.ref_model)
-        if self.objective.needs_ref:
+            ref = self._logps(self.ref_model)
+        elif self.objective.needs_ref:
             with _peft_reference(unwrap_model(self.model)):
-                return self._logps(self.model)
-        return None
+                ref = self._logps(self.model)
+        if self.fixed_reference:               # a frozen reference gives the same probe log-probs every time
+            self._ref = ref
+        return ref
 
     def _logps(self, model: torch.nn.Module) -> torch.Tensor | None:
         """Summed response log-probs [2b] of the local probe batch, forward only, model state untouched."""
