@@ -121,6 +121,20 @@ def child(shape: str, method: str, device: str, repeat: int) -> dict:
             "above_base_mb": peak - base}
 
 
+def run_child(script: str, child_args: list[str], device: str, repeat: int, row: dict) -> dict:
+    """Run ``script --child *child_args`` in a fresh process (its own VmHWM) and return its JSON row,
+    or ``row`` with the child's last error line."""
+    out = subprocess.run([sys.executable, script, "--child", *child_args, "--device", device, "--repeat",
+                          str(repeat)], capture_output=True, text=True)
+    if out.stdout.strip():
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+    else:
+        lines = out.stderr.strip().splitlines() or ["no output"]
+        result = {**row, "error": lines[-1][:120]}
+    print(f"  measured {' '.join(child_args)}", file=sys.stderr)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=["long", "short"], choices=list(SHAPES))
@@ -137,12 +151,8 @@ def main() -> None:
         for method in args.methods:
             if method == "exact" and shape == "gpt2-small" and args.device == "cpu":
                 continue
-            out = subprocess.run([sys.executable, __file__, "--child", shape, method, "--device", args.device,
-                                  "--repeat", str(args.repeat)], capture_output=True, text=True)
-            line = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else json.dumps(
-                {"shape": shape, "method": method, "error": out.stderr.strip().splitlines()[-1][:120]})
-            rows.append(json.loads(line))
-            print(f"  measured {shape:>10} {method:<15}", file=sys.stderr)
+            rows.append(run_child(__file__, [shape, method], args.device, args.repeat,
+                                  {"shape": shape, "method": method}))
     print_table(rows)
 
 

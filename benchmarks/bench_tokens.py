@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 
 import bench_gram
@@ -78,12 +76,8 @@ def main() -> None:
     rows = []
     for responses in args.responses:
         for method in args.methods:
-            out = subprocess.run([sys.executable, __file__, "--child", str(responses), method, "--device",
-                                  args.device, "--repeat", str(args.repeat)], capture_output=True, text=True)
-            line = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else json.dumps(
-                {"responses": responses, "method": method, "error": out.stderr.strip().splitlines()[-1][:120]})
-            rows.append(json.loads(line))
-            print(f"  measured {responses:>4} {method:<5}", file=sys.stderr)
+            rows.append(bench_gram.run_child(__file__, [str(responses), method], args.device, args.repeat,
+                                             {"responses": responses, "method": method}))
     print_table(rows)
 
 

@@ -265,3 +265,18 @@ def test_non_finite_padded_activations_do_not_leak_into_the_gram():
     got = Factored.from_padded(grad, act, valid, mode="materialise").gram()
     per = torch.stack([grad[i, valid[i]].T @ act[i, valid[i]] for i in range(n)]).flatten(1)
     torch.testing.assert_close(got, per @ per.T, rtol=1e-12, atol=1e-12)
+
+
+def test_bad_batches_name_the_sequence_and_pair():
+    model = tiny_gpt2()
+    batch = random_batch(2, 101)
+    wrong_vocab = {**batch, "input_ids": batch["input_ids"].clone()}
+    wrong_vocab["input_ids"][3, 1] = 500                   # a token id from a bigger tokenizer
+    with pytest.raises(ValueError, match=r"sequence 3 \(pair 1, rejected\).*tokenizer does not match"):
+        sequence_gram(model, wrong_vocab)
+    empty = {**batch, "completion_mask": batch["completion_mask"].clone()}
+    empty["completion_mask"][0] = 0
+    with pytest.raises(ValueError, match=r"sequence 0 \(pair 0, chosen\) has no response token"):
+        sequence_gram(model, empty, method="exact")
+    with pytest.raises(ValueError, match="missing"):
+        sequence_gram(model, {"input_ids": batch["input_ids"]})

@@ -16,7 +16,7 @@ import torch
 
 from .contrib import Scaled, SharedParameter
 from .exact import exact_gram, per_sequence_grads
-from .logprobs import model_logits, response_lengths, token_logps
+from .logprobs import check_batch, model_logits, response_lengths, token_logps
 from .params import ParamSpec, select_params, unwrap_model
 from .result import GramResult
 from .rules import rule_for
@@ -260,6 +260,7 @@ def _check_metric(named, tensors: Mapping[str, torch.Tensor] | None, what: str) 
 
 def _run(model, batch, params, method, forward, preconditioner=None, delta=None, plain=True):
     model = unwrap_model(model)
+    check_batch(model, batch)
     named = select_params(model, params)
     _check_metric(named, preconditioner, "preconditioner")
     _check_metric(named, delta, "delta")
@@ -307,6 +308,7 @@ def sequence_gram(
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     if method == "exact":
         model = unwrap_model(model)
+        check_batch(model, batch)
         named = select_params(model, params)
         _check_metric(named, preconditioner, "preconditioner")
         with measurement_mode(model, named):

@@ -12,6 +12,39 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def check_batch(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> None:
+    """Clear errors for a batch that cannot be measured, naming the sequence and its pair.
+
+    Checks the three keys and their shapes, that token ids fit the model's vocabulary (a tokenizer that does
+    not belong to the model), and that every sequence has at least one response token inside its attention.
+    """
+    missing = [k for k in ("input_ids", "attention_mask", "completion_mask") if k not in batch]
+    if missing:
+        raise ValueError(f"batch is missing {missing}; build it with entangle.encode_pairs")
+    ids, att, comp = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    if not (ids.shape == att.shape == comp.shape) or ids.dim() != 2:
+        raise ValueError(f"batch tensors must share one shape [N, L]; got "
+                         f"{tuple(ids.shape)}, {tuple(att.shape)}, {tuple(comp.shape)}")
+    b = ids.shape[0] // 2
+
+    def which(seq: int) -> str:
+        if ids.shape[0] % 2:                 # not a pair batch (e.g. token-map prefix copies)
+            return f"sequence {seq}"
+        return f"sequence {seq} (pair {seq % b}, {'chosen' if seq < b else 'rejected'})"
+
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(embed, "num_embeddings", None)
+    if vocab is not None and ids.numel() and int(ids.max()) >= vocab:
+        seq = int((ids >= vocab).any(1).nonzero()[0, 0])
+        raise ValueError(f"{which(seq)} has token id "
+                         f"{int(ids[seq].max())} but the model's vocabulary has {vocab} entries: the tokenizer "
+                         "does not match the model")
+    scored = (comp[:, 1:].bool() & att[:, 1:].bool()).sum(1)
+    if (scored == 0).any():
+        seq = int((scored == 0).nonzero()[0, 0])
+        raise ValueError(f"{which(seq)} has no response token to score (empty response, or truncated away)")
+
+
 def model_logits(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Logits [N, L, V] of a causal LM on ``batch`` (``input_ids``, ``attention_mask``)."""
     ids = batch["input_ids"]
