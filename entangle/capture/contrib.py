@@ -259,6 +259,26 @@ class Scaled:
         return out
 
 
+def dual_gram(contrib, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(<g_i, g_j>, g_i^T P g_j)`` with ``P = scale^2``, materialising each per-example row chunk only once.
+
+    For contributions that are not materialised anyway (ghost, sparse embeddings) the two are computed apart.
+    """
+    if isinstance(contrib, Dense):
+        flat = contrib.values.reshape(contrib.n, -1)
+        return _gram64(flat), _gram64(flat * scale.reshape(1, -1).to(flat.dtype))
+    if not isinstance(contrib, Factored) or contrib.kind != "materialised":
+        return contrib.gram(), Scaled(contrib, scale).gram()
+    plain = torch.zeros(contrib.n, contrib.n, dtype=torch.float64, device=scale.device)
+    scaled = torch.zeros_like(plain)
+    for chunk in _row_chunks(torch.arange(contrib.n_rows, device=scale.device), contrib.n,
+                             contrib.parts[0][1].shape[-1]):
+        rows = contrib.rows(chunk)
+        plain += _gram64(rows.flatten(1))
+        scaled += _gram64((rows * scale[chunk].to(rows.dtype)).flatten(1))
+    return plain, scaled
+
+
 def _intersect(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     if a is None:
         return b

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .contrib import Scaled, SharedParameter
+from .contrib import Scaled, SharedParameter, dual_gram
 from .exact import exact_gram, per_sequence_grads
 from .logprobs import check_batch, model_logits, response_lengths, token_logps
 from .params import ParamSpec, select_params, unwrap_model
@@ -158,15 +158,19 @@ class GramEngine:
             self.dots[name] = self.dots[name] + d if name in self.dots else d
             self.info[name] = f"{how}:dot"
             return
-        if self.scale is not None:
-            self._accumulate(self.geometries["preconditioned"], name, use, Scaled(contrib, self.scale[name]))
-            if "plain" not in self.geometries:
-                self.info[name] = f"{how}:materialised"
-                return
         self.info[name] = f"{how}:{getattr(contrib, 'kind', 'materialised')}"
         if len(self.uses[name]) > 1:
             self.info[name] += f" (shared by {len(self.uses[name])} uses)"
-        self._accumulate(self.geometries["plain"], name, use, contrib)
+        elif self.scale is not None and "plain" in self.geometries:   # both geometries from one materialisation
+            plain, scaled = dual_gram(contrib, self.scale[name])
+            for kind, g in (("plain", plain), ("preconditioned", scaled)):
+                blocks = self.geometries[kind]["blocks"]
+                blocks[name] = blocks[name] + g if name in blocks else g
+            return
+        if self.scale is not None:
+            self._accumulate(self.geometries["preconditioned"], name, use, Scaled(contrib, self.scale[name]))
+        if "plain" in self.geometries:
+            self._accumulate(self.geometries["plain"], name, use, contrib)
 
     def _accumulate(self, geometry: dict, name: str, use: int, contrib) -> None:
         """Add one use's contribution to the Gram block of ``name`` (tied parameters via SharedParameter)."""
