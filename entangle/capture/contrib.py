@@ -149,8 +149,8 @@ class Factored:
                 torch.matmul(lp[:, cols].T, rp, out=out[i])
         return out
 
-    def _local(self, index: torch.Tensor | None):
-        if self.row_ids is None:
+    def _local(self, index):
+        if self.row_ids is None or isinstance(index, slice):
             return slice(None) if index is None else index
         return slice(None) if index is None else torch.searchsorted(self.row_ids, index)
 
@@ -271,11 +271,12 @@ def dual_gram(contrib, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
         return contrib.gram(), Scaled(contrib, scale).gram()
     plain = torch.zeros(contrib.n, contrib.n, dtype=torch.float64, device=scale.device)
     scaled = torch.zeros_like(plain)
-    for chunk in _row_chunks(torch.arange(contrib.n_rows, device=scale.device), contrib.n,
-                             contrib.parts[0][1].shape[-1]):
-        rows = contrib.rows(chunk)
+    step = max(1, CHUNK_ELEMS // max(contrib.n * contrib.parts[0][1].shape[-1], 1))
+    for s in range(0, contrib.n_rows, step):
+        index = slice(s, s + step) if contrib.row_ids is None else contrib.row_ids[s:s + step]
+        rows = contrib.rows(index)
         plain += _gram64(rows.flatten(1))
-        scaled += _gram64((rows * scale[chunk].to(rows.dtype)).flatten(1))
+        scaled += _gram64((rows * scale[index].to(rows.dtype)).flatten(1))
     return plain, scaled
 
 
