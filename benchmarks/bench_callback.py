@@ -17,7 +17,8 @@ import time
 import warnings
 
 
-def run_once(steps: int, every: int, n_probe: int, with_callback: bool, model_kwargs: dict) -> float:
+def run_once(steps: int, every: int, n_probe: int, with_callback: bool, model_kwargs: dict,
+             callback_kwargs: dict | None = None) -> float:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -31,7 +32,8 @@ def run_once(steps: int, every: int, n_probe: int, with_callback: bool, model_kw
         args = DPOConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=8, learning_rate=1e-4,
                          report_to=[], save_strategy="no", use_cpu=True, bf16=False, logging_steps=1, seed=0,
                          disable_tqdm=True)
-        callbacks = [EntanglementCallback(builtin_pairs(n_probe, seed=2), every=every)] if with_callback else None
+        callbacks = [EntanglementCallback(builtin_pairs(n_probe, seed=2), every=every,
+                                          **(callback_kwargs or {}))] if with_callback else None
         trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args,
                              train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=callbacks)
         start = time.perf_counter()
@@ -47,16 +49,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-embd", type=int, default=128)
+    parser.add_argument("--no-update-check", action="store_true", help="callback check_updates=False")
+    parser.add_argument("--no-adam", action="store_true", help="callback adam=False (no Adam-geometry view)")
     opts = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     model_kwargs = {"n_layer": opts.n_layer, "n_embd": opts.n_embd}
+    callback_kwargs = {"check_updates": not opts.no_update_check, "adam": not opts.no_adam}
     for flag in (False, True):   # warm-up: imports, first-call costs
         run_once(2, 1, opts.probe, flag, model_kwargs)
     times: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(opts.repeats):
         for flag in (False, True):
-            times[flag].append(run_once(opts.steps, opts.every, opts.probe, flag, model_kwargs))
+            times[flag].append(run_once(opts.steps, opts.every, opts.probe, flag, model_kwargs, callback_kwargs))
     base, with_cb = min(times[False]), min(times[True])
     measured = len(range(0, opts.steps, opts.every)) + 1
     print(f"DPO run: {opts.steps} steps, batch 8, GPT-2 {opts.n_layer}x{opts.n_embd}; probe {opts.probe} pairs, "

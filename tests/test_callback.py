@@ -142,3 +142,15 @@ def test_probe_by_index_and_trainer_found_automatically(tmp_path):
     assert cb.trainer is trainer
     run = read_run(tmp_path / "out" / "entangle")
     assert run["pairs"]["step"].tolist() == [0] * 4 + [2] * 4
+
+
+def test_light_measurements_without_update_check_or_adam_view(tmp_path):
+    from entangle.runio import read_run
+
+    cb = EntanglementCallback(_rows(8, 2), every=2, strict=True, check_updates=False, adam=False)
+    trainer = _dpo(tmp_path, cb, "sigmoid", max_steps=4)
+    run = read_run(tmp_path / "out" / "entangle")
+    assert sorted(run["pairs"]["step"].unique()) == [0, 2, 4] and len(run["pairs"]) == 3 * 8
+    assert "updates" not in run and "summary_adam" not in run
+    logged = [h for h in trainer.state.log_history if "entangle/share_ideal" in h]
+    assert logged and not any("entangle/update/sign_agreement" in h for h in trainer.state.log_history)

@@ -95,18 +95,21 @@ class EntanglementCallback(TrainerCallback):
         out_dir: run directory; default ``<args.output_dir>/entangle``.
         params: measured parameters (``select_params`` spec); default all trainable (the adapters under PEFT).
         strict: raise exceptions from measurements instead of logging them.
+        check_updates: at each measured step also compare the realised update's first-order prediction with the
+            observed change of the probe log-probs (the ``updates`` table); ``False`` saves about 40% of a
+            measurement's cost.
         trainer: the trainer, if known already (else found at the first event).
         monitor_kwargs: ``max_length``, ``loss_weights``, ``ref_model``, ``ref_logps``, ``method``, ``adam`` and
             objective hyper-parameters (``beta=...``), passed to :class:`Monitor` (they override the trainer's).
     """
 
     def __init__(self, probe: Any, objective: Any = None, every: int = 10, out_dir: str | os.PathLike | None = None,
-                 params: ParamSpec = None, strict: bool = False, *, trainer: Trainer | None = None,
-                 **monitor_kwargs: Any):
+                 params: ParamSpec = None, strict: bool = False, *, check_updates: bool = True,
+                 trainer: Trainer | None = None, **monitor_kwargs: Any):
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
         self.probe, self.objective, self.every, self.out_dir = probe, objective, every, out_dir
-        self.params, self.strict, self.trainer = params, strict, trainer
+        self.params, self.strict, self.trainer, self.check_updates = params, strict, trainer, check_updates
         self.monitor_kwargs = monitor_kwargs
         self.monitor: Monitor | None = None
         self.measured: set[int] = set()
@@ -137,8 +140,9 @@ class EntanglementCallback(TrainerCallback):
         step = state.global_step
         self._emit(self.monitor.measure(step, optimizer=optimizer))
         self.measured.add(step)
-        self.monitor.before_update(step)
-        self._update_step = step
+        if self.check_updates:
+            self.monitor.before_update(step)
+            self._update_step = step
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         if self.monitor is None or self._update_step is None:
