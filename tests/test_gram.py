@@ -280,3 +280,23 @@ def test_bad_batches_name_the_sequence_and_pair():
         sequence_gram(model, empty, method="exact")
     with pytest.raises(ValueError, match="missing"):
         sequence_gram(model, {"input_ids": batch["input_ids"]})
+
+
+class TiedHeadWithoutRule(torch.nn.Module):
+    """An output head that owns the (tied) embedding weight but has no rule: generic fallback for that use."""
+
+    def __init__(self, embed):
+        super().__init__()
+        self.weight = embed.weight
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight) * 0.9
+
+
+def test_tied_weight_shared_by_a_rule_and_a_generic_use():
+    model = tiny_llama(tie=True, dtype=torch.float64)
+    model.lm_head = TiedHeadWithoutRule(model.model.embed_tokens)
+    batch = random_batch(3, 101, seed=13)
+    got = sequence_gram(model, batch)
+    assert "shared by 2 uses" in got.info["model.embed_tokens.weight"]
+    assert rel_err(got.matrix, sequence_gram(model, batch, method="exact").matrix) < 1e-10

@@ -52,6 +52,7 @@ class _Use:
     args: tuple
     kwargs: dict
     grads: list = field(default_factory=list)
+    index: dict = field(default_factory=dict)   # local param name -> index of this use among the param's uses
 
 
 class GramEngine:
@@ -74,6 +75,7 @@ class GramEngine:
         self.generic_uses: list[_Use] = []
         self.sources: list[torch.Tensor] = []    # hooked outputs whose inputs carry no gradient
         self.calls: dict[int, int] = {}          # id(param) -> hooked calls of rule-handled modules
+        self.generic_params: set[int] = set()    # params with a use through the generic fallback (uncounted)
         self.handles = []
         self.owners: list[tuple[torch.nn.Module, list[str]]] = []
         seen = set()
@@ -116,7 +118,8 @@ class GramEngine:
             if not any(torch.is_tensor(a) and a.requires_grad for a in (*args, *kwargs.values())):
                 self.sources.extend(outs)
             if rule is None:
-                use = _Use(module, own, args, kwargs, grads=[None] * len(outs))
+                use = _Use(module, own, args, kwargs, grads=[None] * len(outs), index=use_index)
+                self.generic_params.update(id(module._parameters[k]) for k in own)
                 self.generic_uses.append(use)
                 for j, o in enumerate(outs):
                     o.register_hook(self._make_generic_hook(use, j))
@@ -216,7 +219,7 @@ class GramEngine:
                     edges[id(nxt.variable)] = edges.get(id(nxt.variable), 0) + 1
                 stack.append(nxt)
         for name, p in named_params:
-            if id(p) in self.calls and edges.get(id(p), 0) != self.calls[id(p)]:
+            if id(p) in self.calls and id(p) not in self.generic_params and edges.get(id(p), 0) != self.calls[id(p)]:
                 raise RuntimeError(
                     f"parameter {name!r} is used {edges.get(id(p), 0)} times by autograd but only "
                     f"{self.calls[id(p)]} times through hooked module calls (used outside its module's "
@@ -228,9 +231,7 @@ class GramEngine:
             grads = [None if g is None else g.to(self._dtype(use.module, use.names)) for g in use.grads]
             contribs = generic(use.module, use.args, use.kwargs, grads, use.names, self.n)
             for k in use.names:
-                name = self.name_of[id(use.module._parameters[k])]
-                # a generic use was counted in self.uses like any other; find its index among them
-                self._add(name, self._generic_index(name, use), contribs[k], "generic")
+                self._add(self.name_of[id(use.module._parameters[k])], use.index[k], contribs[k], "generic")
         if self.delta is not None:
             return {}
         return {kind: self._blocks(geometry, named_params) for kind, geometry in self.geometries.items()}
@@ -244,10 +245,6 @@ class GramEngine:
                 out[name] = torch.zeros(self.n, self.n, dtype=torch.float64, device=p.device)
                 self.info.setdefault(name, "unused (zero gradient)")
         return out
-
-    def _generic_index(self, name: str, use: _Use) -> int:
-        uses = [u for u in self.generic_uses if name in {self.name_of[id(u.module._parameters[k])] for k in u.names}]
-        return uses.index(use)
 
 
 def _check_metric(named, tensors: Mapping[str, torch.Tensor] | None, what: str) -> None:

@@ -13,8 +13,10 @@ from ..contrib import Dense
 
 
 def _slice(x, i: int, n: int):
-    if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == n:
-        return x[i:i + 1]
+    """Sequence ``i`` of every tensor with batch dimension ``n``, detached: only the module's own parameters are
+    differentiated, and the forward graph the inputs came from may already be freed."""
+    if torch.is_tensor(x):
+        return (x[i:i + 1] if x.dim() > 0 and x.shape[0] == n else x).detach()
     if isinstance(x, tuple | list):
         return type(x)(_slice(v, i, n) for v in x)
     if isinstance(x, dict):
