@@ -10,7 +10,7 @@ import torch
 
 from .capture.engine import measurement_mode, sequence_gram, update_dot
 from .capture.logprobs import response_lengths, sequence_logps
-from .capture.params import ParamSpec, select_params, unwrap_model
+from .capture.params import ParamSpec, parameters_at, select_params, unwrap_model
 from .metrics import coefficients, resolve_objective
 
 
@@ -66,18 +66,11 @@ def verify_step(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], step_
     before = {n: p.detach().clone() for n, p in named}
     gram = sequence_gram(inner, batch, params=params) if lr is not None else None
     step_fn()
-    after = {n: p.detach().clone() for n, p in named}
-    delta = {n: after[n] - before[n] for n in before}
+    delta = {n: p.detach() - before[n] for n, p in named}
     with measurement_mode(inner, named), torch.no_grad():
         logp_after = sequence_logps(inner, batch).to(torch.float64)
-        for n, p in named:                                   # predictions are taken at theta_before
-            p.copy_(before[n])
-    try:
+    with parameters_at(named, before):                       # predictions are taken at theta_before
         pred_update, logp_before = update_dot(inner, batch, delta, params=params)
-    finally:
-        with torch.no_grad():
-            for n, p in named:
-                p.copy_(after[n])
     n_seq = logp_before.shape[0]
     b = n_seq // 2
     frame = pd.DataFrame({

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -46,3 +47,18 @@ def select_params(model: torch.nn.Module, params: ParamSpec = None) -> list[tupl
     if not chosen:
         raise ValueError(f"params={params!r} selects no parameter of {type(model).__name__}")
     return chosen
+
+
+@contextlib.contextmanager
+def parameters_at(named: list[tuple[str, torch.nn.Parameter]], values: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Temporarily copy ``values`` into the parameters; the current values are copied back bit for bit."""
+    current = {n: p.detach().clone() for n, p in named}
+    try:
+        with torch.no_grad():
+            for n, p in named:
+                p.copy_(values[n])
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in named:
+                p.copy_(current[n])

@@ -42,7 +42,7 @@ import entangle
 from entangle.capture.engine import measurement_mode, sequence_gram, update_dot
 from entangle.capture.logprobs import sequence_logps
 from entangle.capture.optim import adam_preconditioner
-from entangle.capture.params import ParamSpec, select_params, unwrap_model
+from entangle.capture.params import ParamSpec, parameters_at, select_params, unwrap_model
 from entangle.capture.result import GramResult
 from entangle.data import TOKEN_FIELDS, encode_pairs, load_pairs
 from entangle.integrations.distributed import broadcast_from_main, gather_to_main, rank_and_world, shard
@@ -422,7 +422,7 @@ class Monitor:
         with preserved_rng():
             delta = {n: p.detach().to(_wide(p)) - before[n].to(_wide(p)) for n, p in named}
             after = self._logps(model)
-            with _parameters_at(named, before):
+            with parameters_at(named, before):
                 pred, logp_before = update_dot(model, self._on(model), delta, params=self.params, method=self.method)
         pred_gradient = self._pre[1] if self._pre is not None and self._pre[0] == step else np.full(len(after), np.nan)
         b = len(self.pairs)
@@ -518,21 +518,6 @@ def _peft_reference(model: torch.nn.Module) -> Iterator[None]:
     else:
         with model.disable_adapter():
             yield
-
-
-@contextlib.contextmanager
-def _parameters_at(named: list[tuple[str, torch.nn.Parameter]], values: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Temporarily copy ``values`` into the parameters; the current values are copied back bit for bit."""
-    current = {n: p.detach().clone() for n, p in named}
-    try:
-        with torch.no_grad():
-            for n, p in named:
-                p.copy_(values[n])
-        yield
-    finally:
-        with torch.no_grad():
-            for n, p in named:
-                p.copy_(current[n])
 
 
 def _wide(p: torch.Tensor) -> torch.dtype:
