@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from entangle.data import PairError
+from entangle.data import PairError, with_pad_token
 
 
 class CLIError(Exception):
@@ -102,12 +102,7 @@ def load_model_and_tokenizer(model: str) -> tuple[Any, Any]:
         raise FileNotFoundError(f"model directory {model!r} does not exist")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise CLIError(f"the tokenizer of {model!r} has neither a pad nor an eos token; add a pad token to it")
-        tokenizer.pad_token = tokenizer.eos_token
-        note(f"the tokenizer has no pad token; using its eos token {tokenizer.eos_token!r} for padding")
+    tokenizer = with_pad_token(AutoTokenizer.from_pretrained(model), repr(model))
     return AutoModelForCausalLM.from_pretrained(model).eval(), tokenizer
 
 

@@ -281,6 +281,17 @@ def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     return next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
+def with_pad_token(tokenizer: Any, source: str = "the model") -> Any:
+    """``tokenizer`` with its EOS token as pad token when it has none (logged), as TRL users usually set it."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"the tokenizer of {source} has neither a pad nor an eos token; add a pad token to it")
+        tokenizer.pad_token = tokenizer.eos_token
+        logger.warning("entangle: the tokenizer of %s has no pad token; using its eos token %r for padding",
+                       source, tokenizer.eos_token)
+    return tokenizer
+
+
 def encode_pairs(
     tokenizer: Any,
     rows: Sequence[Mapping],

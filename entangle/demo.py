@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .data import encode_pairs, load_pairs
+from .data import encode_pairs, load_pairs, with_pad_token
 from .runio import RunWriter, read_table
 
 logger = logging.getLogger(__name__)
@@ -58,10 +58,7 @@ def _model_and_tokenizer(cfg: DemoConfig):
         return builtin_model(tok, seed=cfg.seed), tok
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(cfg.model)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-        logger.warning("tokenizer has no pad token: using its eos token %r", tok.eos_token)
+    tok = with_pad_token(AutoTokenizer.from_pretrained(cfg.model), cfg.model)
     return AutoModelForCausalLM.from_pretrained(cfg.model), tok
 
 

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from entangle.capture.logprobs import sequence_logps
 from entangle.capture.params import ParamSpec
-from entangle.data import encode_pairs
+from entangle.data import encode_pairs, with_pad_token
 from entangle.integrations.distributed import broadcast_from_main, gather_to_main, rank_and_world, shard
 from entangle.integrations.monitor import Monitor, probe_rows
 from entangle.metrics import resolve_objective
@@ -177,7 +177,7 @@ class _Tokenizers:
     def __call__(self, ckpt: Checkpoint) -> Any:
         """The tokenizer for ``ckpt``, with a pad token."""
         if self.explicit is not None and not isinstance(self.explicit, str | os.PathLike):
-            return _with_pad(self.explicit, "the given tokenizer")
+            return with_pad_token(self.explicit, "the given tokenizer")
         candidates = [self.explicit] if self.explicit is not None else \
             [ckpt.path, self.run_dir] + ([_base_model_name(ckpt)] if ckpt.is_peft else [])
         errors = []
@@ -189,7 +189,7 @@ class _Tokenizers:
             try:
                 from transformers import AutoTokenizer
 
-                tokenizer = _with_pad(AutoTokenizer.from_pretrained(source), source)
+                tokenizer = with_pad_token(AutoTokenizer.from_pretrained(source), source)
             except (OSError, ValueError) as e:
                 errors.append(f"{source}: {_reason(e)}")
                 continue
@@ -198,17 +198,6 @@ class _Tokenizers:
         tried = "; ".join(errors) if errors else "none found"
         raise FileNotFoundError(f"no tokenizer in the checkpoint, the run directory or the base model ({tried}); "
                                 "pass tokenizer= (--tokenizer)")
-
-
-def _with_pad(tokenizer: Any, source: str) -> Any:
-    """``tokenizer`` with its EOS token as pad token when it has none (logged)."""
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError(f"the tokenizer of {source} has neither a pad nor an eos token")
-        tokenizer.pad_token = tokenizer.eos_token
-        logger.warning("entangle: the tokenizer of %s has no pad token; using its eos token %r for padding",
-                       source, tokenizer.eos_token)
-    return tokenizer
 
 
 # ---- reference log-probs -----------------------------------------------------------------------------------
