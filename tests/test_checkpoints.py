@@ -15,6 +15,7 @@ import pytest
 import torch
 
 pytest.importorskip("trl")
+from conftest import run_torchrun  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from test_cli import _one_line_error  # noqa: E402
 from test_report import one_thread  # noqa: E402, F401  (autouse: tiny models on one thread)
@@ -269,8 +270,7 @@ def test_two_processes_under_torchrun(analysed, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
            "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", str(script), str(run), str(analysed["probe"]),
            str(tmp_path / "out")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_torchrun(cmd, tmp_path / "out" / "manifest.json", env)   # rank 0 writes it after gathering every rank
     run_ = check_tables(tmp_path / "out", [1, 3])
     assert run_["manifest"]["world_size"] == 2 and run_["manifest"]["measured_steps"] == [1, 3]
     assert [s["checkpoint"] for s in run_["manifest"]["skipped"]] == ["checkpoint-2"]
