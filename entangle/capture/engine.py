@@ -23,6 +23,12 @@ from .rules import rule_for
 from .rules.generic import _tensors, generic
 
 METHODS = ("auto", "exact", "ghost", "materialise")
+_ACTIVE: list["GramEngine"] = []          # engines whose hooks are installed, innermost last
+
+
+def current_engine() -> "GramEngine | None":
+    """The engine whose hooks are installed right now (for forwards that drive parts of the pass themselves)."""
+    return _ACTIVE[-1] if _ACTIVE else None
 
 
 @contextlib.contextmanager
@@ -77,6 +83,8 @@ class GramEngine:
         self.calls: dict[int, int] = {}          # id(param) -> hooked calls of rule-handled modules
         self.generic_params: set[int] = set()    # params with a use through the generic fallback (uncounted)
         self.handles = []
+        self.named = list(named_params)
+        self.is_paused = False
         self.owners: list[tuple[torch.nn.Module, list[str]]] = []
         seen = set()
         for module in model.modules():
@@ -87,26 +95,61 @@ class GramEngine:
             if own:
                 self.owners.append((module, own))
 
+    @contextlib.contextmanager
+    def paused(self):
+        """Module calls inside are not recorded: a forward whose values are reused but never differentiated."""
+        was, self.is_paused = self.is_paused, True
+        try:
+            yield
+        finally:
+            self.is_paused = was
+
+    @contextlib.contextmanager
+    def segment(self):
+        """A part of the model re-run and differentiated on its own inside the main backward (block-wise token
+        maps). Its hooked calls and source outputs are counted apart from the main graph's; generic-rule uses
+        recorded inside are reduced when it closes, so their inputs are not kept to the end."""
+        saved = self.calls, self.sources, self.generic_params, self.generic_uses
+        self.calls, self.sources, self.generic_params, self.generic_uses = {}, [], set(), []
+        try:
+            yield
+            self.flush_generic()
+        finally:
+            self.calls, self.sources, self.generic_params, self.generic_uses = saved
+
+    def segment_grad(self, output: torch.Tensor, inputs: list[torch.Tensor], grad: torch.Tensor) -> tuple:
+        """Inside :meth:`segment`: pull ``grad`` from ``output`` back to ``inputs`` and to the segment's source
+        outputs (firing the rules on the way) and return the gradients of ``inputs``."""
+        self.check_all_uses_hooked(output, self.named)
+        got = torch.autograd.grad(output, [*inputs, *self.sources], grad, allow_unused=True)
+        return got[:len(inputs)]
+
     # -- hooks -------------------------------------------------------------------------------
     def __enter__(self):
+        _ACTIVE.append(self)
         for module, own in self.owners:
             self.handles.append(module.register_forward_pre_hook(self._expand_batch))
             self.handles.append(module.register_forward_hook(self._make_forward_hook(own), with_kwargs=True))
         return self
 
     def __exit__(self, *exc):
+        _ACTIVE.remove(self)
         for h in self.handles:
             h.remove()
         self.handles.clear()
 
     def _expand_batch(self, module, args):
         """An input broadcast over the batch (GPT-2 positions [1, T]) would sum its gradient over sequences."""
+        if self.is_paused:
+            return None
         if args and torch.is_tensor(args[0]) and args[0].dim() > 0 and args[0].shape[0] == 1 and self.n > 1:
             return (args[0].expand(self.n, *args[0].shape[1:]), *args[1:])
         return None
 
     def _make_forward_hook(self, own: list[str]):
         def hook(module, args, kwargs, output):
+            if self.is_paused:
+                return
             rule = rule_for(module)
             use_index = {}
             for k in own:
@@ -226,12 +269,17 @@ class GramEngine:
                     "forward?); use method='exact' or register a rule for the module that uses it")
 
     # -- after the backward pass ----------------------------------------------------------------
-    def finish(self, named_params) -> dict[str, torch.Tensor]:
-        for use in self.generic_uses:
+    def flush_generic(self) -> None:
+        """Reduce the recorded generic-rule uses (their output gradients have all arrived)."""
+        uses, self.generic_uses = self.generic_uses, []
+        for use in uses:
             grads = [None if g is None else g.to(self._dtype(use.module, use.names)) for g in use.grads]
             contribs = generic(use.module, use.args, use.kwargs, grads, use.names, self.n)
             for k in use.names:
                 self._add(self.name_of[id(use.module._parameters[k])], use.index[k], contribs[k], "generic")
+
+    def finish(self, named_params) -> dict[str, torch.Tensor]:
+        self.flush_generic()
         if self.delta is not None:
             return {}
         return {kind: self._blocks(geometry, named_params) for kind, geometry in self.geometries.items()}
