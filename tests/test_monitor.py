@@ -123,6 +123,43 @@ def test_hand_written_adamw_loop(tmp_path):
     assert np.isfinite(gram.matrix.numpy()).all()
 
 
+def test_measurement_deferred_to_the_update_pass_equals_separate_passes(tmp_path):
+    """before_update(measure=True) + after_update: the measurement of θ_t and the update check from one pass
+    give the tables and scalars of measure + before_update + after_update, and leave the training state as found."""
+    tok = builtin_tokenizer()
+    model = builtin_model(tok).to(torch.float64)
+    ref = copy.deepcopy(model)
+    probe, train = builtin_pairs(6, seed=2), builtin_pairs(24, seed=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    separate = Monitor(model, tok, probe, "sigmoid", out_dir=tmp_path / "separate", ref_model=ref, strict=True,
+                       beta=0.1)
+    fused = Monitor(model, tok, probe, "sigmoid", out_dir=tmp_path / "fused", ref_model=ref, strict=True, beta=0.1)
+    for step in range(3):
+        _dpo_loss(model, ref, encode_pairs(tok, train[8 * step: 8 * step + 8])).backward()
+        expected = separate.measure(step, optimizer=opt)
+        separate.before_update(step)
+        before = _state(model, opt)
+        fused.before_update(step, optimizer=opt, measure=True)
+        assert _same(before, _state(model, opt))
+        opt.step()
+        expected |= separate.after_update(step)
+        before = _state(model, opt)
+        got = fused.after_update(step)
+        assert _same(before, _state(model, opt))
+        assert got.keys() == expected.keys()
+        np.testing.assert_allclose([got[k] for k in got], [expected[k] for k in got], rtol=1e-10, atol=1e-12)
+        opt.zero_grad()
+    a, b = read_run(tmp_path / "separate"), read_run(tmp_path / "fused")
+    for name in ("pairs", "summary", "layers", "summary_adam", "updates"):
+        assert list(a[name].columns) == list(b[name].columns) and len(a[name]) == len(b[name]) > 0
+        numeric = a[name].select_dtypes("number").columns
+        assert (a[name].drop(columns=numeric) == b[name].drop(columns=numeric)).all().all()
+        np.testing.assert_allclose(b[name][numeric].to_numpy(float), a[name][numeric].to_numpy(float),
+                                   rtol=1e-10, atol=1e-12)
+    assert b["summary_adam"]["step"].tolist() == [1, 2]
+    assert not b["updates"]["pred_gradient"].isna().any()
+
+
 def test_update_without_measurement_and_failures(tmp_path, monkeypatch, caplog):
     tok = builtin_tokenizer()
     model = builtin_model(tok)

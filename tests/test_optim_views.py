@@ -105,3 +105,44 @@ def test_plain_and_preconditioned_from_one_pass():
     exact = sequence_gram(model, batch, preconditioner=P, plain=True, method="exact")
     torch.testing.assert_close(exact.matrix, both.matrix, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(exact.preconditioned.matrix, both.preconditioned.matrix, rtol=1e-10, atol=1e-10)
+
+
+def _with_generic_layer(model):
+    """The Llama test model with one layer type no rule knows (its dots come from the generic fallback)."""
+    from test_gram import ScaledLinear
+
+    torch.manual_seed(0)
+    model.model.layers[0].mlp.down_proj = ScaledLinear(48, 32).to(torch.float64)
+    return model
+
+
+@pytest.mark.parametrize("arch", [*MODELS, "llama_generic"])
+def test_gram_and_update_prediction_from_one_pass(arch):
+    """sequence_gram(delta=...) gives the Gram matrices of both geometries and <g_i, delta> from one pass, equal
+    to the separate passes (and to the exact twins)."""
+    model = _with_generic_layer(tiny_llama(dtype=torch.float64)) if arch == "llama_generic" \
+        else MODELS[arch](dtype=torch.float64)
+    batch = random_batch(3, 101, seed=24)
+    P = adam_preconditioner(_adam_after_steps(model, batch), model)
+    torch.manual_seed(2)
+    delta = {n: torch.randn_like(p) * 1e-3 for n, p in select_params(model)}
+    fused, pred = sequence_gram(model, batch, preconditioner=P, plain=True, delta=delta)
+    separate = sequence_gram(model, batch, preconditioner=P, plain=True)
+    alone, logps = update_dot(model, batch, delta)
+    close = dict(rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(pred, alone, **close)
+    torch.testing.assert_close(fused.logps, logps, **close)
+    for got, want in ((fused, separate), (fused.preconditioned, separate.preconditioned)):
+        torch.testing.assert_close(got.matrix, want.matrix, **close)
+        assert got.per_param.keys() == want.per_param.keys()
+        for name in got.per_param:
+            torch.testing.assert_close(got.per_param[name], want.per_param[name], **close)
+    assert not any(v.endswith(":dot") for v in fused.info.values())
+    assert any(v.startswith("generic") for v in fused.info.values()) == (arch == "llama_generic")
+    exact, exact_pred = sequence_gram(model, batch, preconditioner=P, plain=True, delta=delta, method="exact")
+    torch.testing.assert_close(exact_pred, pred, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(exact.preconditioned.matrix, fused.preconditioned.matrix, **close)
+    # without a preconditioner: the plain Gram and the dots
+    plain, pred_plain = sequence_gram(model, batch, delta=delta)
+    torch.testing.assert_close(plain.matrix, separate.matrix, **close)
+    torch.testing.assert_close(pred_plain, alone, **close)

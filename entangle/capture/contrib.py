@@ -20,6 +20,9 @@ import torch
 CHUNK_ELEMS = 1 << 21
 # Inner products are summed in float32 over at most this many coordinates, then in float64 (THEORY §6).
 PARTIAL_SUM = 1 << 15
+# An embedding's Gram goes through its [N, ids, d] rows (one matrix product) rather than key pairs when
+# N^2 · distinct ids <= this · key pairs sharing an id (measured break-even on CPU: about 35).
+DENSE_SHARING = 16
 
 
 def _gram64(flat: torch.Tensor) -> torch.Tensor:
@@ -171,6 +174,11 @@ class Factored:
     def dot(self, delta: torch.Tensor) -> torch.Tensor:
         """<g_i, D> = sum_t L_t^T D R_t per example (THEORY §5): no per-example gradient is formed."""
         d = delta.to(self.parts[0][0].dtype)
+        if self.padded is not None:                # one batched product over the union span
+            left, right = self.padded
+            out = ((left @ d) * right).sum((1, 2))
+            if torch.isfinite(out).all():          # else a non-finite padded activation: span by span
+                return out.to(torch.float64)
         return torch.stack([((lp @ d) * rp).sum().to(torch.float64) for lp, rp in self.parts])
 
 
@@ -207,10 +215,16 @@ class EmbeddingRows:
         return self
 
     def gram(self) -> torch.Tensor:
-        """Sum of <sums_k, sums_k'> over key pairs with the same token id (work ~ pairs sharing an id)."""
+        """Sum of <sums_k, sums_k'> over key pairs with the same token id (work ~ pairs sharing an id); when many
+        sequences share the ids (positions, common tokens), one product of the rows of the ids in the batch."""
         order = torch.argsort(self.key_id, stable=True)
         ids, ex, sums = self.key_id[order], self.key_ex[order], self.sums[order]
-        _, counts = torch.unique_consecutive(ids, return_counts=True)
+        unique, counts = torch.unique_consecutive(ids, return_counts=True)
+        if self.n * self.n * unique.numel() <= DENSE_SHARING * int((counts * counts).sum()):
+            out = torch.zeros(self.n, self.n, dtype=torch.float64, device=sums.device)
+            for chunk in _row_chunks(unique, self.n, sums.shape[-1]):
+                out += _gram64(self.rows(chunk).flatten(1))
+            return out
         starts = torch.cumsum(counts, 0) - counts
         group = torch.repeat_interleave(torch.arange(counts.numel(), device=ids.device), counts)
         c_key, start_key = counts[group], starts[group]
@@ -259,25 +273,34 @@ class Scaled:
         return out
 
 
-def dual_gram(contrib, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(<g_i, g_j>, g_i^T P g_j)`` with ``P = scale^2``, materialising each per-example row chunk only once.
+def dual_gram(contrib, scale: torch.Tensor | None, delta: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(<g_i, g_j>, g_i^T P g_j, <g_i, delta>)`` of one use with ``P = scale^2``, materialising each per-example
+    row chunk only once. The preconditioned Gram is ``None`` without ``scale``, the dots (float64 [N]) ``None``
+    without ``delta``.
 
-    For contributions that are not materialised anyway (ghost, sparse embeddings) the two are computed apart.
+    For contributions that are not materialised anyway (ghost, sparse embeddings) the views are computed apart.
     """
     if isinstance(contrib, Dense):
         flat = contrib.values.reshape(contrib.n, -1)
-        return _gram64(flat), _gram64(flat * scale.reshape(1, -1).to(flat.dtype))
-    if not isinstance(contrib, Factored) or contrib.kind != "materialised":
-        return contrib.gram(), Scaled(contrib, scale).gram()
-    plain = torch.zeros(contrib.n, contrib.n, dtype=torch.float64, device=scale.device)
-    scaled = torch.zeros_like(plain)
+        return (_gram64(flat), None if scale is None else _gram64(flat * scale.reshape(1, -1).to(flat.dtype)),
+                None if delta is None else contrib.dot(delta))
+    if not isinstance(contrib, Factored) or contrib.kind != "materialised" or (scale is None and delta is None):
+        return (contrib.gram(), None if scale is None else Scaled(contrib, scale).gram(),
+                None if delta is None else contrib.dot(delta))
+    plain = torch.zeros(contrib.n, contrib.n, dtype=torch.float64, device=contrib.parts[0][0].device)
+    scaled = None if scale is None else torch.zeros_like(plain)
+    dot = None if delta is None else torch.zeros(contrib.n, dtype=torch.float64, device=plain.device)
     step = max(1, CHUNK_ELEMS // max(contrib.n * contrib.parts[0][1].shape[-1], 1))
     for s in range(0, contrib.n_rows, step):
         index = slice(s, s + step) if contrib.row_ids is None else contrib.row_ids[s:s + step]
         rows = contrib.rows(index)
         plain += _gram64(rows.flatten(1))
-        scaled += _gram64((rows * scale[index].to(rows.dtype)).flatten(1))
-    return plain, scaled
+        if scale is not None:
+            scaled += _gram64((rows * scale[index].to(rows.dtype)).flatten(1))
+        if delta is not None:
+            dot += _cross64(rows.flatten(1), delta[index].reshape(1, -1).to(rows.dtype))[:, 0]
+    return plain, scaled, dot
 
 
 def _intersect(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:

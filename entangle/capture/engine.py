@@ -199,24 +199,30 @@ class GramEngine:
                 self._add(self.name_of[id(module._parameters[k])], use_index[k], contribs[k], rule.__name__)
 
     def _add(self, name: str, use: int, contrib, how: str):
-        if self.delta is not None:                  # a dot product is linear: uses simply add up
-            d = contrib.dot(self.delta[name])
-            self.dots[name] = self.dots[name] + d if name in self.dots else d
+        delta = None if self.delta is None else self.delta[name]
+        if not self.geometries:                     # dots only (update_dot)
             self.info[name] = f"{how}:dot"
-            return
-        self.info[name] = f"{how}:{getattr(contrib, 'kind', 'materialised')}"
-        if len(self.uses[name]) > 1:
-            self.info[name] += f" (shared by {len(self.uses[name])} uses)"
-        elif self.scale is not None and "plain" in self.geometries:   # both geometries from one materialisation
-            plain, scaled = dual_gram(contrib, self.scale[name])
+            dot = contrib.dot(delta)
+        elif len(self.uses[name]) == 1 and "plain" in self.geometries:
+            # both geometries and the dot from one materialisation of the per-example gradients
+            self.info[name] = f"{how}:{getattr(contrib, 'kind', 'materialised')}"
+            scale = None if self.scale is None else self.scale[name]
+            plain, scaled, dot = dual_gram(contrib, scale, delta)
             for kind, g in (("plain", plain), ("preconditioned", scaled)):
-                blocks = self.geometries[kind]["blocks"]
-                blocks[name] = blocks[name] + g if name in blocks else g
-            return
-        if self.scale is not None:
-            self._accumulate(self.geometries["preconditioned"], name, use, Scaled(contrib, self.scale[name]))
-        if "plain" in self.geometries:
-            self._accumulate(self.geometries["plain"], name, use, contrib)
+                if g is not None:
+                    blocks = self.geometries[kind]["blocks"]
+                    blocks[name] = blocks[name] + g if name in blocks else g
+        else:
+            self.info[name] = f"{how}:{getattr(contrib, 'kind', 'materialised')}"
+            if len(self.uses[name]) > 1:
+                self.info[name] += f" (shared by {len(self.uses[name])} uses)"
+            if self.scale is not None:
+                self._accumulate(self.geometries["preconditioned"], name, use, Scaled(contrib, self.scale[name]))
+            if "plain" in self.geometries:
+                self._accumulate(self.geometries["plain"], name, use, contrib)
+            dot = None if delta is None else contrib.dot(delta)
+        if dot is not None:                         # a dot product is linear: uses simply add up
+            self.dots[name] = self.dots[name] + dot if name in self.dots else dot
 
     def _accumulate(self, geometry: dict, name: str, use: int, contrib) -> None:
         """Add one use's contribution to the Gram block of ``name`` (tied parameters via SharedParameter)."""
@@ -307,7 +313,9 @@ def _check_metric(named, tensors: Mapping[str, torch.Tensor] | None, what: str) 
             raise ValueError(f"{what}[{name!r}] has NaN/inf entries")
 
 
-def _run(model, batch, params, method, forward, preconditioner=None, delta=None, plain=True):
+def _run(model, batch, params, method, forward, preconditioner=None, delta=None, plain=True, gram=True):
+    """One forward and one backward pass: per-parameter Gram blocks per geometry (``{}`` with ``gram=False``),
+    the log-probs and, with ``delta``, the dots ``<g_i, delta>`` [N] (float64, CPU; ``None`` without)."""
     model = unwrap_model(model)
     check_batch(model, batch)
     named = select_params(model, params)
@@ -316,14 +324,24 @@ def _run(model, batch, params, method, forward, preconditioner=None, delta=None,
     n = batch["input_ids"].shape[0]
     with measurement_mode(model, named):
         engine = GramEngine(model, named, n, mode=method, preconditioner=preconditioner, delta=delta, plain=plain)
+        if not gram:
+            engine.geometries = {}                      # dots only: no Gram block is accumulated
         with engine:
             logps = token_logps(forward(model, batch), batch).sum(-1)
             if not torch.isfinite(logps).all():
                 bad = (~torch.isfinite(logps)).nonzero()[:, 0].tolist()
                 raise ValueError(f"non-finite log-probs for sequences {bad} (pairs {[i % (n // 2) for i in bad]})")
             engine.backward(logps.sum(), named)
+        engine.flush_generic()                          # every contribution is in, so every dot is complete
+        pred = None
+        if delta is not None:
+            pred = torch.zeros(n, dtype=torch.float64)
+            for name, _ in named:
+                if name in engine.dots:
+                    pred = pred + engine.dots[name].cpu()
+            engine.delta = None                         # dots done: finish() returns the Gram blocks
         per_param = engine.finish(named)
-    return engine, named, per_param, logps.detach().to(torch.float64)
+    return engine, named, per_param, logps.detach().to(torch.float64), pred
 
 
 def sequence_gram(
@@ -334,7 +352,8 @@ def sequence_gram(
     forward: Callable = model_logits,
     preconditioner: Mapping[str, torch.Tensor] | None = None,
     plain: bool = False,
-) -> GramResult:
+    delta: Mapping[str, torch.Tensor] | None = None,
+) -> GramResult | tuple[GramResult, torch.Tensor]:
     """Gram matrix of per-sequence gradients of the summed response log-probs (THEORY §1, §4, §6).
 
     Args:
@@ -348,10 +367,13 @@ def sequence_gram(
             then ``g_i^T P g_j`` (Adam's geometry, THEORY §5; see :func:`adam_preconditioner`).
         plain: with a ``preconditioner``, return the plain Gram with the preconditioned one attached as
             ``result.preconditioned``, both from the same forward and backward pass.
+        delta: optional parameter update (as in :func:`update_dot`); its first-order prediction
+            ``<g_i, delta>`` then comes from the same pass as the Gram matrix, at no extra forward or backward.
 
     Returns:
         :class:`GramResult` with ``matrix`` float64 [2B, 2B], ``logps``, ``lengths`` and per-parameter
-        blocks (``result.blocks("layer")``). The model is left exactly as found.
+        blocks (``result.blocks("layer")``); with ``delta``, ``(result, pred)`` where ``pred`` [2B] float64 is
+        what :func:`update_dot` returns. The model is left exactly as found.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
@@ -364,20 +386,23 @@ def sequence_gram(
             out = exact_gram(model, batch, named, forward, None if plain else preconditioner)
             if plain and preconditioner is not None:
                 out.preconditioned = exact_gram(model, batch, named, forward, preconditioner)
+        if delta is None:
             return out
-    engine, named, geometries, logps = _run(model, batch, params, method, forward, preconditioner=preconditioner,
-                                            plain=plain)
+        return out, update_dot(model, batch, delta, params, forward, method="exact")[0]
+    engine, named, geometries, logps, pred = _run(model, batch, params, method, forward,
+                                                  preconditioner=preconditioner, delta=delta, plain=plain)
 
     def result(per_param):
         return GramResult(matrix=torch.stack(list(per_param.values())).sum(0), logps=logps,
                           lengths=response_lengths(batch), per_param=per_param, method=method, info=engine.info)
 
     if "plain" not in geometries:
-        return result(geometries["preconditioned"])
-    out = result(geometries["plain"])
-    if "preconditioned" in geometries:
-        out.preconditioned = result(geometries["preconditioned"])
-    return out
+        out = result(geometries["preconditioned"])
+    else:
+        out = result(geometries["plain"])
+        if "preconditioned" in geometries:
+            out.preconditioned = result(geometries["preconditioned"])
+    return out if delta is None else (out, pred)
 
 
 def update_dot(
@@ -407,9 +432,5 @@ def update_dot(
         flat = torch.cat([delta[name].flatten().to(torch.float64) for name, _ in named])
         pred = torch.stack([torch.cat([x.flatten() for x in g]) @ flat for g in grads])
         return pred, logps.to(torch.float64)
-    engine, named, _, logps = _run(model, batch, params, method, forward, delta=delta)
-    pred = torch.zeros(batch["input_ids"].shape[0], dtype=torch.float64)
-    for name, _ in named:
-        if name in engine.dots:
-            pred = pred + engine.dots[name].cpu()
+    _, _, _, logps, pred = _run(model, batch, params, method, forward, delta=delta, gram=False)
     return pred, logps

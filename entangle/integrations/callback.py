@@ -8,9 +8,11 @@
 It translates trainer events into monitor calls and TRL configurations into objectives; it holds no math.
 
 - When: at every step whose ``global_step`` (updates done so far) is a multiple of ``every`` — step 0 is the
-  state at train begin — the probe is measured at θ_t in ``on_pre_optimizer_step``, θ_t is snapshot, and the
-  realised update is compared with its prediction in ``on_optimizer_step``. The final parameters are measured at
-  the end of training.
+  state at train begin — θ_t, Adam's preconditioner and the learning rate are snapshot in
+  ``on_pre_optimizer_step``; in ``on_optimizer_step`` one forward and backward pass at θ_t gives the measurement
+  of θ_t and the first-order prediction of the realised update, and one forward at θ_{t+1} its observed effect
+  (``Monitor.before_update(step, measure=True)`` / ``after_update``). With ``check_updates=False`` the probe is
+  measured in ``on_pre_optimizer_step``. The final parameters are measured at the end of training.
 - What: the objective and its hyper-parameters come from a TRL trainer's config (``DPOConfig.loss_type`` and
   ``loss_weights``, ``beta``, ``label_smoothing``; CPO/SimPO and ORPO configs map to ``cpo_*``, ``simpo``,
   ``orpo``), and so does the reference (``ref_model``, precomputed reference log-probs, or a PEFT model with its
@@ -96,8 +98,8 @@ class EntanglementCallback(TrainerCallback):
         params: measured parameters (``select_params`` spec); default all trainable (the adapters under PEFT).
         strict: raise exceptions from measurements instead of logging them.
         check_updates: at each measured step also compare the realised update's first-order prediction with the
-            observed change of the probe log-probs (the ``updates`` table); ``False`` saves about 40% of a
-            measurement's cost.
+            observed change of the probe log-probs (the ``updates`` table); it shares the measurement's pass and
+            adds one forward pass, which ``False`` saves.
         trainer: the trainer, if known already (else found at the first event).
         monitor_kwargs: ``max_length``, ``loss_weights``, ``ref_model``, ``ref_logps``, ``method``, ``adam`` and
             objective hyper-parameters (``beta=...``), passed to :class:`Monitor` (they override the trainer's).
@@ -138,17 +140,18 @@ class EntanglementCallback(TrainerCallback):
         if self.monitor is None or state.global_step % self.every:
             return
         step = state.global_step
-        self._emit(self.monitor.measure(step, optimizer=optimizer))
         self.measured.add(step)
-        if self.check_updates:
-            self.monitor.before_update(step)
+        if self.check_updates:      # measured in on_optimizer_step, from the pass that predicts the update
+            self.monitor.before_update(step, optimizer=optimizer, measure=True)
             self._update_step = step
+        else:
+            self._emit(self.monitor.measure(step, optimizer=optimizer))
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         if self.monitor is None or self._update_step is None:
             return
         step, self._update_step = self._update_step, None
-        self._emit(self.monitor.after_update(step, optimizer=optimizer))
+        self._emit(self.monitor.after_update(step))
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.monitor is None:

@@ -14,7 +14,16 @@ It works in a hand-written PyTorch loop::
             monitor.after_update(step)             # Δθ, observed vs predicted change of the probe log-probs
         opt.zero_grad()
 
-and ``EntanglementCallback`` drives the same object from trainer events. Every method leaves parameters,
+or, cheaper, with the measurement and the update check from one forward and backward pass at θ_t (the same
+numbers; ``after_update`` then writes and returns both)::
+
+        if step % 10 == 0:
+            monitor.before_update(step, optimizer=opt, measure=True)   # snapshot θ_t, Adam's geometry, the lr
+        opt.step()
+        if step % 10 == 0:
+            monitor.after_update(step)             # measurement of θ_t + observed vs predicted change
+
+``EntanglementCallback`` drives the same object from trainer events (the second way). Every method leaves parameters,
 ``.grad``, optimizer state, RNG state (CPU and CUDA), train/eval mode and ``requires_grad`` exactly as found.
 
 Under ``torch.distributed`` (DDP via torchrun / accelerate) each rank measures every ``world``-th probe pair and
@@ -166,6 +175,7 @@ class Monitor:
         self._ref = self._initial_reference(rows, ref_logps)
         self._before: dict[str, torch.Tensor] | None = None
         self._before_step: int | None = None
+        self._deferred: tuple[dict[str, torch.Tensor] | None, float] | None = None  # (Adam's P, lr), measure=True
         self._pre: tuple[int, np.ndarray] | None = None             # (step, lr · K c) of the last measurement
         self.writer = RunWriter(out_dir) if out_dir is not None and self.rank == 0 else None
         if self.writer is not None:
@@ -264,12 +274,16 @@ class Monitor:
             P = self._preconditioner(optimizer)      # plain and Adam geometry come from one backward pass
             gram = sequence_gram(self.model, self._on(unwrap_model(self.model)), params=self.params,
                                  method=self.method, preconditioner=P, plain=True)
-            ref = self._reference()
-            frame = self._frame(gram, ref, step, lr)
-            self._pre = (step, np.concatenate([frame["batch_dlogp_chosen"], frame["batch_dlogp_rejected"]]))
-            out = {"pairs": frame, "layers": layer_frame(gram, step, self.pairs)}
-            if gram.preconditioned is not None:
-                out["adam"] = self._frame(gram.preconditioned, ref, step, lr)
+            return self._measurement(gram, step, lr)
+
+    def _measurement(self, gram: GramResult, step: int, lr: float) -> dict[str, pd.DataFrame]:
+        """The local tables of one measurement from its Gram result (plain, with the Adam geometry attached)."""
+        ref = self._reference()
+        frame = self._frame(gram, ref, step, lr)
+        self._pre = (step, np.concatenate([frame["batch_dlogp_chosen"], frame["batch_dlogp_rejected"]]))
+        out = {"pairs": frame, "layers": layer_frame(gram, step, self.pairs)}
+        if gram.preconditioned is not None:
+            out["adam"] = self._frame(gram.preconditioned, ref, step, lr)
         return out
 
     def _frame(self, gram: GramResult, ref: torch.Tensor | None, step: int, lr: float) -> pd.DataFrame:
@@ -388,12 +402,22 @@ class Monitor:
         return picked
 
     # -- the realised update ---------------------------------------------------------------------------------
-    def before_update(self, step: int) -> None:
-        """Snapshot the measured parameters θ_step; call right before ``optimizer.step()``."""
+    def before_update(self, step: int, optimizer: torch.optim.Optimizer | None = None, measure: bool = False,
+                      lr: float | None = None) -> None:
+        """Snapshot the measured parameters θ_step; call right before ``optimizer.step()``.
+
+        ``measure=True`` defers :meth:`measure` of ``step`` to :meth:`after_update`, which then takes the Gram
+        matrices from the same forward and backward pass at θ_step as the update prediction (one pass instead of
+        two). What the measurement needs from before the step is read now: Adam's preconditioner (of the
+        ``optimizer``'s state before the step, as :meth:`measure` would use it) and the learning rate ``lr``.
+        """
         try:
             named = select_params(unwrap_model(self.model), self.params)
             self._before = {n: p.detach().clone() for n, p in named}
             self._before_step = step
+            self._deferred = None
+            if measure:
+                self._deferred = (self._preconditioner(optimizer), _lr(optimizer) if lr is None else float(lr))
         except Exception:
             self._before = None
             if self.strict:
@@ -406,30 +430,47 @@ class Monitor:
         prediction <g_i(θ_step), Δθ>; write the ``updates`` table; return ``entangle/update/...`` scalars.
 
         ``pred_gradient`` is ``lr · (K c)_i`` from a :meth:`measure` at the same step (NaN without one): the
-        change a plain gradient step on the probe's own loss would cause.
+        change a plain gradient step on the probe's own loss would cause. After ``before_update(step,
+        measure=True)`` this also is the measurement of ``step``: it writes what :meth:`measure` writes and
+        returns its scalars too (``optimizer`` and ``lr`` are not used; they were read before the step).
         """
-        return self._collective(step, "update measurement", lambda: self._update_local(step),
-                                lambda parts: self._write_updates(step, parts))
+        if self._deferred is None or self._before_step != step:
+            return self._collective(step, "update measurement", lambda: self._update_local(step)[1],
+                                    lambda parts: self._write_updates(step, parts))
+        return self._collective(step, "measurement", lambda: self._update_local(step),
+                                lambda parts: self._write_measurement(step, [p[0] for p in parts])
+                                | self._write_updates(step, [p[1] for p in parts]))
 
-    def _update_local(self, step: int) -> pd.DataFrame | None:
+    def _update_local(self, step: int) -> tuple[dict[str, pd.DataFrame] | None, pd.DataFrame | None]:
+        """(measurement tables or ``None``, ``updates`` table) of this rank for the update of ``step``."""
         before, self._before = self._before, None
+        deferred, self._deferred = self._deferred, None
         if before is None or self._before_step != step:
             raise RuntimeError(f"after_update({step}) without before_update({step})")
         if self.batch is None:
-            return None
+            return None, None
         model = unwrap_model(self.model)
         named = select_params(model, self.params)
+        measured = None
         with preserved_rng():
             delta = {n: p.detach().to(_wide(p)) - before[n].to(_wide(p)) for n, p in named}
             after = self._logps(model)
             with parameters_at(named, before):
-                pred, logp_before = update_dot(model, self._on(model), delta, params=self.params, method=self.method)
+                if deferred is None:
+                    pred, logp_before = update_dot(model, self._on(model), delta, params=self.params,
+                                                   method=self.method)
+                else:                            # the measurement of θ_step and the prediction from one pass
+                    gram, pred = sequence_gram(model, self._on(model), params=self.params, method=self.method,
+                                               preconditioner=deferred[0], plain=True, delta=delta)
+                    logp_before = gram.logps
+            if deferred is not None:
+                measured = self._measurement(gram, step, deferred[1])
         pred_gradient = self._pre[1] if self._pre is not None and self._pre[0] == step else np.full(len(after), np.nan)
         b = len(self.pairs)
         pair = np.array(self.pairs * 2)
         logp_before = logp_before.detach().to(torch.float64).cpu().numpy()
         after = after.numpy()
-        return pd.DataFrame({
+        return measured, pd.DataFrame({
             "step": step, "seq": np.concatenate([pair[:b], pair[b:] + self.n_pairs]), "pair": pair,
             "side": ["chosen"] * b + ["rejected"] * b, "logp_before": logp_before, "logp_after": after,
             "observed": after - logp_before, "pred_update": pred.detach().to(torch.float64).cpu().numpy(),
