@@ -1,10 +1,12 @@
 """Wall-time overhead of EntanglementCallback on a short TRL DPO run, against the same run without it.
 
-    python benchmarks/bench_callback.py [--steps 40] [--every 10] [--probe 16] [--repeats 2]
+    python benchmarks/bench_callback.py [--steps 40] [--every 10] [--probe 16] [--batch 8] [--grad-accum 1]
+                                        [--repeats 3] [--no-update-check] [--no-adam]
 
 Both runs use the built-in GPT-2 (no downloads), the same data and seed; the callback measures a probe of
-``--probe`` pairs every ``--every`` steps (Gram, Adam view, realised update) and at the end. Runs alternate and
-the fastest of ``--repeats`` is kept for each, after one untimed warm-up run of each kind.
+``--probe`` pairs every ``--every`` optimizer steps (Gram in the plain and Adam geometries, realised update) and
+at the end. Each optimizer step takes ``--grad-accum`` micro-batches of ``--batch`` pairs. Runs alternate and the
+fastest of ``--repeats`` is kept for each, after one untimed warm-up run of each kind.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import warnings
 
 
 def run_once(steps: int, every: int, n_probe: int, with_callback: bool, model_kwargs: dict,
-             callback_kwargs: dict | None = None) -> float:
+             callback_kwargs: dict | None = None, batch: int = 8, grad_accum: int = 1) -> float:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -27,11 +29,12 @@ def run_once(steps: int, every: int, n_probe: int, with_callback: bool, model_kw
 
     tok = builtin_tokenizer()
     model = builtin_model(tok, **model_kwargs)
-    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in builtin_pairs(8 * steps, seed=1)]
+    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")}
+            for r in builtin_pairs(batch * grad_accum * steps, seed=1)]
     with tempfile.TemporaryDirectory() as out:
-        args = DPOConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=8, learning_rate=1e-4,
-                         report_to=[], save_strategy="no", use_cpu=True, bf16=False, logging_steps=1, seed=0,
-                         disable_tqdm=True)
+        args = DPOConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=batch,
+                         gradient_accumulation_steps=grad_accum, learning_rate=1e-4, report_to=[],
+                         save_strategy="no", use_cpu=True, bf16=False, logging_steps=1, seed=0, disable_tqdm=True)
         callbacks = [EntanglementCallback(builtin_pairs(n_probe, seed=2), every=every,
                                           **(callback_kwargs or {}))] if with_callback else None
         trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args,
@@ -46,7 +49,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--probe", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8, help="pairs per micro-batch")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-embd", type=int, default=128)
     parser.add_argument("--no-update-check", action="store_true", help="callback check_updates=False")
@@ -61,14 +66,18 @@ def main() -> None:
     times: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(opts.repeats):
         for flag in (False, True):
-            times[flag].append(run_once(opts.steps, opts.every, opts.probe, flag, model_kwargs, callback_kwargs))
+            times[flag].append(run_once(opts.steps, opts.every, opts.probe, flag, model_kwargs, callback_kwargs,
+                                        opts.batch, opts.grad_accum))
     base, with_cb = min(times[False]), min(times[True])
-    measured = len(range(0, opts.steps, opts.every)) + 1
-    print(f"DPO run: {opts.steps} steps, batch 8, GPT-2 {opts.n_layer}x{opts.n_embd}; probe {opts.probe} pairs, "
-          f"every {opts.every} steps ({measured} measurements)")
+    measured = len({*range(0, opts.steps, opts.every), opts.steps})
+    print(f"DPO run: {opts.steps} steps of {opts.grad_accum} x {opts.batch} pairs, GPT-2 {opts.n_layer}x{opts.n_embd}; "
+          f"probe {opts.probe} pairs, every {opts.every} steps ({measured} measurements; "
+          f"update check {'off' if opts.no_update_check else 'on'}, Adam view {'off' if opts.no_adam else 'on'})")
     print(f"without callback: {base:.2f} s   with callback: {with_cb:.2f} s   "
           f"(runs: {[round(t, 2) for t in times[False]]} / {[round(t, 2) for t in times[True]]})")
-    print(f"overhead: {with_cb / base - 1:+.1%}  (ratio {with_cb / base:.3f})")
+    per_measurement = (with_cb - base) / measured / (base / opts.steps)
+    print(f"overhead: {with_cb / base - 1:+.1%}  (ratio {with_cb / base:.3f}; one measurement ~ "
+          f"{per_measurement:.1f} optimizer steps of this run)")
 
 
 if __name__ == "__main__":

@@ -294,12 +294,12 @@ def dual_gram(contrib, scale: torch.Tensor | None, delta: torch.Tensor | None = 
     step = max(1, CHUNK_ELEMS // max(contrib.n * contrib.parts[0][1].shape[-1], 1))
     for s in range(0, contrib.n_rows, step):
         index = slice(s, s + step) if contrib.row_ids is None else contrib.row_ids[s:s + step]
-        rows = contrib.rows(index)
+        rows = contrib.rows(index)                 # a fresh buffer: scaled in place below
         plain += _gram64(rows.flatten(1))
-        if scale is not None:
-            scaled += _gram64((rows * scale[index].to(rows.dtype)).flatten(1))
         if delta is not None:
             dot += _cross64(rows.flatten(1), delta[index].reshape(1, -1).to(rows.dtype))[:, 0]
+        if scale is not None:
+            scaled += _gram64(rows.mul_(scale[index].to(rows.dtype)).flatten(1))
     return plain, scaled, dot
 
 

@@ -78,17 +78,18 @@ def probe_rows(probe: Any) -> list[dict]:
 
 def layer_frame(gram: GramResult, step: int, pairs: Sequence[int]) -> pd.DataFrame:
     """One row per (pair, layer) of the within-pair Gram blocks of ``gram.blocks("layer")``."""
+    blocks = gram.blocks("layer")
+    if not blocks:
+        return pd.DataFrame(columns=list(LAYER_COLUMNS))
     B = gram.n_pairs
     k = torch.arange(B)
-    frames = []
-    for layer, block in gram.blocks("layer").items():
-        block = block.detach().to(torch.float64).cpu()
-        inner, n_w, n_l = block[k, B + k], block[k, k], block[B + k, B + k]
-        frames.append(pd.DataFrame({
-            "step": step, "pair": list(pairs), "layer": layer, "inner": inner.numpy(),
-            "norm2_chosen": n_w.numpy(), "norm2_rejected": n_l.numpy(), "cosine": (inner / (n_w * n_l).sqrt()).numpy(),
-        }))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(LAYER_COLUMNS))
+    stacked = torch.stack([b.detach().to(torch.float64).cpu() for b in blocks.values()])   # [layers, 2B, 2B]
+    inner, n_w, n_l = stacked[:, k, B + k], stacked[:, k, k], stacked[:, B + k, B + k]     # [layers, B]
+    return pd.DataFrame({
+        "step": step, "pair": np.tile(np.asarray(pairs), len(blocks)), "layer": np.repeat(list(blocks), B),
+        "inner": inner.flatten().numpy(), "norm2_chosen": n_w.flatten().numpy(),
+        "norm2_rejected": n_l.flatten().numpy(), "cosine": (inner / (n_w * n_l).sqrt()).flatten().numpy(),
+    })
 
 
 @contextlib.contextmanager
