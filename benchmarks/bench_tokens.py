@@ -25,7 +25,7 @@ import time
 
 import bench_gram
 
-METHODS = ["loop", "full", "head"]
+METHODS = ["loop", "full", "copies", "head"]
 PROMPT = 32
 
 
@@ -37,14 +37,18 @@ def _run_method(method: str, model, batch):
 
         g = _loop_token_grads(model, batch, 0, dtype=torch.float32)
         return (g @ g.T).to(torch.float64)
+    if method == "copies":
+        from entangle.capture.tokens import full_token_gram
+
+        return full_token_gram(model, batch, (0, 1), strategy="copies")
     return token_gram(model, batch, 0, method=method)[0]
 
 
-def child(responses: int, method: str, device: str, repeat: int) -> dict:
+def child(responses: int, method: str, device: str, repeat: int, layers: int = 4) -> dict:
     import torch
 
     name = f"pair{responses}"
-    bench_gram.SHAPES[name] = (4, 256, 4, 8192, 1, PROMPT, responses)
+    bench_gram.SHAPES[name] = (layers, 256, 4, 8192, 1, PROMPT, responses)
     model, batch = bench_gram._setup(name, device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     base = torch.cuda.memory_allocated() / 2**20 if device.startswith("cuda") else bench_gram._vmhwm_mb()
@@ -58,8 +62,10 @@ def child(responses: int, method: str, device: str, repeat: int) -> dict:
         times.append(time.perf_counter() - t)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else bench_gram._vmhwm_mb()
     tokens = int(batch["completion_mask"].sum())
+    sizes = [p.numel() * 4 / 2**20 for p in model.parameters()]
     return {"responses": responses, "tokens": tokens, "method": method, "seconds": statistics.median(times),
-            "peak_mb": peak, "above_base_mb": peak - base}
+            "peak_mb": peak, "above_base_mb": peak - base, "layers": layers,
+            "layer_grad_mb": max(sizes), "model_grad_mb": sum(sizes)}
 
 
 def main() -> None:
@@ -68,32 +74,54 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--child", nargs=2, metavar=("RESPONSES", "METHOD"), help=argparse.SUPPRESS)
+    ap.add_argument("--layers", nargs="+", type=int, default=[4], help="model depths to compare")
+    ap.add_argument("--child", nargs=3, metavar=("RESPONSES", "METHOD", "LAYERS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(int(args.child[0]), args.child[1], args.device, args.repeat)))
+        print(json.dumps(child(int(args.child[0]), args.child[1], args.device, args.repeat, int(args.child[2]))))
         return
     rows = []
-    for responses in args.responses:
-        for method in args.methods:
-            rows.append(bench_gram.run_child(__file__, [str(responses), method], args.device, args.repeat,
-                                             {"responses": responses, "method": method}))
+    for layers in args.layers:
+        for responses in args.responses:
+            for method in args.methods:
+                rows.append(bench_gram.run_child(__file__, [str(responses), method, str(layers)], args.device,
+                                                 args.repeat, {"responses": responses, "method": method,
+                                                               "layers": layers}))
     print_table(rows)
+    print_growth(rows)
+
+
+def print_growth(rows: list[dict]) -> None:
+    """Peak memory growth per response token between the smallest and largest --responses, per method and depth."""
+    ok = [r for r in rows if "error" not in r]
+    keys = sorted({(r["layers"], r["method"]) for r in ok})
+    if len({r["tokens"] for r in ok}) < 2:
+        return
+    print("\n| layers | method | peak growth per token (MB) | largest layer's per-token gradient (MB) "
+          "| whole model's per-token gradient (MB) |")
+    print("|---|---|---|---|---|")
+    for layers, method in keys:
+        rs = sorted((r for r in ok if (r["layers"], r["method"]) == (layers, method)), key=lambda r: r["tokens"])
+        if len(rs) < 2:
+            continue
+        lo, hi = rs[0], rs[-1]
+        slope = (hi["above_base_mb"] - lo["above_base_mb"]) / (hi["tokens"] - lo["tokens"])
+        print(f"| {layers} | {method} | {slope:.2f} | {hi['layer_grad_mb']:.1f} | {hi['model_grad_mb']:.1f} |")
 
 
 def print_table(rows: list[dict]) -> None:
-    base = {r["responses"]: r for r in rows if r["method"] == "loop" and "seconds" in r}
-    print("| response tokens (pair) | method | time (s) | loop / method | peak RSS (MB) | above model+batch (MB) "
+    base = {(r["layers"], r["responses"]): r for r in rows if r["method"] == "loop" and "seconds" in r}
+    print("| layers | response tokens (pair) | method | time (s) | loop / method | peak RSS (MB) | above model+batch (MB) "
           "| × loop |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['responses']} | {r['method']} | n/a: {r['error']} | | | | |")
+            print(f"| {r['layers']} | {r['responses']} | {r['method']} | n/a: {r['error']} | | | | |")
             continue
-        b = base.get(r["responses"])
+        b = base.get((r["layers"], r["responses"]))
         speed = f"{b['seconds'] / r['seconds']:.1f}×" if b else ""
         mem = f"{r['above_base_mb'] / b['above_base_mb']:.2f}" if b and b["above_base_mb"] > 0 else ""
-        print(f"| {r['tokens']} | {r['method']} | {r['seconds']:.4f} | {speed} | {r['peak_mb']:.0f} | "
+        print(f"| {r['layers']} | {r['tokens']} | {r['method']} | {r['seconds']:.4f} | {speed} | {r['peak_mb']:.0f} | "
               f"{r['above_base_mb']:.0f} | {mem} |")
 
 

@@ -8,7 +8,15 @@ import torch
 from conftest import random_batch, tiny_gpt2, tiny_llama
 
 from entangle.capture.engine import sequence_gram
-from entangle.capture.tokens import _loop_token_grads, response_hidden, token_gram, token_map
+from entangle.capture.tokens import (
+    BlockwiseUnsupported,
+    _loop_token_grads,
+    find_blocks,
+    full_token_gram,
+    response_hidden,
+    token_gram,
+    token_map,
+)
 
 matplotlib.use("Agg")
 
@@ -161,3 +169,127 @@ def test_heatmap_draws_the_wl_block():
     assert inner.vmin == -2 and inner.vmax == 2
     with pytest.raises(ValueError, match="no rows"):
         token_heatmap(frame, pair=3)
+
+
+# -- block-wise backward (the default of method="full") against prefix copies and the brute force ----------------
+@pytest.mark.parametrize("arch", list(MODELS))
+@pytest.mark.parametrize("strategy,chunk", [("blockwise", None), ("blockwise", 3), ("copies", None)])
+def test_both_full_strategies_match_brute_force(arch, strategy, chunk):
+    """chunk=3: the copies go through each block three at a time and the cross-chunk terms are formed at the end."""
+    model = MODELS[arch]()
+    batch = random_batch(3, 101, padding_side="left", seed=11)
+    gram = full_token_gram(model, batch, (2, 5), strategy=strategy, chunk=chunk)
+    grads = _loop_token_grads(model, batch, pair=2)
+    assert rel_err(gram, grads @ grads.T) < 1e-10
+    assert all("forward" not in block.__dict__ for block in find_blocks(model))   # patches removed
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama_tied"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_blockwise_in_low_precision(arch, dtype, tol):
+    """float32 / bf16 models: the block-wise map against the per-token loop run on the same model."""
+    model = MODELS[arch]().to(dtype)
+    batch = random_batch(2, 101, seed=12)
+    gram = full_token_gram(model, batch, (1, 3), strategy="blockwise", chunk=4)
+    grads = _loop_token_grads(model, batch, pair=1)
+    assert gram.dtype == torch.float64 and torch.isfinite(gram).all()
+    assert rel_err(gram, grads @ grads.T) < tol
+
+
+class _Out:
+    def __init__(self, logits):
+        self.logits = logits
+
+
+class _Gate(torch.nn.Module):
+    """A layer type without a rule (the engine's generic fallback handles it)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = torch.nn.Parameter(1 + 0.1 * torch.randn(d, dtype=torch.float64))
+
+    def forward(self, h):
+        return h * torch.sigmoid(self.weight)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.proj, self.gate = torch.nn.Linear(d, d, bias=False, dtype=torch.float64), _Gate(d)
+
+    def forward(self, h, mix):                      # mix: a causal [L, L] matrix, not per sequence; h = 0 at padding
+        return h + self.gate(torch.tanh(mix @ self.proj(h)))
+
+
+class _ToyLM(torch.nn.Module):
+    """A causal LM whose blocks get a [L, L] argument: with L equal to the number of copies, taking it for a
+    per-sequence argument is caught and method='full' falls back to prefix copies."""
+
+    def __init__(self, vocab=101, d=8):
+        super().__init__()
+        torch.manual_seed(3)
+        self.embed = torch.nn.Embedding(vocab, d, dtype=torch.float64)
+        self.layers = torch.nn.ModuleList([_Block(d) for _ in range(2)])
+        self.head = torch.nn.Linear(d, vocab, bias=False, dtype=torch.float64)
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
+        L = input_ids.shape[1]
+        mix = torch.tril(torch.ones(L, L, dtype=torch.float64)) / 4
+        h = self.embed(input_ids) * attention_mask[..., None]
+        for block in self.layers:
+            h = block(h, mix)
+        return _Out(self.head(h))
+
+
+def _toy_batch(n_chosen: int, n_rejected: int, prompt: int = 2) -> dict:
+    g = torch.Generator().manual_seed(5)
+    L = prompt + max(n_chosen, n_rejected)
+    ids = torch.randint(3, 101, (2, L), generator=g)
+    att = torch.zeros(2, L, dtype=torch.long)
+    comp = torch.zeros(2, L, dtype=torch.long)
+    for i, n in enumerate((n_chosen, n_rejected)):
+        att[i, :prompt + n] = 1
+        comp[i, prompt:prompt + n] = 1
+    return {"input_ids": ids, "attention_mask": att, "completion_mask": comp}
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_blockwise_with_an_unknown_layer_type_inside_blocks(chunk):
+    model = _ToyLM()
+    batch = _toy_batch(4, 3)                        # K = 7 copies, context width 5
+    gram = full_token_gram(model, batch, (0, 1), strategy="blockwise", chunk=chunk)
+    grads = _loop_token_grads(model, batch, pair=0)
+    assert rel_err(gram, grads @ grads.T) < 1e-10
+
+
+def test_block_reused_twice():
+    """The same block object called twice: its parameters are used in two separately differentiated parts, whose
+    cross terms the block-wise backward cannot form. It refuses, and 'auto' falls back to prefix copies."""
+    model = _ToyLM()
+    model.layers[1] = model.layers[0]
+    batch = _toy_batch(4, 3)
+    grads = _loop_token_grads(model, batch, pair=0)
+    for chunk in (None, 2):
+        with pytest.raises(NotImplementedError, match="more than one"):
+            full_token_gram(model, batch, (0, 1), strategy="blockwise", chunk=chunk)
+        with pytest.warns(UserWarning, match="prefix copies"):
+            gram = full_token_gram(model, batch, (0, 1), chunk=chunk)
+        assert rel_err(gram, grads @ grads.T) < 1e-10
+
+
+def test_ambiguous_block_argument_falls_back_to_copies():
+    model = _ToyLM()
+    batch = _toy_batch(4, 1)                        # K = 5 copies = context width 5: mix [5, 5] looks per-copy
+    with pytest.raises(BlockwiseUnsupported):
+        full_token_gram(model, batch, (0, 1), strategy="blockwise")
+    with pytest.warns(UserWarning, match="prefix copies"):
+        gram, _ = token_gram(model, batch, pair=0)
+    grads = _loop_token_grads(model, batch, pair=0)
+    assert rel_err(gram, grads @ grads.T) < 1e-10
+    assert all("forward" not in block.__dict__ for block in model.layers)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .contrib import Scaled, SharedParameter, dual_gram
+from .contrib import CHUNK_ELEMS, Dense, Scaled, SharedParameter, _gram64, dual_gram
 from .exact import exact_gram, per_sequence_grads
 from .logprobs import check_batch, model_logits, response_lengths, token_logps
 from .params import ParamSpec, select_params, unwrap_model
@@ -23,10 +23,10 @@ from .rules import rule_for
 from .rules.generic import _tensors, generic
 
 METHODS = ("auto", "exact", "ghost", "materialise")
-_ACTIVE: list["GramEngine"] = []          # engines whose hooks are installed, innermost last
+_ACTIVE: list[GramEngine] = []          # engines whose hooks are installed, innermost last
 
 
-def current_engine() -> "GramEngine | None":
+def current_engine() -> GramEngine | None:
     """The engine whose hooks are installed right now (for forwards that drive parts of the pass themselves)."""
     return _ACTIVE[-1] if _ACTIVE else None
 
@@ -85,6 +85,11 @@ class GramEngine:
         self.handles = []
         self.named = list(named_params)
         self.is_paused = False
+        self.chunk: tuple[int, int] | None = None      # examples [start, stop) of the current chunk (see examples())
+        self.held: dict[str, list] = {}               # param name -> [(start, stop, contribution)] of the chunks
+        self.chunked: set[str] = set()
+        self.segment_key = None                         # which re-run part of the model is running (None: main)
+        self.part_of: dict[str, object] = {}            # param name -> the part its uses were recorded in
         self.owners: list[tuple[torch.nn.Module, list[str]]] = []
         seen = set()
         for module in model.modules():
@@ -105,17 +110,54 @@ class GramEngine:
             self.is_paused = was
 
     @contextlib.contextmanager
-    def segment(self):
+    def segment(self, key=None):
         """A part of the model re-run and differentiated on its own inside the main backward (block-wise token
         maps). Its hooked calls and source outputs are counted apart from the main graph's; generic-rule uses
         recorded inside are reduced when it closes, so their inputs are not kept to the end."""
-        saved = self.calls, self.sources, self.generic_params, self.generic_uses
+        saved = self.calls, self.sources, self.generic_params, self.generic_uses, self.segment_key
         self.calls, self.sources, self.generic_params, self.generic_uses = {}, [], set(), []
+        self.segment_key = object() if key is None else key
         try:
             yield
-            self.flush_generic()
+            with self.paused():                   # the fallback re-runs modules whose hooks are still installed
+                self.flush_generic()
         finally:
-            self.calls, self.sources, self.generic_params, self.generic_uses = saved
+            self.calls, self.sources, self.generic_params, self.generic_uses, self.segment_key = saved
+
+    @contextlib.contextmanager
+    def examples(self, start: int, stop: int):
+        """Inside, the model runs on examples ``start..stop-1`` only (a chunk of the batch): their contributions
+        are held per parameter until :meth:`reduce_held` forms the [n, n] Gram blocks with the cross-chunk terms.
+        Bounds the activations alive at a time by the chunk, at the price of holding one segment's contributions.
+        """
+        saved = self.n
+        self.n, self.chunk = stop - start, (start, stop)
+        try:
+            yield
+        finally:
+            self.n, self.chunk = saved, None
+
+    def _hold(self, name: str, contrib, how: str) -> None:
+        start, stop = self.chunk
+        if self.delta is not None or self.scale is not None or "plain" not in self.geometries:
+            raise NotImplementedError("chunked examples give the plain Gram matrix only")
+        held = self.held.setdefault(name, [])
+        if any(s == start for s, _, _ in held) or name in self.geometries["plain"]["blocks"] \
+                or name in self.geometries["plain"]["shared"]:
+            raise NotImplementedError(f"parameter {name!r} is used more than once (shared across parts of the "
+                                      "model); chunked examples need one use per parameter")
+        held.append((start, stop, contrib))
+        self.chunked.add(name)
+        self.info[name] = f"{how}:{getattr(contrib, 'kind', 'materialised')} (chunked)"
+
+    def reduce_held(self) -> None:
+        """Turn the held chunk contributions into Gram blocks [n, n] (within- and cross-chunk terms)."""
+        held, self.held = self.held, {}
+        blocks = self.geometries["plain"]["blocks"] if "plain" in self.geometries else {}
+        for name, parts in held.items():
+            g = parts[0][2].gram() if len(parts) == 1 and parts[0][1] - parts[0][0] == self.n else \
+                _stacked_gram(parts, self.n)
+            blocks[name] = blocks[name] + g if name in blocks else g
 
     def segment_grad(self, output: torch.Tensor, inputs: list[torch.Tensor], grad: torch.Tensor) -> tuple:
         """Inside :meth:`segment`: pull ``grad`` from ``output`` back to ``inputs`` and to the segment's source
@@ -154,6 +196,10 @@ class GramEngine:
             use_index = {}
             for k in own:
                 name = self.name_of[id(module._parameters[k])]
+                if self.part_of.setdefault(name, self.segment_key) is not self.segment_key:
+                    # its uses would be reduced apart, losing their cross terms
+                    raise NotImplementedError(f"parameter {name!r} is used in more than one separately "
+                                              "differentiated part of the model")
                 touched = torch.unique(args[0]) if isinstance(module, torch.nn.Embedding) else None
                 use_index[k] = len(self.uses.setdefault(name, []))
                 self.uses[name].append(touched)
@@ -199,6 +245,11 @@ class GramEngine:
                 self._add(self.name_of[id(module._parameters[k])], use_index[k], contribs[k], rule.__name__)
 
     def _add(self, name: str, use: int, contrib, how: str):
+        if self.chunk is not None:
+            self._hold(name, contrib, how)
+            return
+        if name in self.chunked:
+            raise NotImplementedError(f"parameter {name!r} is used both inside and outside a chunked segment")
         delta = None if self.delta is None else self.delta[name]
         if not self.geometries:                     # dots only (update_dot)
             self.info[name] = f"{how}:dot"
@@ -299,6 +350,34 @@ class GramEngine:
                 out[name] = torch.zeros(self.n, self.n, dtype=torch.float64, device=p.device)
                 self.info.setdefault(name, "unused (zero gradient)")
         return out
+
+
+def _stacked_gram(parts: list, n: int) -> torch.Tensor:
+    """Gram matrix float64 [n, n] of per-example gradients given as chunk contributions ``(start, stop, c)``
+    (examples missing from every chunk have a zero gradient), materialised a block of parameter rows at a time."""
+    first = parts[0][2]
+    if all(isinstance(c, Dense) for _, _, c in parts) or getattr(first, "n_rows", None) is None:
+        whole = [(s, e, c.values if isinstance(c, Dense) else c.rows(None)) for s, e, c in parts]
+        flat = torch.zeros(n, whole[0][2][0].numel(), dtype=whole[0][2].dtype, device=whole[0][2].device)
+        for s, e, v in whole:
+            flat[s:e] = v.reshape(e - s, -1)
+        return _gram64(flat)
+    probe = first.rows(torch.zeros(1, dtype=torch.long, device=_device(first)))
+    width, n_rows = probe[0, 0].numel(), first.n_rows
+    out = torch.zeros(n, n, dtype=torch.float64, device=probe.device)
+    step = max(1, CHUNK_ELEMS // max(n * width, 1))
+    for r in range(0, n_rows, step):
+        index = torch.arange(r, min(r + step, n_rows), device=probe.device)
+        flat = torch.zeros(n, index.numel() * width, dtype=probe.dtype, device=probe.device)
+        for s, e, c in parts:
+            flat[s:e] = c.rows(index).reshape(e - s, -1)
+        out += _gram64(flat)
+    return out
+
+
+def _device(contrib) -> torch.device:
+    parts = getattr(contrib, "parts", None)
+    return parts[0][0].device if parts else torch.device("cpu")
 
 
 def _check_metric(named, tensors: Mapping[str, torch.Tensor] | None, what: str) -> None:
