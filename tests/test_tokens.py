@@ -293,3 +293,15 @@ def test_ambiguous_block_argument_falls_back_to_copies():
     grads = _loop_token_grads(model, batch, pair=0)
     assert rel_err(gram, grads @ grads.T) < 1e-10
     assert all("forward" not in block.__dict__ for block in model.layers)
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_blockwise_lora_adapters_only(chunk):
+    """Only adapter weights inside the blocks measured: nothing below the first block carries a gradient."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(MODELS["llama"](), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"],
+                                                                    init_lora_weights=False))
+    batch = random_batch(2, 101, seed=3)
+    gram = full_token_gram(model, batch, (0, 2), params="lora", strategy="blockwise", chunk=chunk)
+    grads = _loop_token_grads(model, batch, pair=0, params="lora")
+    assert rel_err(gram, grads @ grads.T) < 1e-10

@@ -6,14 +6,22 @@ Since ``s(y) = sum_t l_t``, the chosen x rejected block sums to the pair's Gram 
 
 Two methods:
 
-* ``"full"``: every parameter, exactly. Token t's log-prob depends only on the positions before it, so the
-  pair's K response tokens become K *prefix copies* (copy k = the sequence up to token k, left-padded,
-  scored at its last position only). Copies of a causal LM do not interact, so the capture engine's one
-  backward over the copies yields each token's own output gradients at every layer, and its per-layer rules
-  (ghost / materialised, sparse embeddings, tied-parameter cross terms, generic fallback) reduce them to the
-  K x K Gram matrix layer by layer. No Python loop over tokens and no full per-token gradient is ever held:
-  memory is the forward activations of the copies (sum over tokens of their prefix lengths, i.e. a batch of
-  K sequences of about the pair's length) plus one layer's per-token gradients at a time.
+* ``"full"``: every parameter, exactly, with the capture engine's per-layer rules (ghost / materialised,
+  sparse embeddings, tied-parameter cross terms, generic fallback) and no Python loop over tokens. Token t's
+  log-prob depends only on the positions before it, so one *copy* per response token, scored at its own
+  predicting position, separates the tokens' gradients (copies of a causal LM do not interact). Two ways:
+
+  - block-wise (the default): the copies of a sequence share its forward pass, so every transformer block
+    runs once on the pair's two rows and only its input is kept. The backward pulls the K per-token output
+    gradients down one block at a time: each block is re-run on a chunk of copies (``CHUNK_HIDDEN``) and
+    differentiated on its own, its layers' per-copy gradients are held until the block's chunks are done and
+    then reduced to the K x K Gram blocks (cross-chunk terms included). Memory: the pair's activations, one
+    chunk of one block's activations, and one block's per-copy gradient factors, not the whole model's.
+  - prefix copies (the fallback for a model whose layout the block-wise pass cannot use, with a warning):
+    K left-padded copies through the whole model at once; its memory grows with K times the depth.
+
+  Every block's re-run on the copies is checked against its output on the source rows, so an argument that
+  the block-wise pass misreads is caught and the fallback used, never a wrong number.
 * ``"head"``: the output layer alone, in closed form and without a backward pass. The gradient of ``l_t``
   w.r.t. the head weight is ``(e_{y_t} - p_t) h_t^T``, so
   ``<grad l_t, grad l_u> = ((e_{y_t} - p_t) . (e_{y_u} - p_u)) (h_t . h_u)``. For tied input/output
@@ -314,6 +322,9 @@ class Blockwise:
             if _any_grad((args, kwargs)):
                 raise BlockwiseUnsupported(f"block {name} gets a differentiable argument besides the hidden states")
             engine = current_engine()
+            if not hidden.requires_grad:    # nothing measured below this block: the backward must still reach it
+                hidden = hidden.detach().requires_grad_()
+                engine.sources.append(hidden)
             reduced_in = hidden.detach().index_select(0, self.rep)
             with torch.no_grad(), engine.paused():
                 try:
