@@ -122,6 +122,23 @@ def test_callback_does_not_change_training(tmp_path):
         [h["loss"] for h in with_cb.state.log_history if "loss" in h]
 
 
+def test_measurement_and_update_check_share_one_pass(tmp_path):
+    """With check_updates the measurement of a step comes from the pass that predicts its update: both tables hold
+    the same log-probs at θ_step; with the Adam view from the optimizer state before the step."""
+    cb = EntanglementCallback(_rows(4, 2), every=2, strict=True)
+    _dpo(tmp_path, cb, max_steps=4)
+    run = read_run(tmp_path / "out" / "entangle")
+    pairs, updates = run["pairs"], run["updates"]
+    assert sorted(updates["step"].unique()) == [0, 2] and sorted(pairs["step"].unique()) == [0, 2, 4]
+    assert run["summary_adam"]["step"].tolist() == [2]          # no Adam state before the first update
+    for step in (0, 2):
+        at = pairs[pairs["step"] == step].set_index("pair")
+        upd = updates[updates["step"] == step]
+        for side in ("chosen", "rejected"):
+            rows = upd[upd["side"] == side].set_index("pair")
+            assert rows["logp_before"].equals(at.loc[rows.index, f"logp_{side}"].rename("logp_before"))
+
+
 def test_failures_are_logged_or_raised(tmp_path, monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("injected failure")
