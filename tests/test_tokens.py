@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import matplotlib
 import pytest
 import torch
@@ -304,4 +306,17 @@ def test_blockwise_lora_adapters_only(chunk):
     batch = random_batch(2, 101, seed=3)
     gram = full_token_gram(model, batch, (0, 2), params="lora", strategy="blockwise", chunk=chunk)
     grads = _loop_token_grads(model, batch, pair=0, params="lora")
+    assert rel_err(gram, grads @ grads.T) < 1e-10
+
+
+def test_blockwise_on_real_stories260k_and_hh_pairs(hh_rows, stories_model, stories_tokenizer):
+    """The real pretrained tiny Llama (tied embeddings, GQA) on real HH-RLHF pairs, float64, chunked."""
+    from entangle.data import encode_pairs, load_pairs
+
+    model = stories_model.to(torch.float64)
+    batch = encode_pairs(stories_tokenizer, load_pairs(hh_rows[:2]), max_prompt_length=16, max_length=40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)          # no fallback to prefix copies
+        gram = full_token_gram(model, batch, (1, 3), strategy="auto", chunk=5)
+    grads = _loop_token_grads(model, batch, pair=1)
     assert rel_err(gram, grads @ grads.T) < 1e-10

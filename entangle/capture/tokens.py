@@ -314,9 +314,10 @@ class Blockwise:
         return max(1, CHUNK_HIDDEN // max(1, hidden[0].numel()))
 
     def _block_forward(self, block, orig, name: str):
-        def forward(hidden, *args, **kwargs):
+        def forward(*args, **kwargs):
             if self.recomputing:
-                return orig(hidden, *args, **kwargs)
+                return orig(*args, **kwargs)
+            hidden, args = (args[0], args[1:]) if args else (kwargs.pop("hidden_states", None), ())
             if not (torch.is_tensor(hidden) and hidden.dim() == 3 and hidden.shape[0] == self.k):
                 raise BlockwiseUnsupported(f"block {name} got a first argument that is not the hidden states [K, L, d]")
             if _any_grad((args, kwargs)):
