@@ -1,7 +1,7 @@
 """Wall-time overhead of EntanglementCallback on a short TRL DPO run, against the same run without it.
 
     python benchmarks/bench_callback.py [--steps 40] [--every 10] [--probe 16] [--batch 8] [--grad-accum 1]
-                                        [--repeats 3] [--no-update-check] [--no-adam]
+                                        [--repeats 5] [--no-update-check] [--no-adam]
 
 Both runs use the built-in GPT-2 (no downloads), the same data and seed; the callback measures a probe of
 ``--probe`` pairs every ``--every`` optimizer steps (Gram in the plain and Adam geometries, realised update) and
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--probe", type=int, default=16)
     parser.add_argument("--batch", type=int, default=8, help="pairs per micro-batch")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-embd", type=int, default=128)
     parser.add_argument("--no-update-check", action="store_true", help="callback check_updates=False")
