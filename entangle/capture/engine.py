@@ -335,10 +335,9 @@ class GramEngine:
             for k in use.names:
                 self._add(self.name_of[id(use.module._parameters[k])], use.index[k], contribs[k], "generic")
 
-    def finish(self, named_params) -> dict[str, torch.Tensor]:
+    def finish(self, named_params) -> dict[str, dict[str, torch.Tensor]]:
+        """Per-geometry Gram blocks per parameter (``{}`` for a dots-only pass: no geometry)."""
         self.flush_generic()
-        if self.delta is not None:
-            return {}
         return {kind: self._blocks(geometry, named_params) for kind, geometry in self.geometries.items()}
 
     def _blocks(self, geometry: dict, named_params) -> dict[str, torch.Tensor]:
@@ -411,15 +410,13 @@ def _run(model, batch, params, method, forward, preconditioner=None, delta=None,
                 bad = (~torch.isfinite(logps)).nonzero()[:, 0].tolist()
                 raise ValueError(f"non-finite log-probs for sequences {bad} (pairs {[i % (n // 2) for i in bad]})")
             engine.backward(logps.sum(), named)
-        engine.flush_generic()                          # every contribution is in, so every dot is complete
+        per_param = engine.finish(named)                # every contribution is in, so every dot is complete
         pred = None
         if delta is not None:
             pred = torch.zeros(n, dtype=torch.float64)
             for name, _ in named:
                 if name in engine.dots:
                     pred = pred + engine.dots[name].cpu()
-            engine.delta = None                         # dots done: finish() returns the Gram blocks
-        per_param = engine.finish(named)
     return engine, named, per_param, logps.detach().to(torch.float64), pred
 
 
