@@ -320,3 +320,32 @@ def test_blockwise_on_real_stories260k_and_hh_pairs(hh_rows, stories_model, stor
         gram = full_token_gram(model, batch, (1, 3), strategy="auto", chunk=5)
     grads = _loop_token_grads(model, batch, pair=1)
     assert rel_err(gram, grads @ grads.T) < 1e-10
+
+
+def _arch(name: str):
+    import transformers as T
+
+    common = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+    cfg, cls, kw, dtype = {
+        "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, common, torch.float64),
+        "mistral_sliding": (T.MistralConfig, T.MistralForCausalLM, {**common, "sliding_window": 4}, torch.float64),
+        # Gemma2 (logit soft-capping, alternating sliding / global attention) gives NaN rows in float64 itself
+        "gemma2": (T.Gemma2Config, T.Gemma2ForCausalLM, {**common, "head_dim": 8, "sliding_window": 4}, torch.float32),
+        "gpt_neox": (T.GPTNeoXConfig, T.GPTNeoXForCausalLM, {k: v for k, v in common.items()
+                                                             if k != "num_key_value_heads"}, torch.float64),
+        "phi3": (T.Phi3Config, T.Phi3ForCausalLM, {**common, "pad_token_id": 0}, torch.float64),
+    }[name]
+    torch.manual_seed(0)
+    return cls(cfg(**kw)).to(dtype).eval()
+
+
+@pytest.mark.parametrize("name", ["qwen2", "mistral_sliding", "gemma2", "gpt_neox", "phi3"])
+def test_blockwise_on_other_architectures(name):
+    model = _arch(name)
+    batch = random_batch(2, 101, padding_side="left", seed=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)               # block-wise, no fallback
+        gram = full_token_gram(model, batch, (1, 3), chunk=3)
+    grads = _loop_token_grads(model, batch, pair=1)
+    assert rel_err(gram, grads @ grads.T) < (1e-6 if name == "gemma2" else 1e-10)

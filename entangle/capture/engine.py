@@ -200,10 +200,18 @@ class GramEngine:
                     # its uses would be reduced apart, losing their cross terms
                     raise NotImplementedError(f"parameter {name!r} is used in more than one separately "
                                               "differentiated part of the model")
-                touched = torch.unique(args[0]) if isinstance(module, torch.nn.Embedding) else None
+                touched = torch.unique(args[0]) if rule is not None and isinstance(module, torch.nn.Embedding) else None
                 use_index[k] = len(self.uses.setdefault(name, []))
                 self.uses[name].append(touched)
             outs = [o for o in _tensors(output) if o.requires_grad]
+            for o in outs:
+                if o.dim() == 0 or o.shape[0] != self.n:
+                    raise RuntimeError(
+                        f"{type(module).__name__} (parameters {[self.name_of[id(module._parameters[k])] for k in own]}) "
+                        f"returned an output of shape {tuple(o.shape)} whose first dimension is not the batch of "
+                        f"{self.n} sequences (the model flattens or broadcasts the batch there), so per-sequence "
+                        "gradients cannot be separated at this layer; use method='exact' or leave these parameters "
+                        "out (params=...)")
             if not any(torch.is_tensor(a) and a.requires_grad for a in (*args, *kwargs.values())):
                 self.sources.extend(outs)
             if rule is None:

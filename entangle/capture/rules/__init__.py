@@ -34,12 +34,17 @@ def register_rule(*classes: type | str) -> Callable[[Rule], Rule]:
 
 
 def rule_for(module: torch.nn.Module) -> Rule | None:
-    """The registered rule for ``module``'s exact class (then its base classes), or None."""
+    """The registered rule for ``module``'s exact class, else for the nearest base class whose ``forward`` it
+    inherits unchanged, else None (the generic fallback).
+
+    A subclass that overrides ``forward`` computes something else with the same parameters (e.g. OPT's
+    learned positional embedding takes the attention mask and adds an offset): its base's rule would be wrong.
+    """
+    forward = type(module).forward
     for cls in type(module).__mro__:
-        if cls in RULES:
-            return RULES[cls]
-        if cls.__name__ in RULES_BY_NAME:
-            return RULES_BY_NAME[cls.__name__]
+        rule = RULES.get(cls) or RULES_BY_NAME.get(cls.__name__)
+        if rule is not None:
+            return rule if getattr(cls, "forward", None) is forward else None
     return None
 
 
