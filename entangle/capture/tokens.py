@@ -134,8 +134,9 @@ def full_token_gram(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], r
                     params: ParamSpec = None, strategy: str = "auto", chunk: int | None = None) -> torch.Tensor:
     """Exact per-token Gram matrix float64 [K, K] of the response tokens of ``rows`` (all of ``rows[0]`` first).
 
-    ``strategy``: ``"blockwise"`` (one forward of the rows, per-token backward one transformer block at a time;
-    memory of one block's per-token activations), ``"copies"`` (prefix copies through the whole model at once;
+    ``strategy``: ``"blockwise"`` (one forward of the rows, per-token backward one transformer block at a time,
+    each block re-run on ``chunk`` copies at a time (default: about ``CHUNK_HIDDEN`` hidden-state elements) and its
+    per-copy gradient factors held until the block is reduced), ``"copies"`` (prefix copies through the whole model at once;
     any causal LM), or ``"auto"``: block-wise where the model's layout allows it, copies otherwise (with a
     warning naming the reason).
     """
@@ -292,8 +293,10 @@ class Blockwise:
 
     The model runs on the K copies (embeddings, final norm and head see K rows), but every block of the
     stack found by :func:`find_blocks` is evaluated on the source rows only and its output repeated per copy;
-    only the block's per-row input is kept. In the backward, each block is re-run on the K copies and
-    differentiated on its own (an engine segment), so one block's per-copy activations are alive at a time.
+    only the block's per-row input is kept. In the backward, each block is re-run on chunks of the K copies
+    and differentiated on its own (an engine segment per chunk); the chunks' contributions are reduced to the
+    block's Gram blocks (cross-chunk terms included) before the next block down, so one chunk's activations and
+    one block's per-copy gradient factors are alive at a time.
     The head sees only the predicting position of each copy.
     """
 
