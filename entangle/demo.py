@@ -23,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
+from transformers.trainer_callback import ProgressCallback
 
 from .data import encode_pairs, load_pairs, with_pad_token
 from .runio import RunWriter, read_table
@@ -160,6 +161,8 @@ def _run(cfg: DemoConfig) -> Path:
     trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, processing_class=tok,
                          train_dataset=Dataset.from_list([{k: r[k] for k in columns} for r in train]),
                          callbacks=[callback])
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(_DemoProgress())
     trainer.train()
     if callback.monitor is not None:   # token maps of the most and least entangled probe pairs, at the final step
         callback.monitor.token_maps()
@@ -167,6 +170,19 @@ def _run(cfg: DemoConfig) -> Path:
     print(summary_text(run_dir))
     print(f"[entangle demo] done in {time.perf_counter() - t0:.0f} s; report: {report}")
     return report
+
+
+class _DemoProgress(ProgressCallback):
+    """transformers' progress bar, with the DPO loss and two entanglement scalars as its postfix instead of every
+    logged dict (about 100 ``entangle/...`` scalars per measurement) printed in full."""
+
+    SHOWN = {"loss": "loss", "entangle/share_both_fall": "both_fall", "entangle/cosine_q50": "cosine_q50"}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs:
+            shown = {v: f"{float(logs[k]):.3g}" for k, v in self.SHOWN.items() if k in logs}
+            if shown:
+                self.training_bar.set_postfix(shown)
 
 
 def summary_text(run_dir: str | Path) -> str:
