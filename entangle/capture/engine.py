@@ -87,7 +87,6 @@ class GramEngine:
         self.is_paused = False
         self.chunk: tuple[int, int] | None = None      # examples [start, stop) of the current chunk (see examples())
         self.held: dict[str, list] = {}               # param name -> [(start, stop, contribution)] of the chunks
-        self.chunked: set[str] = set()
         self.segment_key = None                         # which re-run part of the model is running (None: main)
         self.part_of: dict[str, object] = {}            # param name -> the part its uses were recorded in
         self.owners: list[tuple[torch.nn.Module, list[str]]] = []
@@ -142,12 +141,11 @@ class GramEngine:
         if self.delta is not None or self.scale is not None or "plain" not in self.geometries:
             raise NotImplementedError("chunked examples give the plain Gram matrix only")
         held = self.held.setdefault(name, [])
-        if any(s == start for s, _, _ in held) or name in self.geometries["plain"]["blocks"] \
-                or name in self.geometries["plain"]["shared"]:
-            raise NotImplementedError(f"parameter {name!r} is used more than once (shared across parts of the "
-                                      "model); chunked examples need one use per parameter")
+        # (a use in another part of the model is refused by the forward hook, see part_of)
+        if any(s == start for s, _, _ in held):
+            raise NotImplementedError(f"parameter {name!r} is used more than once in one chunk; chunked examples "
+                                      "need one use per parameter")
         held.append((start, stop, contrib))
-        self.chunked.add(name)
         self.info[name] = f"{how}:{getattr(contrib, 'kind', 'materialised')} (chunked)"
 
     def reduce_held(self) -> None:
@@ -256,8 +254,6 @@ class GramEngine:
         if self.chunk is not None:
             self._hold(name, contrib, how)
             return
-        if name in self.chunked:
-            raise NotImplementedError(f"parameter {name!r} is used both inside and outside a chunked segment")
         delta = None if self.delta is None else self.delta[name]
         if not self.geometries:                     # dots only (update_dot)
             self.info[name] = f"{how}:dot"

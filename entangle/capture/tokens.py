@@ -41,6 +41,7 @@ import torch
 from .engine import current_engine, measurement_mode, sequence_gram
 from .logprobs import model_logits, position_ids_from_mask, token_logps
 from .params import ParamSpec, select_params, unwrap_model
+from .rules.generic import _tensors, map_tensors
 
 METHODS = ("full", "head")
 BLOCKS = ("wl", "ww", "ll")
@@ -197,25 +198,9 @@ def _first_tensor(out) -> tuple[torch.Tensor, Callable]:
     raise BlockwiseUnsupported(f"a block returned {type(out).__name__} with several tensors")
 
 
-def _any_grad(x) -> bool:
-    if torch.is_tensor(x):
-        return x.requires_grad
-    if isinstance(x, tuple | list):
-        return any(_any_grad(v) for v in x)
-    if isinstance(x, dict):
-        return any(_any_grad(v) for v in x.values())
-    return False
-
-
 def _rows_of(x, k: int, index: torch.Tensor):
     """``x`` with every per-copy tensor (at least 2-D, leading dimension ``k``) reduced to the rows ``index``."""
-    if torch.is_tensor(x):
-        return x.index_select(0, index) if x.dim() >= 2 and x.shape[0] == k else x
-    if isinstance(x, tuple | list):
-        return type(x)(_rows_of(v, k, index) for v in x)
-    if isinstance(x, dict):
-        return {key: _rows_of(v, k, index) for key, v in x.items()}
-    return x
+    return map_tensors(x, lambda t: t.index_select(0, index) if t.dim() >= 2 and t.shape[0] == k else t)
 
 
 def find_blocks(model: torch.nn.Module) -> torch.nn.ModuleList | None:
@@ -323,7 +308,7 @@ class Blockwise:
             hidden, args = (args[0], args[1:]) if args else (kwargs.pop("hidden_states", None), ())
             if not (torch.is_tensor(hidden) and hidden.dim() == 3 and hidden.shape[0] == self.k):
                 raise BlockwiseUnsupported(f"block {name} got a first argument that is not the hidden states [K, L, d]")
-            if _any_grad((args, kwargs)):
+            if any(t.requires_grad for t in _tensors((args, kwargs))):
                 raise BlockwiseUnsupported(f"block {name} gets a differentiable argument besides the hidden states")
             engine = current_engine()
             if not hidden.requires_grad:    # nothing measured below this block: the backward must still reach it

@@ -12,16 +12,21 @@ import torch
 from ..contrib import Dense
 
 
+def map_tensors(x, fn):
+    """``x`` (a tensor, or tuples / lists / dicts of them, nested) with ``fn`` applied to every tensor."""
+    if torch.is_tensor(x):
+        return fn(x)
+    if isinstance(x, tuple | list):
+        return type(x)(map_tensors(v, fn) for v in x)
+    if isinstance(x, dict):
+        return {k: map_tensors(v, fn) for k, v in x.items()}
+    return x
+
+
 def _slice(x, i: int, n: int):
     """Sequence ``i`` of every tensor with batch dimension ``n``, detached: only the module's own parameters are
     differentiated, and the forward graph the inputs came from may already be freed."""
-    if torch.is_tensor(x):
-        return (x[i:i + 1] if x.dim() > 0 and x.shape[0] == n else x).detach()
-    if isinstance(x, tuple | list):
-        return type(x)(_slice(v, i, n) for v in x)
-    if isinstance(x, dict):
-        return {k: _slice(v, i, n) for k, v in x.items()}
-    return x
+    return map_tensors(x, lambda t: (t[i:i + 1] if t.dim() > 0 and t.shape[0] == n else t).detach())
 
 
 def _tensors(out) -> list[torch.Tensor]:
