@@ -1,0 +1,39 @@
+"""The benchmark scripts run end to end on tiny settings and print the numbers the README quotes (no timing asserted)."""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run(script: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_bench_callback_prints_overhead_and_lower_bound():
+    out = _run("bench_callback.py", "--steps", "2", "--every", "1", "--repeats", "1", "--n-layer", "1",
+               "--n-embd", "32", "--batch", "2", "--grad-accum", "2")
+    assert "40 steps" not in out and "2 steps of 2 x 2 pairs" in out
+    assert "(3 measurements; update check on, Adam view on)" in out
+    base, with_cb = map(float, re.search(r"without callback: ([\d.]+) s\s+with callback: ([\d.]+) s", out).groups())
+    overhead = float(re.search(r"overhead: ([+-][\d.]+)%", out).group(1))
+    assert base > 0 and with_cb > 0
+    assert math.isclose(overhead, 100 * (with_cb / base - 1), abs_tol=0.6)    # printed seconds are rounded
+    bound = re.search(r"lower bound .* ~ ([\d.]+) optimizer steps -> ([+-][\d.]+)% at 3 measurements in 2 steps", out)
+    steps, percent = map(float, bound.groups())
+    assert steps > 0 and math.isclose(percent, 100 * steps * 3 / 2, rel_tol=0.05, abs_tol=0.2)
+
+
+def test_bench_tokens_prints_one_row_per_method():
+    out = _run("bench_tokens.py", "--responses", "4", "--methods", "loop", "full", "head", "--layers", "1",
+               "--repeat", "1")
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if re.match(r"\| 1 \| \d+ \|", line)]
+    assert [r[2].strip() for r in rows] == ["loop", "full", "head"]
+    assert all(float(r[3]) > 0 for r in rows) and rows[0][4].strip() == "1.0×"
