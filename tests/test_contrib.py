@@ -43,3 +43,38 @@ def test_factored_dot_batched_and_span_by_span():
     inputs[0, 5] = float("nan")                      # outside sequence 0's span, inside the union span
     torch.testing.assert_close(Factored.from_padded(grad_out, inputs, valid).dot(delta), expected,
                                rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [None, 8])
+@pytest.mark.parametrize("restrict", [False, True])
+@pytest.mark.parametrize("nan_outside", [False, True])
+def test_dual_gram_plain_scaled_and_dots_from_one_materialisation(monkeypatch, chunk, restrict, nan_outside):
+    """dual_gram's (plain Gram, preconditioned Gram, dots with an update) equal products of the full per-example
+    gradients: padded spans, row chunks (the update rides along as an extra row of each chunk), a restricted
+    contribution (a tied head's shared rows), and a non-finite padded activation outside every span."""
+    if chunk is not None:
+        monkeypatch.setattr(contrib, "CHUNK_ELEMS", chunk)
+    g = torch.Generator().manual_seed(2)
+    n, length, a, b = 4, 6, 5, 3
+    valid = torch.tensor([[0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 0], [0, 1, 0, 1, 0, 0]],
+                         dtype=torch.bool)
+    left = torch.randn(n, length, a, generator=g, dtype=torch.float64) * valid[..., None]    # output gradients
+    right = torch.randn(n, length, b, generator=g, dtype=torch.float64)
+    if nan_outside:
+        right[0, 4] = float("nan")                   # outside sequence 0's span, inside the union span
+    scale = torch.rand(a, b, generator=g, dtype=torch.float64) + 0.5
+    delta = torch.randn(a, b, generator=g, dtype=torch.float64)
+    full = torch.stack([(left[i] * valid[i, :, None]).T @ torch.nan_to_num(right[i]) for i in range(n)])
+    c = Factored.from_padded(left, right, valid, mode="materialise")
+    keep = torch.tensor([0, 2, 3]) if restrict else torch.arange(a)      # the parameter rows kept
+    if restrict:
+        c = c.restricted(keep)
+    flat = full[:, keep].flatten(1)
+    plain, scaled, dots = contrib.dual_gram(c, scale, delta)            # scale and delta: the whole parameter's
+    torch.testing.assert_close(plain, flat @ flat.T, rtol=1e-12, atol=1e-12)
+    weighted = (full * scale)[:, keep].flatten(1)
+    torch.testing.assert_close(scaled, weighted @ weighted.T, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dots, flat @ delta[keep].flatten(), rtol=1e-12, atol=1e-12)
+    only_plain, none_scaled, none_dots = contrib.dual_gram(c, None, None)
+    torch.testing.assert_close(only_plain, flat @ flat.T, rtol=1e-12, atol=1e-12)
+    assert none_scaled is None and none_dots is None

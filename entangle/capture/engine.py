@@ -379,8 +379,7 @@ def _stacked_gram(parts: list, n: int) -> torch.Tensor:
 
 
 def _device(contrib) -> torch.device:
-    parts = getattr(contrib, "parts", None)
-    return parts[0][0].device if parts else torch.device("cpu")
+    return getattr(contrib, "device", None) or torch.device("cpu")
 
 
 def _check_metric(named, tensors: Mapping[str, torch.Tensor] | None, what: str) -> None:
