@@ -7,6 +7,7 @@ parameter produces, without necessarily materialising them. It offers:
 * ``rows(index)``     -> float [N, R, ...], ``g_i`` restricted to parameter rows ``index`` (a sorted
                          LongTensor; ``None`` = all rows); used for cross terms and metrics;
 * ``dot(delta)``      -> float64 [N], ``<g_i, delta>`` (THEORY §5);
+  (``pair_stats`` / ``dual_pairs`` reduce rows to the within-pair entries of the Gram and ``K c`` instead);
 * ``restricted(index)`` -> a contribution that only keeps what ``rows`` needs for those rows;
 * ``touched``         the parameter rows that can be non-zero (``None`` = all); for an embedding
                       lookup the token ids, which keeps tied input/output embeddings cheap.
@@ -316,6 +317,62 @@ def dual_gram(contrib, scale: torch.Tensor | None, delta: torch.Tensor | None = 
             dot += _cross64(rows.flatten(1), delta[index].reshape(1, -1).to(rows.dtype))[:, 0]
         if scale is not None:
             scaled += _gram64(rows.mul_(scale[index].to(rows.dtype)).flatten(1))
+    return plain, scaled, dot
+
+
+def pair_stats(flat: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """float64 [3, N] from per-example rows ``flat`` [N, P] of N = 2B sequences (pair k = rows k and B + k):
+    ``||g_i||^2``, ``<g_i, g_partner(i)>`` and ``(K c)_i = <g_i, sum_j c_j g_j>`` with ``c = weights`` [N].
+
+    O(N P) work instead of the O(N^2 P) of the whole Gram matrix; float32 partial sums over column blocks,
+    accumulated in float64, as in the Gram products.
+    """
+    n, b = flat.shape[0], flat.shape[0] // 2
+    out = torch.zeros(3, n, dtype=torch.float64, device=flat.device)
+    c = weights.to(device=flat.device, dtype=flat.dtype)
+    for s in range(0, flat.shape[1], PARTIAL_SUM):
+        x = flat[:, s:s + PARTIAL_SUM]
+        out[0] += torch.linalg.vector_norm(x, dim=1).to(torch.float64).square()    # one read (vecdot(x, x): two)
+        cross = torch.linalg.vecdot(x[:b], x[b:]).to(torch.float64)
+        out[1, :b] += cross
+        out[1, b:] += cross
+        out[2] += (x @ (c @ x)).to(torch.float64)
+    return out
+
+
+def stats_of_gram(gram: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """What :func:`pair_stats` gives, read off a whole Gram matrix [N, N]."""
+    b = gram.shape[0] // 2
+    k = torch.arange(b, device=gram.device)
+    cross = gram[k, b + k]
+    return torch.stack([gram.diagonal(), torch.cat([cross, cross]), gram @ weights.to(gram)])
+
+
+def dual_pairs(contrib, scale: torch.Tensor | None, weights: torch.Tensor, delta: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`dual_gram` reduced to :func:`pair_stats`: ``(plain [3, N], preconditioned [3, N] or None,
+    <g_i, delta> [N] or None)``, materialising each per-example row chunk once. Contributions that are not
+    materialised anyway (ghost, sparse embeddings) form their Gram matrices and read the statistics off them."""
+    if isinstance(contrib, Dense):
+        flat = contrib.values.reshape(contrib.n, -1)
+        return (pair_stats(flat, weights),
+                None if scale is None else pair_stats(flat * scale.reshape(1, -1).to(flat.dtype), weights),
+                None if delta is None else contrib.dot(delta))
+    if not isinstance(contrib, Factored) or contrib.kind != "materialised":
+        plain, scaled, dot = dual_gram(contrib, scale, delta)
+        return stats_of_gram(plain, weights), None if scaled is None else stats_of_gram(scaled, weights), dot
+    plain = torch.zeros(3, contrib.n, dtype=torch.float64, device=contrib.device)
+    scaled = None if scale is None else torch.zeros_like(plain)
+    dot = None if delta is None else torch.zeros(contrib.n, dtype=torch.float64, device=plain.device)
+    step = max(1, CHUNK_ELEMS // max(contrib.n * contrib.width, 1))
+    for s in range(0, contrib.n_rows, step):
+        index = slice(s, s + step) if contrib.row_ids is None else contrib.row_ids[s:s + step]
+        rows = contrib.rows(index)                 # a fresh buffer: scaled in place below
+        plain += pair_stats(rows.flatten(1), weights)
+        if delta is not None:
+            dot += _cross64(rows.flatten(1), delta[index].reshape(1, -1).to(rows.dtype))[:, 0]
+        if scale is not None:
+            scaled += pair_stats(rows.mul_(scale[index].to(rows.dtype)).flatten(1), weights)
     return plain, scaled, dot
 
 

@@ -14,7 +14,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .contrib import CHUNK_ELEMS, Dense, Scaled, SharedParameter, _gram64, dual_gram
+from .contrib import (
+    CHUNK_ELEMS,
+    Dense,
+    Scaled,
+    SharedParameter,
+    _gram64,
+    dual_gram,
+    dual_pairs,
+    stats_of_gram,
+)
 from .exact import exact_gram, per_sequence_grads
 from .logprobs import check_batch, model_logits, response_lengths, token_logps
 from .params import ParamSpec, select_params, unwrap_model
@@ -23,6 +32,7 @@ from .rules import rule_for
 from .rules.generic import _tensors, generic
 
 METHODS = ("auto", "exact", "ghost", "materialise")
+STRUCTURES = ("full", "pairs")
 _ACTIVE: list[GramEngine] = []          # engines whose hooks are installed, innermost last
 
 
@@ -66,12 +76,15 @@ class GramEngine:
 
     def __init__(self, model: torch.nn.Module, named_params, n: int, mode: str = "auto",
                  preconditioner: Mapping[str, torch.Tensor] | None = None,
-                 delta: Mapping[str, torch.Tensor] | None = None, plain: bool = True):
+                 delta: Mapping[str, torch.Tensor] | None = None, plain: bool = True, pairs: bool = False):
         self.n, self.mode = n, mode
+        # pairs: per parameter only the within-pair Gram entries and K c (float64 [3, N], see contrib.pair_stats),
+        # with c = self.weights, set between the forward and the backward pass
+        self.pairs, self.weights = pairs, None
         self.scale = None if preconditioner is None else {k: v.sqrt() for k, v in preconditioner.items()}
         # Gram blocks per geometry: "plain" <g_i, g_j> and/or "preconditioned" g_i^T P g_j, from the same pass
         kinds = (["plain"] if plain or preconditioner is None else []) + (["preconditioned"] if self.scale else [])
-        self.geometries = {k: {"blocks": {}, "shared": {}} for k in kinds}
+        self.geometries = {k: {"blocks": {}, "shared": {}, "stats": {}} for k in kinds}
         self.delta = delta
         self.dots: dict[str, torch.Tensor] = {}   # param name -> <g_i, delta> [N] (delta mode)
         self.name_of = {id(p): name for name, p in named_params}
@@ -138,7 +151,7 @@ class GramEngine:
 
     def _hold(self, name: str, contrib, how: str) -> None:
         start, stop = self.chunk
-        if self.delta is not None or self.scale is not None or "plain" not in self.geometries:
+        if self.delta is not None or self.scale is not None or "plain" not in self.geometries or self.pairs:
             raise NotImplementedError("chunked examples give the plain Gram matrix only")
         held = self.held.setdefault(name, [])
         # (a use in another part of the model is refused by the forward hook, see part_of)
@@ -262,10 +275,13 @@ class GramEngine:
             # both geometries and the dot from one materialisation of the per-example gradients
             self.info[name] = f"{how}:{getattr(contrib, 'kind', 'materialised')}"
             scale = None if self.scale is None else self.scale[name]
-            plain, scaled, dot = dual_gram(contrib, scale, delta)
+            if self.pairs:
+                plain, scaled, dot = dual_pairs(contrib, scale, self.weights, delta)
+            else:
+                plain, scaled, dot = dual_gram(contrib, scale, delta)
             for kind, g in (("plain", plain), ("preconditioned", scaled)):
                 if g is not None:
-                    blocks = self.geometries[kind]["blocks"]
+                    blocks = self.geometries[kind]["stats" if self.pairs else "blocks"]
                     blocks[name] = blocks[name] + g if name in blocks else g
         else:
             self.info[name] = f"{how}:{getattr(contrib, 'kind', 'materialised')}"
@@ -340,17 +356,30 @@ class GramEngine:
                 self._add(self.name_of[id(use.module._parameters[k])], use.index[k], contribs[k], "generic")
 
     def finish(self, named_params) -> dict[str, dict[str, torch.Tensor]]:
-        """Per-geometry Gram blocks per parameter (``{}`` for a dots-only pass: no geometry)."""
+        """Per-geometry Gram blocks [N, N] per parameter (``{}`` for a dots-only pass: no geometry); with
+        ``pairs``, per-parameter statistics [3, N] instead (blocks of shared parameters are reduced to them)."""
         self.flush_generic()
-        return {kind: self._blocks(geometry, named_params) for kind, geometry in self.geometries.items()}
+        if not self.pairs:
+            return {kind: self._blocks(geometry, named_params) for kind, geometry in self.geometries.items()}
+        out = {}
+        for kind, geometry in self.geometries.items():
+            reduced = {name: stats_of_gram(g, self.weights) for name, g in self._blocks(geometry).items()}
+            for name, stats in geometry["stats"].items():
+                reduced[name] = reduced[name] + stats if name in reduced else stats
+            out[kind] = self._complete(reduced, named_params, (3, self.n))
+        return out
 
-    def _blocks(self, geometry: dict, named_params) -> dict[str, torch.Tensor]:
+    def _blocks(self, geometry: dict, named_params=None) -> dict[str, torch.Tensor]:
+        """Gram blocks of the parameters reached (of every parameter in ``named_params`` order, when given)."""
         blocks = {**geometry["blocks"], **{name: acc.gram() for name, acc in geometry["shared"].items()}}
+        return blocks if named_params is None else self._complete(blocks, named_params, (self.n, self.n))
+
+    def _complete(self, values: dict[str, torch.Tensor], named_params, shape) -> dict[str, torch.Tensor]:
         out = {}
         for name, p in named_params:
-            out[name] = blocks.get(name)
+            out[name] = values.get(name)
             if out[name] is None:                       # parameter not reached by the log-probs
-                out[name] = torch.zeros(self.n, self.n, dtype=torch.float64, device=p.device)
+                out[name] = torch.zeros(*shape, dtype=torch.float64, device=p.device)
                 self.info.setdefault(name, "unused (zero gradient)")
         return out
 
@@ -394,9 +423,11 @@ def _check_metric(named, tensors: Mapping[str, torch.Tensor] | None, what: str) 
             raise ValueError(f"{what}[{name!r}] has NaN/inf entries")
 
 
-def _run(model, batch, params, method, forward, preconditioner=None, delta=None, plain=True, gram=True):
-    """One forward and one backward pass: per-parameter Gram blocks per geometry (``{}`` with ``gram=False``),
-    the log-probs and, with ``delta``, the dots ``<g_i, delta>`` [N] (float64, CPU; ``None`` without)."""
+def _run(model, batch, params, method, forward, preconditioner=None, delta=None, plain=True, gram=True,
+         weights=None):
+    """One forward and one backward pass: per-parameter Gram blocks per geometry (``{}`` with ``gram=False``;
+    with ``weights``, the ``"pairs"`` statistics [3, N] instead), the log-probs, the weights used (or ``None``) and,
+    with ``delta``, the dots ``<g_i, delta>`` [N] (float64, CPU; ``None`` without)."""
     model = unwrap_model(model)
     check_batch(model, batch)
     named = select_params(model, params)
@@ -404,7 +435,8 @@ def _run(model, batch, params, method, forward, preconditioner=None, delta=None,
     _check_metric(named, delta, "delta")
     n = batch["input_ids"].shape[0]
     with measurement_mode(model, named):
-        engine = GramEngine(model, named, n, mode=method, preconditioner=preconditioner, delta=delta, plain=plain)
+        engine = GramEngine(model, named, n, mode=method, preconditioner=preconditioner, delta=delta, plain=plain,
+                            pairs=weights is not None)
         if not gram:
             engine.geometries = {}                      # dots only: no Gram block is accumulated
         with engine:
@@ -412,6 +444,8 @@ def _run(model, batch, params, method, forward, preconditioner=None, delta=None,
             if not torch.isfinite(logps).all():
                 bad = (~torch.isfinite(logps)).nonzero()[:, 0].tolist()
                 raise ValueError(f"non-finite log-probs for sequences {bad} (pairs {[i % (n // 2) for i in bad]})")
+            if weights is not None:
+                engine.weights = _pair_weights(weights, logps, n)
             engine.backward(logps.sum(), named)
         per_param = engine.finish(named)                # every contribution is in, so every dot is complete
         pred = None
@@ -423,6 +457,18 @@ def _run(model, batch, params, method, forward, preconditioner=None, delta=None,
     return engine, named, per_param, logps.detach().to(torch.float64), pred
 
 
+def _pair_weights(weights, logps: torch.Tensor, n: int) -> torch.Tensor:
+    """The vector c [n] (float64, on the log-probs' device) of a ``"pairs"`` measurement, checked."""
+    w = weights(logps.detach().to(torch.float64)) if callable(weights) else weights
+    w = torch.as_tensor(w).detach().to(device=logps.device, dtype=torch.float64).flatten()
+    if w.shape[0] != n:
+        raise ValueError(f"weights has {w.shape[0]} entries for {n} sequences")
+    bad = (~torch.isfinite(w)).nonzero()[:, 0].tolist()
+    if bad:
+        raise ValueError(f"non-finite weights for sequences {bad} (pairs {sorted({i % (n // 2) for i in bad})})")
+    return w
+
+
 def sequence_gram(
     model: torch.nn.Module,
     batch: Mapping[str, torch.Tensor],
@@ -432,6 +478,8 @@ def sequence_gram(
     preconditioner: Mapping[str, torch.Tensor] | None = None,
     plain: bool = False,
     delta: Mapping[str, torch.Tensor] | None = None,
+    structure: str = "full",
+    weights: torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> GramResult | tuple[GramResult, torch.Tensor]:
     """Gram matrix of per-sequence gradients of the summed response log-probs (THEORY §1, §4, §6).
 
@@ -448,6 +496,11 @@ def sequence_gram(
             ``result.preconditioned``, both from the same forward and backward pass.
         delta: optional parameter update (as in :func:`update_dot`); its first-order prediction
             ``<g_i, delta>`` then comes from the same pass as the Gram matrix, at no extra forward or backward.
+        structure: ``"full"`` (the whole matrix), or ``"pairs"``: only each sequence's squared norm, the inner
+            product of each pair (rows k and B + k) and ``K @ weights``, with O(N) instead of O(N^2) products
+            (what the per-pair frames need; see :class:`GramResult`). Needs ``weights``.
+        weights: for ``"pairs"``, the vector c [2B] of ``K @ c``, or a function of the log-probs [2B] (float64)
+            computed in the forward pass that returns it (e.g. the batch-mean loss's coefficients / B).
 
     Returns:
         :class:`GramResult` with ``matrix`` float64 [2B, 2B], ``logps``, ``lengths`` and per-parameter
@@ -456,6 +509,18 @@ def sequence_gram(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if structure not in STRUCTURES:
+        raise ValueError(f"unknown structure {structure!r}; choose one of {STRUCTURES}")
+    if structure == "pairs" and weights is None:
+        raise ValueError('structure="pairs" needs weights (the vector c of K @ c, or a function of the log-probs)')
+    if structure == "pairs" and batch["input_ids"].shape[0] % 2:
+        raise ValueError(f'structure="pairs" needs 2B sequences (chosen, then rejected); got '
+                         f'{batch["input_ids"].shape[0]}')
+    if method == "exact" and structure == "pairs":
+        full = sequence_gram(model, batch, params, method, forward, preconditioner, plain, delta)
+        gram, pred = full if delta is not None else (full, None)
+        out = gram.pairs_only(_pair_weights(weights, gram.logps, gram.logps.shape[0]).cpu())
+        return out if delta is None else (out, pred)
     if method == "exact":
         model = unwrap_model(model)
         check_batch(model, batch)
@@ -469,11 +534,14 @@ def sequence_gram(
             return out
         return out, update_dot(model, batch, delta, params, forward, method="exact")[0]
     engine, named, geometries, logps, pred = _run(model, batch, params, method, forward,
-                                                  preconditioner=preconditioner, delta=delta, plain=plain)
+                                                  preconditioner=preconditioner, delta=delta, plain=plain,
+                                                  weights=weights if structure == "pairs" else None)
 
     def result(per_param):
-        return GramResult(matrix=torch.stack(list(per_param.values())).sum(0), logps=logps,
-                          lengths=response_lengths(batch), per_param=per_param, method=method, info=engine.info)
+        fields = {"logps": logps, "lengths": response_lengths(batch), "method": method, "info": engine.info}
+        if structure == "pairs":
+            return GramResult.from_pair_stats(per_param, engine.weights, **fields)
+        return GramResult(matrix=torch.stack(list(per_param.values())).sum(0), per_param=per_param, **fields)
 
     if "plain" not in geometries:
         out = result(geometries["preconditioned"])

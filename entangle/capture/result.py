@@ -42,6 +42,11 @@ class GramResult:
         info: how each module was handled (rule name, ghost/materialised), for inspection.
         preconditioned: the same batch in Adam's geometry, when measured in the same pass
             (``sequence_gram(..., preconditioner=P, plain=True)``).
+        structure: ``"full"``, or ``"pairs"`` (``sequence_gram(..., structure="pairs", weights=c)``): only the
+            within-pair entries ``K_ii`` and ``K_{k,B+k}`` of ``matrix`` and of every block are measured, the
+            others are NaN, and ``kc`` holds ``K @ weights``.
+        weights: the vector ``c`` [2B] of a ``"pairs"`` result; kc: float64 [2B], ``K @ c`` (exact, from the same
+            pass, though ``K`` itself is not formed).
     """
 
     matrix: torch.Tensor
@@ -51,6 +56,9 @@ class GramResult:
     method: str = "auto"
     info: dict[str, str] = field(default_factory=dict)
     preconditioned: GramResult | None = None
+    structure: str = "full"
+    weights: torch.Tensor | None = None
+    kc: torch.Tensor | None = None
 
     @property
     def n_pairs(self) -> int:
@@ -68,3 +76,36 @@ class GramResult:
             g = key(name)
             out[g] = out[g] + block if g in out else block.clone()
         return out
+
+    @classmethod
+    def from_pair_stats(cls, stats: dict[str, torch.Tensor], weights: torch.Tensor, **fields) -> GramResult:
+        """A ``"pairs"`` result from per-parameter statistics float64 [3, N] (``||g_i||^2``,
+        ``<g_i, g_partner(i)>``, ``(K c)_i``; see ``capture.contrib.pair_stats``)."""
+        total = torch.stack(list(stats.values())).sum(0)
+        return cls(matrix=_pair_block(total), per_param={name: _pair_block(st) for name, st in stats.items()},
+                   structure="pairs", weights=weights, kc=total[2], **fields)
+
+    def pairs_only(self, weights: torch.Tensor) -> GramResult:
+        """This full result reduced to what ``structure="pairs"`` measures (the slow twin of that path)."""
+        if self.structure != "full":
+            raise ValueError("pairs_only needs a full Gram result")
+        from entangle.capture.contrib import stats_of_gram
+
+        w = torch.as_tensor(weights, dtype=torch.float64)
+        out = GramResult.from_pair_stats({n: stats_of_gram(b.to(torch.float64), w.to(b.device))
+                                          for n, b in self.per_param.items()}, w, logps=self.logps,
+                                         lengths=self.lengths, method=self.method, info=self.info)
+        if self.preconditioned is not None:
+            out.preconditioned = self.preconditioned.pairs_only(weights)
+        return out
+
+
+def _pair_block(stats: torch.Tensor) -> torch.Tensor:
+    """[N, N], NaN except the diagonal and the within-pair entries, from statistics [3, N]."""
+    n = stats.shape[1]
+    b = n // 2
+    block = torch.full((n, n), float("nan"), dtype=torch.float64, device=stats.device)
+    idx = torch.arange(n, device=stats.device)
+    block[idx, idx] = stats[0]
+    block[idx, (idx + b) % n] = stats[1]
+    return block

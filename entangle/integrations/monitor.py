@@ -49,13 +49,13 @@ import torch
 
 import entangle
 from entangle.capture.engine import measurement_mode, sequence_gram, update_dot
-from entangle.capture.logprobs import sequence_logps
+from entangle.capture.logprobs import response_lengths, sequence_logps
 from entangle.capture.optim import adam_preconditioner
 from entangle.capture.params import ParamSpec, parameters_at, select_params, unwrap_model
 from entangle.capture.result import GramResult
 from entangle.data import TOKEN_FIELDS, encode_pairs, load_pairs
 from entangle.integrations.distributed import broadcast_from_main, gather_to_main, rank_and_world, shard
-from entangle.metrics import pair_frame, resolve_objective, summarize
+from entangle.metrics import batch_weights, pair_frame, resolve_objective, summarize
 from entangle.runio import RunWriter
 
 logger = logging.getLogger(__name__)
@@ -122,6 +122,9 @@ class Monitor:
         strict: re-raise exceptions from measurements instead of logging them and going on.
         loss_weights: weights of a list ``objective``.
         method: Gram method of ``sequence_gram``.
+        structure: ``"pairs"`` (default) measures what the tables need, each pair's norms and inner product and
+            the batch view ``K c``, with per-example products linear in the probe size; ``"full"`` forms the whole
+            probe Gram matrix (quadratic; same tables).
         adam: also measure in Adam's preconditioned geometry when an Adam/AdamW optimizer with state is given.
         fixed_reference: the reference does not change during training (TRL's default), so its probe log-probs
             are computed once; ``False`` recomputes them at every measurement (e.g. TRL's ``sync_ref_model``).
@@ -150,6 +153,7 @@ class Monitor:
         truncation: str = "keep_start",
         loss_weights: Sequence[float] | None = None,
         method: str = "auto",
+        structure: str = "pairs",
         adam: bool = True,
         distributed: bool = True,
         pref_col: str | None = None,
@@ -157,6 +161,9 @@ class Monitor:
         **hyper: Any,
     ):
         self.model, self.params, self.strict, self.method, self.adam = model, params, strict, method, adam
+        if structure not in ("pairs", "full"):
+            raise ValueError(f"structure must be 'pairs' or 'full', got {structure!r}")
+        self.structure = structure
         self.fixed_reference = fixed_reference
         self.objective = resolve_objective(objective, loss_weights)
         self.hyper = hyper
@@ -273,13 +280,25 @@ class Monitor:
             return None
         with preserved_rng():
             P = self._preconditioner(optimizer)      # plain and Adam geometry come from one backward pass
+            ref = self._reference()
             gram = sequence_gram(self.model, self._on(unwrap_model(self.model)), params=self.params,
-                                 method=self.method, preconditioner=P, plain=True)
-            return self._measurement(gram, step, lr)
+                                 method=self.method, preconditioner=P, plain=True, **self._structure(ref))
+            return self._measurement(gram, step, lr, ref)
 
-    def _measurement(self, gram: GramResult, step: int, lr: float) -> dict[str, pd.DataFrame]:
+    def _structure(self, ref: torch.Tensor | None) -> dict[str, Any]:
+        """``sequence_gram`` arguments for ``self.structure``: with ``"pairs"``, the batch-view weights c."""
+        if self.structure == "full":
+            return {}
+        lengths = response_lengths(self.batch)
+
+        def weights(logps: torch.Tensor) -> torch.Tensor:
+            return batch_weights(self.objective, logps, lengths, ref, **self.hyper)
+
+        return {"structure": "pairs", "weights": weights}
+
+    def _measurement(self, gram: GramResult, step: int, lr: float, ref: torch.Tensor | None
+                     ) -> dict[str, pd.DataFrame]:
         """The local tables of one measurement from its Gram result (plain, with the Adam geometry attached)."""
-        ref = self._reference()
         frame = self._frame(gram, ref, step, lr)
         self._pre = (step, np.concatenate([frame["batch_dlogp_chosen"], frame["batch_dlogp_rejected"]]))
         out = {"pairs": frame, "layers": layer_frame(gram, step, self.pairs)}
@@ -461,11 +480,13 @@ class Monitor:
                     pred, logp_before = update_dot(model, self._on(model), delta, params=self.params,
                                                    method=self.method)
                 else:                            # the measurement of θ_step and the prediction from one pass
+                    ref = self._reference()
                     gram, pred = sequence_gram(model, self._on(model), params=self.params, method=self.method,
-                                               preconditioner=deferred[0], plain=True, delta=delta)
+                                               preconditioner=deferred[0], plain=True, delta=delta,
+                                               **self._structure(ref))
                     logp_before = gram.logps
             if deferred is not None:
-                measured = self._measurement(gram, step, deferred[1])
+                measured = self._measurement(gram, step, deferred[1], ref)
         pred_gradient = self._pre[1] if self._pre is not None and self._pre[0] == step else np.full(len(after), np.nan)
         b = len(self.pairs)
         pair = np.array(self.pairs * 2)

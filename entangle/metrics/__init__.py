@@ -9,7 +9,7 @@ from entangle.metrics.objectives import (
     register_objective,
     resolve_objective,
 )
-from entangle.metrics.pairs import PAIR_COLUMNS, REGIMES, pair_frame, regime_of, summarize
+from entangle.metrics.pairs import PAIR_COLUMNS, REGIMES, batch_weights, pair_frame, regime_of, summarize
 
 __all__ = [
     "PAIR_COLUMNS",
@@ -17,6 +17,7 @@ __all__ = [
     "Objective",
     "WeightedObjective",
     "available_objectives",
+    "batch_weights",
     "coefficients",
     "get_objective",
     "pair_frame",

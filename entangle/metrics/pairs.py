@@ -99,7 +99,7 @@ def pair_frame(
     pred_l = lr * (a_w * k_wl + a_l * k_ll)
     # §4: the whole minibatch, Δs ≈ η K c with c the coefficients of the batch-mean loss
     c = torch.cat([a_w, a_l]) / B
-    batch = lr * (K @ c)
+    batch = lr * _batch_product(gram, K, c)
 
     cosine = k_wl / (k_ww * k_ll).sqrt()  # NaN/inf for a zero gradient: counted by summarize
     ratio = k_wl / torch.minimum(k_ww, k_ll)
@@ -133,6 +133,38 @@ def pair_frame(
     return frame
 
 
+def batch_weights(objective: ObjectiveSpec, logps: torch.Tensor, lengths: torch.Tensor,
+                  ref_logps: torch.Tensor | None = None, loss_weights: Sequence[float] | None = None,
+                  **hyper: Any) -> torch.Tensor:
+    """c = cat(a_w, a_l) / B [2B] float64: the coefficients of the batch-mean loss, as ``pair_frame`` uses them in
+    ``batch_dlogp = η K c``; pass it (or a function of the log-probs returning it) as
+    ``sequence_gram(..., structure="pairs", weights=...)``."""
+    s = torch.as_tensor(logps).detach().to(torch.float64).cpu()
+    n = torch.as_tensor(lengths).detach().cpu()
+    B = s.shape[0] // 2
+    ref = _validated_ref(ref_logps, B)
+    obj = resolve_objective(objective, loss_weights)
+    hyper = _split_hyper(hyper, obj.hyper_names, B, obj.name)[0]      # per-pair extra columns play no part
+    a_w, a_l, _ = coefficients(
+        obj, s[:B], s[B:],
+        ref_chosen_logps=None if ref is None else ref[:B], ref_rejected_logps=None if ref is None else ref[B:],
+        chosen_lengths=n[:B], rejected_lengths=n[B:], **hyper,
+    )
+    return torch.cat([a_w, a_l]) / B
+
+
+def _batch_product(gram: GramResult, K: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """K c: from the matrix, or, for a ``"pairs"`` result, as measured (checked to be for these coefficients)."""
+    if gram.structure != "pairs":
+        return K @ c
+    measured = torch.as_tensor(gram.weights).detach().to(torch.float64).cpu()
+    if measured.shape != c.shape or not torch.allclose(measured, c, rtol=1e-9, atol=1e-12 * float(c.abs().max())):
+        raise ValueError("this pairs-structured Gram result carries K c for other weights than this objective's "
+                         "coefficients (measure it with weights=entangle.metrics.batch_weights(...) for the same "
+                         "objective, hyper-parameters and reference log-probs)")
+    return torch.as_tensor(gram.kc).detach().to(torch.float64).cpu()
+
+
 def _pairs_of_rows(rows: torch.Tensor, B: int) -> list[int]:
     return sorted({int(r) % B for r in rows})
 
@@ -151,7 +183,13 @@ def _validated(gram: GramResult) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     bad = (~torch.isfinite(s)).nonzero().flatten()
     if len(bad):
         raise ValueError(f"non-finite log-probs for pair(s) {_pairs_of_rows(bad, B)} (rows {bad.tolist()})")
-    bad_ij = (~torch.isfinite(K)).nonzero()
+    if gram.structure == "pairs":          # only the diagonal and the within-pair entries are measured
+        idx = torch.arange(N)
+        measured = torch.zeros_like(K, dtype=torch.bool)
+        measured[idx, idx] = measured[idx, (idx + B) % N] = True
+    else:
+        measured = torch.ones_like(K, dtype=torch.bool)
+    bad_ij = (~torch.isfinite(K) & measured).nonzero()
     if len(bad_ij):
         raise ValueError(f"non-finite Gram entries involving pair(s) {_pairs_of_rows(bad_ij.flatten(), B)} "
                          f"(first entries {bad_ij[:5].tolist()})")
