@@ -1,7 +1,7 @@
 """Wall-time overhead of EntanglementCallback on a short TRL DPO run, against the same run without it.
 
     python benchmarks/bench_callback.py [--steps 40] [--every 10] [--probe 16] [--batch 2] [--grad-accum 8]
-                                        [--repeats 5] [--no-update-check] [--no-adam]
+                                        [--repeats 5] [--no-update-check] [--no-adam] [--structure pairs]
 
 Both runs use the built-in GPT-2 (no downloads), the same data and seed; the callback measures a probe of
 ``--probe`` pairs every ``--every`` optimizer steps (Gram in the plain and Adam geometries, realised update) and
@@ -86,11 +86,14 @@ def main() -> None:
     parser.add_argument("--n-embd", type=int, default=128)
     parser.add_argument("--no-update-check", action="store_true", help="callback check_updates=False")
     parser.add_argument("--no-adam", action="store_true", help="callback adam=False (no Adam-geometry view)")
+    parser.add_argument("--structure", choices=["pairs", "full"], default="pairs",
+                        help="callback structure= (full: the whole probe Gram matrix)")
     opts = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     model_kwargs = {"n_layer": opts.n_layer, "n_embd": opts.n_embd}
-    callback_kwargs = {"check_updates": not opts.no_update_check, "adam": not opts.no_adam}
+    callback_kwargs = {"check_updates": not opts.no_update_check, "adam": not opts.no_adam,
+                       "structure": opts.structure}
     for flag in (False, True):   # warm-up: imports, first-call costs
         run_once(2, 1, opts.probe, flag, model_kwargs)
     times: dict[bool, list[float]] = {False: [], True: []}
@@ -102,7 +105,8 @@ def main() -> None:
     measured = len({*range(0, opts.steps, opts.every), opts.steps})
     print(f"DPO run: {opts.steps} steps of {opts.grad_accum} x {opts.batch} pairs, GPT-2 {opts.n_layer}x{opts.n_embd}; "
           f"probe {opts.probe} pairs, every {opts.every} steps ({measured} measurements; "
-          f"update check {'off' if opts.no_update_check else 'on'}, Adam view {'off' if opts.no_adam else 'on'})")
+          f"update check {'off' if opts.no_update_check else 'on'}, Adam view {'off' if opts.no_adam else 'on'}, "
+          f"structure {opts.structure})")
     print(f"without callback: {base:.2f} s   with callback: {with_cb:.2f} s   "
           f"(runs: {[round(t, 2) for t in times[False]]} / {[round(t, 2) for t in times[True]]})")
     step = base / opts.steps

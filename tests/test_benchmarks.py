@@ -21,7 +21,7 @@ def test_bench_callback_prints_overhead_and_lower_bound():
     out = _run("bench_callback.py", "--steps", "2", "--every", "1", "--repeats", "1", "--n-layer", "1",
                "--n-embd", "32", "--batch", "2", "--grad-accum", "2")
     assert "40 steps" not in out and "2 steps of 2 x 2 pairs" in out
-    assert "(3 measurements; update check on, Adam view on)" in out
+    assert "(3 measurements; update check on, Adam view on, structure pairs)" in out
     base, with_cb = map(float, re.search(r"without callback: ([\d.]+) s\s+with callback: ([\d.]+) s", out).groups())
     overhead = float(re.search(r"overhead: ([+-][\d.]+)%", out).group(1))
     assert base > 0 and with_cb > 0
