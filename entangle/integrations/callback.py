@@ -101,8 +101,9 @@ class EntanglementCallback(TrainerCallback):
             observed change of the probe log-probs (the ``updates`` table); it shares the measurement's pass and
             adds one forward pass, which ``False`` saves.
         trainer: the trainer, if known already (else found at the first event).
-        monitor_kwargs: ``max_length``, ``loss_weights``, ``ref_model``, ``ref_logps``, ``method``, ``adam`` and
-            objective hyper-parameters (``beta=...``), passed to :class:`Monitor` (they override the trainer's).
+        monitor_kwargs: ``max_length``, ``loss_weights``, ``ref_model``, ``ref_logps``, ``method``, ``structure``,
+            ``adam`` and objective hyper-parameters (``beta=...``), passed to :class:`Monitor` (they override the
+            trainer's).
     """
 
     def __init__(self, probe: Any, objective: Any = None, every: int = 10, out_dir: str | os.PathLike | None = None,
