@@ -126,6 +126,8 @@ def test_bad_pairs_arguments():
     batch = random_batch(2, 101, seed=34)
     with pytest.raises(ValueError, match="needs weights"):
         sequence_gram(model, batch, structure="pairs")
+    with pytest.raises(ValueError, match='apply to structure="pairs" only'):
+        sequence_gram(model, batch, weights=torch.ones(4))
     with pytest.raises(ValueError, match="unknown structure"):
         sequence_gram(model, batch, structure="diagonal", weights=torch.ones(4))
     with pytest.raises(ValueError, match="3 entries for 4 sequences"):

@@ -426,8 +426,8 @@ def _check_metric(named, tensors: Mapping[str, torch.Tensor] | None, what: str) 
 def _run(model, batch, params, method, forward, preconditioner=None, delta=None, plain=True, gram=True,
          weights=None):
     """One forward and one backward pass: per-parameter Gram blocks per geometry (``{}`` with ``gram=False``;
-    with ``weights``, the ``"pairs"`` statistics [3, N] instead), the log-probs, the weights used (or ``None``) and,
-    with ``delta``, the dots ``<g_i, delta>`` [N] (float64, CPU; ``None`` without)."""
+    with ``weights``, the ``"pairs"`` statistics [3, N] instead), the log-probs and, with ``delta``, the dots
+    ``<g_i, delta>`` [N] (float64, CPU; ``None`` without)."""
     model = unwrap_model(model)
     check_batch(model, batch)
     named = select_params(model, params)
@@ -511,8 +511,9 @@ def sequence_gram(
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     if structure not in STRUCTURES:
         raise ValueError(f"unknown structure {structure!r}; choose one of {STRUCTURES}")
-    if structure == "pairs" and weights is None:
-        raise ValueError('structure="pairs" needs weights (the vector c of K @ c, or a function of the log-probs)')
+    if (structure == "pairs") != (weights is not None):
+        raise ValueError('structure="pairs" needs weights (the vector c of K @ c, or a function of the log-probs), '
+                         'and weights apply to structure="pairs" only (with the full matrix, K @ c is yours to form)')
     if structure == "pairs" and batch["input_ids"].shape[0] % 2:
         raise ValueError(f'structure="pairs" needs 2B sequences (chosen, then rejected); got '
                          f'{batch["input_ids"].shape[0]}')
