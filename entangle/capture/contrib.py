@@ -7,7 +7,7 @@ parameter produces, without necessarily materialising them. It offers:
 * ``rows(index)``     -> float [N, R, ...], ``g_i`` restricted to parameter rows ``index`` (a sorted
                          LongTensor; ``None`` = all rows); used for cross terms and metrics;
 * ``dot(delta)``      -> float64 [N], ``<g_i, delta>`` (THEORY §5);
-  (``pair_stats`` / ``dual_pairs`` reduce rows to the within-pair entries of the Gram and ``K c`` instead);
+  (``pair_stats`` reduces rows to the within-pair entries of the Gram and ``K c`` instead);
 * ``restricted(index)`` -> a contribution that only keeps what ``rows`` needs for those rows;
 * ``touched``         the parameter rows that can be non-zero (``None`` = all); for an embedding
                       lookup the token ids, which keeps tied input/output embeddings cheap.
@@ -289,34 +289,44 @@ class Scaled:
         return out
 
 
-def dual_gram(contrib, scale: torch.Tensor | None, delta: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def dual_gram(contrib, scale: torch.Tensor | None, delta: torch.Tensor | None = None,
+              weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``(<g_i, g_j>, g_i^T P g_j, <g_i, delta>)`` of one use with ``P = scale^2``, materialising each per-example
     row chunk only once. The preconditioned Gram is ``None`` without ``scale``, the dots (float64 [N]) ``None``
-    without ``delta``.
+    without ``delta``. With ``weights``, each Gram matrix is reduced to :func:`pair_stats` (float64 [3, N]).
 
     For contributions that are not materialised anyway (ghost, sparse embeddings) the views are computed apart.
     """
+    n = contrib.n
+    if weights is None:
+        reduce, shape = _gram64, (n, n)
+    else:
+        def reduce(flat):
+            return pair_stats(flat, weights)
+        shape = (3, n)
     if isinstance(contrib, Dense):
-        flat = contrib.values.reshape(contrib.n, -1)
-        return (_gram64(flat), None if scale is None else _gram64(flat * scale.reshape(1, -1).to(flat.dtype)),
+        flat = contrib.values.reshape(n, -1)
+        return (reduce(flat), None if scale is None else reduce(flat * scale.reshape(1, -1).to(flat.dtype)),
                 None if delta is None else contrib.dot(delta))
-    if not isinstance(contrib, Factored) or contrib.kind != "materialised" or (scale is None and delta is None):
-        return (contrib.gram(), None if scale is None else Scaled(contrib, scale).gram(),
-                None if delta is None else contrib.dot(delta))
-    plain = torch.zeros(contrib.n, contrib.n, dtype=torch.float64, device=contrib.device)
+    if not isinstance(contrib, Factored) or contrib.kind != "materialised" or \
+            (scale is None and delta is None and weights is None):
+        grams = [contrib.gram(), None if scale is None else Scaled(contrib, scale).gram()]
+        if weights is not None:
+            grams = [None if g is None else stats_of_gram(g, weights) for g in grams]
+        return grams[0], grams[1], None if delta is None else contrib.dot(delta)
+    plain = torch.zeros(*shape, dtype=torch.float64, device=contrib.device)
     scaled = None if scale is None else torch.zeros_like(plain)
-    dot = None if delta is None else torch.zeros(contrib.n, dtype=torch.float64, device=plain.device)
-    step = max(1, CHUNK_ELEMS // max(contrib.n * contrib.width, 1))
+    dot = None if delta is None else torch.zeros(n, dtype=torch.float64, device=plain.device)
+    step = max(1, CHUNK_ELEMS // max(n * contrib.width, 1))
     for s in range(0, contrib.n_rows, step):
         index = slice(s, s + step) if contrib.row_ids is None else contrib.row_ids[s:s + step]
         rows = contrib.rows(index)                 # a fresh buffer: scaled in place below
-        plain += _gram64(rows.flatten(1))
+        plain += reduce(rows.flatten(1))
         # (the update as an extra row of the same Gram product would be slower: 33 rows cost 1.6x 32 on CPU)
         if delta is not None:
             dot += _cross64(rows.flatten(1), delta[index].reshape(1, -1).to(rows.dtype))[:, 0]
         if scale is not None:
-            scaled += _gram64(rows.mul_(scale[index].to(rows.dtype)).flatten(1))
+            scaled += reduce(rows.mul_(scale[index].to(rows.dtype)).flatten(1))
     return plain, scaled, dot
 
 
@@ -346,34 +356,6 @@ def stats_of_gram(gram: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     k = torch.arange(b, device=gram.device)
     cross = gram[k, b + k]
     return torch.stack([gram.diagonal(), torch.cat([cross, cross]), gram @ weights.to(gram)])
-
-
-def dual_pairs(contrib, scale: torch.Tensor | None, weights: torch.Tensor, delta: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """:func:`dual_gram` reduced to :func:`pair_stats`: ``(plain [3, N], preconditioned [3, N] or None,
-    <g_i, delta> [N] or None)``, materialising each per-example row chunk once. Contributions that are not
-    materialised anyway (ghost, sparse embeddings) form their Gram matrices and read the statistics off them."""
-    if isinstance(contrib, Dense):
-        flat = contrib.values.reshape(contrib.n, -1)
-        return (pair_stats(flat, weights),
-                None if scale is None else pair_stats(flat * scale.reshape(1, -1).to(flat.dtype), weights),
-                None if delta is None else contrib.dot(delta))
-    if not isinstance(contrib, Factored) or contrib.kind != "materialised":
-        plain, scaled, dot = dual_gram(contrib, scale, delta)
-        return stats_of_gram(plain, weights), None if scaled is None else stats_of_gram(scaled, weights), dot
-    plain = torch.zeros(3, contrib.n, dtype=torch.float64, device=contrib.device)
-    scaled = None if scale is None else torch.zeros_like(plain)
-    dot = None if delta is None else torch.zeros(contrib.n, dtype=torch.float64, device=plain.device)
-    step = max(1, CHUNK_ELEMS // max(contrib.n * contrib.width, 1))
-    for s in range(0, contrib.n_rows, step):
-        index = slice(s, s + step) if contrib.row_ids is None else contrib.row_ids[s:s + step]
-        rows = contrib.rows(index)                 # a fresh buffer: scaled in place below
-        plain += pair_stats(rows.flatten(1), weights)
-        if delta is not None:
-            dot += _cross64(rows.flatten(1), delta[index].reshape(1, -1).to(rows.dtype))[:, 0]
-        if scale is not None:
-            scaled += pair_stats(rows.mul_(scale[index].to(rows.dtype)).flatten(1), weights)
-    return plain, scaled, dot
 
 
 def _intersect(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:

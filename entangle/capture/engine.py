@@ -21,7 +21,6 @@ from .contrib import (
     SharedParameter,
     _gram64,
     dual_gram,
-    dual_pairs,
     stats_of_gram,
 )
 from .exact import exact_gram, per_sequence_grads
@@ -275,10 +274,7 @@ class GramEngine:
             # both geometries and the dot from one materialisation of the per-example gradients
             self.info[name] = f"{how}:{getattr(contrib, 'kind', 'materialised')}"
             scale = None if self.scale is None else self.scale[name]
-            if self.pairs:
-                plain, scaled, dot = dual_pairs(contrib, scale, self.weights, delta)
-            else:
-                plain, scaled, dot = dual_gram(contrib, scale, delta)
+            plain, scaled, dot = dual_gram(contrib, scale, delta, self.weights if self.pairs else None)
             for kind, g in (("plain", plain), ("preconditioned", scaled)):
                 if g is not None:
                     blocks = self.geometries[kind]["stats" if self.pairs else "blocks"]
