@@ -1,14 +1,16 @@
 """Wall-time overhead of EntanglementCallback on a short TRL DPO run, against the same run without it.
 
     python benchmarks/bench_callback.py [--steps 40] [--every 10] [--probe 16] [--batch 2] [--grad-accum 8]
-                                        [--repeats 5] [--no-update-check] [--no-adam] [--structure pairs]
+                                        [--repeats 7] [--no-update-check] [--no-adam] [--structure pairs]
 
 Both runs use the built-in GPT-2 (no downloads), the same data and seed; the callback measures a probe of
 ``--probe`` pairs every ``--every`` optimizer steps (Gram in the plain and Adam geometries, realised update) and
 at the end. Each optimizer step takes ``--grad-accum`` micro-batches of ``--batch`` pairs; the default is the
 shape of TRL's documented DPO recipe (``trl/scripts/dpo.py``: ``--per_device_train_batch_size 2
---gradient_accumulation_steps 8``, 16 pairs per optimizer step, as many as the probe). Runs alternate and the
-fastest of ``--repeats`` is kept for each, after one untimed warm-up run of each kind.
+--gradient_accumulation_steps 8``, 16 pairs per optimizer step, as many as the probe). Runs alternate (without,
+with, without, ...) after one untimed warm-up run of each kind; the overhead is the median over the ``--repeats``
+adjacent pairs of runs (robust to the load of a shared machine drifting during the invocation), and the ratio of
+the fastest run of each kind is printed beside it.
 
 It also prints a lower bound that no exact measurement can beat: one bare forward and backward pass over the
 probe (per-sequence gradients at theta_t need at least that) plus one forward pass (the log-probs at
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import statistics
 import tempfile
 import time
 import warnings
@@ -81,7 +84,7 @@ def main() -> None:
     parser.add_argument("--probe", type=int, default=16)
     parser.add_argument("--batch", type=int, default=2, help="pairs per micro-batch")
     parser.add_argument("--grad-accum", type=int, default=8, help="micro-batches per optimizer step")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-embd", type=int, default=128)
     parser.add_argument("--no-update-check", action="store_true", help="callback check_updates=False")
@@ -110,11 +113,10 @@ def main() -> None:
     print(f"without callback: {base:.2f} s   with callback: {with_cb:.2f} s   "
           f"(runs: {[round(t, 2) for t in times[False]]} / {[round(t, 2) for t in times[True]]})")
     step = base / opts.steps
-    per_measurement = (with_cb - base) / measured / step
-    paired = sorted(c / b for b, c in zip(times[False], times[True], strict=True))
-    print(f"overhead: {with_cb / base - 1:+.1%}  (ratio of the fastest runs {with_cb / base:.3f}; median ratio of "
-          f"the {opts.repeats} adjacent pairs of runs {paired[len(paired) // 2]:.3f}; one measurement ~ "
-          f"{per_measurement:.1f} optimizer steps of this run)")
+    ratio = statistics.median(c / b for b, c in zip(times[False], times[True], strict=True))
+    per_measurement = (ratio - 1) * opts.steps / measured
+    print(f"overhead: {ratio - 1:+.1%}  (median over the {opts.repeats} adjacent pairs of runs; fastest runs "
+          f"{with_cb / base - 1:+.1%}; one measurement ~ {per_measurement:.1f} optimizer steps of this run)")
     floor = bare_passes(opts.probe, model_kwargs) / step
     print(f"lower bound for any exact measurement: a bare forward+backward and a forward over the probe ~ "
           f"{floor:.2f} optimizer steps -> {floor * measured / opts.steps:+.1%} at {measured} measurements "
