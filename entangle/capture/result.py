@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from entangle.capture.contrib import stats_of_gram
+
 _LAYER_RE = re.compile(r"(?:^|\.)(?:h|layers|layer|blocks|block)\.(\d+)(?:\.|$)")
 
 
@@ -89,8 +91,6 @@ class GramResult:
         """This full result reduced to what ``structure="pairs"`` measures (the slow twin of that path)."""
         if self.structure != "full":
             raise ValueError("pairs_only needs a full Gram result")
-        from entangle.capture.contrib import stats_of_gram
-
         w = torch.as_tensor(weights, dtype=torch.float64)
         out = GramResult.from_pair_stats({n: stats_of_gram(b.to(torch.float64), w.to(b.device))
                                           for n, b in self.per_param.items()}, w, logps=self.logps,

@@ -48,7 +48,7 @@ import pandas as pd
 import torch
 
 import entangle
-from entangle.capture.engine import measurement_mode, sequence_gram, update_dot
+from entangle.capture.engine import STRUCTURES, measurement_mode, sequence_gram, update_dot
 from entangle.capture.logprobs import response_lengths, sequence_logps
 from entangle.capture.optim import adam_preconditioner
 from entangle.capture.params import ParamSpec, parameters_at, select_params, unwrap_model
@@ -161,8 +161,8 @@ class Monitor:
         **hyper: Any,
     ):
         self.model, self.params, self.strict, self.method, self.adam = model, params, strict, method, adam
-        if structure not in ("pairs", "full"):
-            raise ValueError(f"structure must be 'pairs' or 'full', got {structure!r}")
+        if structure not in STRUCTURES:
+            raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
         self.structure = structure
         self.fixed_reference = fixed_reference
         self.objective = resolve_objective(objective, loss_weights)

@@ -86,11 +86,7 @@ def pair_frame(
     obj = resolve_objective(objective, loss_weights)
     hyper, extra = _split_hyper(hyper, obj.hyper_names, B, obj.name)
 
-    a_w, a_l, loss = coefficients(
-        obj, s[:B], s[B:],
-        ref_chosen_logps=None if ref is None else ref[:B], ref_rejected_logps=None if ref is None else ref[B:],
-        chosen_lengths=n[:B], rejected_lengths=n[B:], **hyper,
-    )
+    a_w, a_l, loss = _pair_coefficients(obj, s, n, ref, hyper)
     idx = torch.arange(B)
     k_ww, k_ll, k_wl = K[idx, idx], K[B + idx, B + idx], K[idx, B + idx]
 
@@ -145,12 +141,18 @@ def batch_weights(objective: ObjectiveSpec, logps: torch.Tensor, lengths: torch.
     ref = _validated_ref(ref_logps, B)
     obj = resolve_objective(objective, loss_weights)
     hyper = _split_hyper(hyper, obj.hyper_names, B, obj.name)[0]      # per-pair extra columns play no part
-    a_w, a_l, _ = coefficients(
+    a_w, a_l, _ = _pair_coefficients(obj, s, n, ref, hyper)
+    return torch.cat([a_w, a_l]) / B
+
+
+def _pair_coefficients(obj, s: torch.Tensor, n: torch.Tensor, ref: torch.Tensor | None, hyper: dict[str, Any]):
+    """(a_w, a_l, loss) [B] of 2B log-probs ``s`` (chosen, then rejected), lengths ``n`` and reference ``ref``."""
+    B = s.shape[0] // 2
+    return coefficients(
         obj, s[:B], s[B:],
         ref_chosen_logps=None if ref is None else ref[:B], ref_rejected_logps=None if ref is None else ref[B:],
         chosen_lengths=n[:B], rejected_lengths=n[B:], **hyper,
     )
-    return torch.cat([a_w, a_l]) / B
 
 
 def _batch_product(gram: GramResult, K: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
