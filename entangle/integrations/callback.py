@@ -17,8 +17,12 @@ It translates trainer events into monitor calls and TRL configurations into obje
   ``loss_weights``, ``beta``, ``label_smoothing``; CPO/SimPO and ORPO configs map to ``cpo_*``, ``simpo``,
   ``orpo``), and so does the reference (``ref_model``, precomputed reference log-probs, or a PEFT model with its
   adapters disabled). For any other trainer pass ``objective=`` (and its hyper-parameters) explicitly.
-- Where: the run directory ``out_dir`` (default ``<output_dir>/entangle``), and the trainer's own logs — TRL's
-  metric stores for TRL trainers, ``trainer.log`` for a plain ``Trainer`` — so the scalars reach ``report_to``.
+- Where: the run directory ``out_dir`` (default ``<output_dir>/entangle``), and the trainer's logs: each
+  measurement's scalars are one record of their own at the step they measure, whatever ``logging_steps`` is —
+  appended to ``state.log_history`` and passed to every callback's ``on_log`` (so to the ``report_to``
+  integrations, which read ``state.global_step``) while ``global_step`` is still that step, as ``Trainer.log``
+  does. They do not go through TRL's metric stores, which would log them at a later step averaged with the
+  measurements in between.
 - The trainer is found on its own when the first event fires (the callback looks for the ``Trainer`` whose
   callback list holds it); ``cb.trainer = trainer`` or ``cb.attach(trainer)`` set it explicitly.
 - FSDP and DeepSpeed ZeRO-3 are refused at train begin (sharded parameters).
@@ -117,7 +121,6 @@ class EntanglementCallback(TrainerCallback):
         self.monitor: Monitor | None = None
         self.measured: set[int] = set()
         self._update_step: int | None = None
-        self._pending: dict[str, float] = {}
 
     def attach(self, trainer: Trainer) -> EntanglementCallback:
         """Set the trainer and add this callback to it (if it is not there yet); returns ``self``."""
@@ -146,51 +149,43 @@ class EntanglementCallback(TrainerCallback):
             self.monitor.before_update(step, optimizer=optimizer, measure=True)
             self._update_step = step
         else:
-            self._emit(self.monitor.measure(step, optimizer=optimizer))
+            self._log(args, state, control, self.monitor.measure(step, optimizer=optimizer))
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         if self.monitor is None or self._update_step is None:
             return
         step, self._update_step = self._update_step, None
-        self._emit(self.monitor.after_update(step))
+        self._log(args, state, control, self.monitor.after_update(step))
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.monitor is None:
-            return
-        if state.global_step >= state.max_steps > 0 or control.should_training_stop:
-            self._measure_final(state)
-        self._flush_plain()
+        if self.monitor is not None and (state.global_step >= state.max_steps > 0 or control.should_training_stop):
+            self._measure_final(args, state, control)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.monitor is None:
-            return
-        self._measure_final(state)
-        self._flush_plain()
+        if self.monitor is not None:
+            self._measure_final(args, state, control)
 
     # -- helpers -------------------------------------------------------------------------------------------
-    def _measure_final(self, state) -> None:
+    def _measure_final(self, args, state, control) -> None:
         if state.global_step not in self.measured:
             self.measured.add(state.global_step)
-            self._emit(self.monitor.measure(state.global_step))
+            self._log(args, state, control, self.monitor.measure(state.global_step))
 
-    def _emit(self, scalars: dict[str, float]) -> None:
-        """Queue scalars into the trainer's metric store (TRL) or for ``trainer.log`` at the step end (plain)."""
+    def _log(self, args, state, control, scalars: dict[str, float]) -> None:
+        """Log one measurement's scalars as a record of their own at ``state.global_step``, the step measured.
+
+        As ``Trainer.log`` does (on every rank; the integrations log on the main process only): the record
+        ``{**scalars, "step": global_step}`` goes to ``state.log_history`` and ``scalars`` to every callback's
+        ``on_log``. ``trainer.log`` itself is not called (TRL's trainers override it: DPO's would add its pending
+        metrics, CPO's would file the record as an evaluation). ``CallbackHandler.on_log`` clears
+        ``control.should_log``; it is restored, so the trainer still logs at its own logging steps.
+        """
         if not scalars:
             return
-        trainer = self.trainer
-        metrics = getattr(trainer, "_metrics", None)
-        if isinstance(metrics, dict) and "train" in metrics:   # DPOTrainer (and TRL trainers with _metrics)
-            for key, value in scalars.items():
-                metrics["train"][key].append(value)
-        elif hasattr(trainer, "store_metrics"):                # CPO / ORPO
-            trainer.store_metrics(scalars, train_eval="train")
-        else:
-            self._pending |= scalars
-
-    def _flush_plain(self) -> None:
-        if self._pending:
-            pending, self._pending = self._pending, {}
-            self.trainer.log(pending)
+        state.log_history.append({**scalars, "step": state.global_step})
+        should_log = control.should_log
+        self.trainer.callback_handler.on_log(args, state, control, logs=dict(scalars))
+        control.should_log = should_log
 
     def _find_trainer(self) -> Trainer:
         """The trainer: set explicitly, or the ``Trainer`` up the call stack whose callbacks include ``self``."""
