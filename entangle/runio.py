@@ -5,16 +5,9 @@ Layout (each table is written in parts, one file per measured step, so writing n
     RUN_DIR/manifest.json                 model, objective, hyper-parameters, probe hash, versions
     RUN_DIR/<table>/step-00000010.parquet (or .csv when pyarrow is absent)
 
-Tables used by the toolkit (columns are a contract):
-
-    pairs    one row per (step, pair): ``entangle.metrics.pair_frame`` columns + ``step``
-    summary  one row per step: ``entangle.metrics.summarize`` columns
-    layers   one row per (step, pair, layer): step, pair, layer, inner, norm2_chosen, norm2_rejected, cosine
-    updates  one row per (step, seq): step, seq, pair, side, logp_before, logp_after, observed,
-             pred_update, pred_gradient
-    tokens   one row per (step, pair, block, t, u): step, pair, which, method, block, t, u, token_w, token_u,
-             inner, cosine (``Monitor.token_maps``)
-    covariates  one row per pair: pair, shared_prefix_len, edit_distance, jaccard, ... (``pair_covariates``)
+The tables the toolkit writes (pairs, summary, summary_adam, layers, updates, tokens, covariates), what one row
+of each is, their keys, columns and dtypes are stated once, in :mod:`entangle.schema`; :meth:`RunWriter.write`
+checks every part against it (a table it does not name is the user's own and is written as it comes).
 
 :func:`read_run` concatenates the parts of every table into one frame per table.
 """
@@ -27,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from entangle.schema import validate
 
 
 def _has_pyarrow() -> bool:
@@ -46,7 +41,13 @@ class RunWriter:
         self.fmt = fmt or ("parquet" if _has_pyarrow() else "csv")
 
     def write(self, table: str, frame: pd.DataFrame, step: int) -> Path:
-        """Write ``frame`` as the part of ``table`` for ``step`` (atomically: temp file, then rename)."""
+        """Write ``frame`` as the part of ``table`` for ``step`` (atomically: temp file, then rename).
+
+        Raises:
+            ValueError: ``table`` is one of :data:`entangle.schema.TABLES` and ``frame`` lacks one of its required
+                columns or has a column of another dtype kind (the message names the table and the column).
+        """
+        validate(table, frame)
         folder = self.dir / table
         folder.mkdir(exist_ok=True)
         path = folder / f"step-{int(step):08d}.{self.fmt}"
@@ -85,6 +86,7 @@ def read_table(run_dir: str | os.PathLike, table: str) -> pd.DataFrame:
 
 
 def read_manifest(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The run's ``manifest.json`` as a dict (empty if there is none)."""
     path = Path(run_dir) / "manifest.json"
     return json.loads(path.read_text()) if path.exists() else {}
 

@@ -1,7 +1,7 @@
 """Figures of a run, each a pure function of tidy frames returning a matplotlib ``Figure``.
 
 Every function takes the frames :func:`entangle.runio.read_run` returns (``pairs``, ``summary``, ``layers``,
-``updates``; see ``entangle/runio.py`` for their columns), so a notebook user can filter a frame and re-plot.
+``updates``, ...; :mod:`entangle.schema` states their columns), so a notebook user can filter a frame and re-plot.
 Save a figure with ``fig.savefig("x.png")`` or ``fig.savefig("x.pdf")``.
 
 To add a figure: write one function here and add one :class:`FigureSpec` to :data:`FIGURES`; the HTML report
@@ -20,8 +20,9 @@ from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from entangle.metrics.pairs import REGIMES
-from entangle.report.tokens import token_heatmaps  # noqa: E402
+from entangle.metrics.agreement import sign_agreement as sign_agreement_of
+from entangle.report.tokens import token_heatmaps
+from entangle.schema import COVARIATES, LAYERS, PAIRS, REGIMES, SUMMARY, TOKENS, UPDATES, group_column
 
 REGIME_COLORS = {
     "ideal": "#2a9d59",
@@ -89,20 +90,61 @@ def _step_axis(ax, steps) -> None:
 
 # ---- 1. log-prob dynamics --------------------------------------------------------------------------------
 
-def logprob_dynamics(pairs: pd.DataFrame) -> Figure:
-    """Chosen and rejected log-probs (change since each pair's first measured step) and the margin, over steps.
+def pair_groups(pairs: pd.DataFrame, covariates: pd.DataFrame | None = None) -> pd.Series | None:
+    """Each row's pair group (a :data:`entangle.schema.GROUP_COLUMNS` column of ``pairs``, else of ``covariates``
+    joined on ``pair``) as strings, indexed like ``pairs``; None when neither has one."""
+    frames = [pairs] + ([covariates] if covariates is not None else [])
+    column = group_column(*frames)
+    if column is None:
+        return None
+    if column in pairs:
+        return pairs[column].astype(str)
+    labels = covariates.drop_duplicates("pair").set_index("pair")[column].astype(str)
+    return pairs["pair"].map(labels).fillna("no group")
 
-    Lines are means over the probe pairs, bands their 10–90% quantiles. Both curves rising or both
-    falling together is the pitfall gradient entanglement causes.
-    """
+
+def logprob_changes(pairs: pd.DataFrame, covariates: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per (pair, step): ``chosen`` and ``rejected``, each log-prob's change since the pair's first measured step,
+    the ``margin`` log π(chosen) − log π(rejected) and, when there is one, the pair's ``group``."""
     f = _finite(pairs, "logp_chosen", "logp_rejected").sort_values(["pair", "step"])
     first = f.groupby("pair")[["logp_chosen", "logp_rejected"]].transform("first")
     d = pd.DataFrame({
-        "step": f["step"],
+        "step": f["step"], "pair": f["pair"],
         "chosen": f["logp_chosen"] - first["logp_chosen"],
         "rejected": f["logp_rejected"] - first["logp_rejected"],
         "margin": f["logp_chosen"] - f["logp_rejected"],
     })
+    groups = pair_groups(f, covariates)
+    return d if groups is None else d.assign(group=groups)
+
+
+def group_dynamics(pairs: pd.DataFrame, covariates: pd.DataFrame | None = None) -> pd.DataFrame | None:
+    """Per (group, step), groups in order of appearance: ``n`` pairs and the means over them of ``chosen``,
+    ``rejected`` (change since the first step, nats) and ``margin``; None when the pairs have no group."""
+    d = logprob_changes(pairs, covariates)
+    if "group" not in d:
+        return None
+    order = list(dict.fromkeys(d["group"]))
+    out = d.groupby(["group", "step"], sort=False).agg(
+        n=("pair", "size"), chosen=("chosen", "mean"), rejected=("rejected", "mean"), margin=("margin", "mean"))
+    out = out.reset_index()
+    out["group"] = pd.Categorical(out["group"], order, ordered=True)
+    return out.sort_values(["group", "step"]).reset_index(drop=True).astype({"group": str})
+
+
+def logprob_dynamics(pairs: pd.DataFrame, covariates: pd.DataFrame | None = None) -> Figure:
+    """Chosen and rejected log-probs (change since each pair's first measured step) and the margin, over steps.
+
+    Without pair groups: means over the probe pairs with their 10–90% bands. With groups (a ``kind`` or
+    ``group`` column in ``pairs`` or ``covariates``): one line per group, the mean over its pairs
+    (:func:`group_dynamics`), so that a group that behaves (say, unrelated pairs) is not averaged away. Both
+    curves rising or both falling together is the pitfall gradient entanglement causes.
+    """
+    groups = group_dynamics(pairs, covariates)
+    if groups is not None and groups["step"].nunique() > 1:
+        return _group_dynamics_figure(groups)
+    f = _finite(pairs, "logp_chosen", "logp_rejected")
+    d = logprob_changes(pairs)
     fig, (ax, bx) = _figure(2)
     single = d["step"].nunique() == 1   # nothing has changed yet: show the log-probs themselves
     for side in ("chosen", "rejected"):
@@ -118,13 +160,35 @@ def logprob_dynamics(pairs: pd.DataFrame) -> Figure:
     return fig
 
 
+def _group_dynamics_figure(groups: pd.DataFrame) -> Figure:
+    """Three panels (Δ chosen, Δ rejected, margin), one line per group of :func:`group_dynamics`."""
+    order = list(dict.fromkeys(groups["group"]))
+    colors = dict(zip(order, plt.get_cmap("viridis_r")(np.linspace(0.1, 0.9, max(len(order), 2))), strict=False))
+    fig, axes = _figure(3, size=(12.0, 4.0), sharex=True)
+    panels = (("chosen", "Δ log π(chosen) since first step (nats)", "Chosen log-prob"),
+              ("rejected", "Δ log π(rejected) since first step (nats)", "Rejected log-prob"),
+              ("margin", "log π(chosen) − log π(rejected) (nats)", "Margin"))
+    for ax, (column, ylabel, title) in zip(axes, panels, strict=True):
+        for g in order:
+            rows = groups[groups["group"] == g]
+            ax.plot(rows["step"], rows[column], color=colors[g], marker="o", markersize=3.5,
+                    label=f"{g} ({int(rows['n'].max())})")
+        if column != "margin":
+            ax.axhline(0, color="0.4", linewidth=0.8)
+        ax.set(xlabel=STEP_LABEL, ylabel=ylabel, title=f"{title} (mean per pair group)")
+        _step_axis(ax, groups["step"])
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=len(order), fontsize=9,
+               frameon=False, title="pair group (pairs)", title_fontsize=9)
+    return fig
+
+
 # ---- 2. gradient statistics --------------------------------------------------------------------------------
 
 def gradient_statistics(pairs: pd.DataFrame) -> Figure:
     """‖g_w‖², ‖g_l‖², ⟨g_w, g_l⟩ and the entanglement ratio ρ = ⟨g_w, g_l⟩ / min(‖g_w‖², ‖g_l‖²) over steps.
 
     Medians over the probe pairs with 10–90% bands; ρ > 1 (dashed line) means one of the two log-probs moves the
-    wrong way under a DPO step (THEORY.md §3).
+    wrong way under a DPO step (docs/theory.md §3).
     """
     fig, (ax, bx) = _figure(2)
     series = (("norm2_chosen", "‖g_w‖² (chosen)", SIDE_COLORS["chosen"]),
@@ -159,7 +223,7 @@ def gradient_statistics(pairs: pd.DataFrame) -> Figure:
 # ---- 3. the regime plane ----------------------------------------------------------------------------------
 
 def chosen_falls_boundary(cosine: np.ndarray, r: float = 1.0) -> np.ndarray:
-    """log10(‖g_w‖/‖g_l‖) below which the chosen log-prob falls, per cosine (THEORY.md §3).
+    """log10(‖g_w‖/‖g_l‖) below which the chosen log-prob falls, per cosine (docs/theory.md §3).
 
     Chosen falls iff cos > r ‖g_w‖/‖g_l‖, i.e. log10(‖g_w‖/‖g_l‖) < log10(cos / r); NaN where cos <= 0
     (the chosen log-prob then always rises). ``r = a_w / |a_l|`` (1 for DPO).
@@ -170,7 +234,7 @@ def chosen_falls_boundary(cosine: np.ndarray, r: float = 1.0) -> np.ndarray:
 
 
 def rejected_rises_boundary(cosine: np.ndarray, r: float = 1.0) -> np.ndarray:
-    """log10(‖g_w‖/‖g_l‖) above which the rejected log-prob rises, per cosine (THEORY.md §3).
+    """log10(‖g_w‖/‖g_l‖) above which the rejected log-prob rises, per cosine (docs/theory.md §3).
 
     Rejected rises iff cos > ‖g_l‖ / (r ‖g_w‖), i.e. log10(‖g_w‖/‖g_l‖) > -log10(r cos); NaN where cos <= 0.
     """
@@ -215,7 +279,7 @@ def _plane_r(pairs: pd.DataFrame) -> tuple[float, str]:
 def regime_plane(pairs: pd.DataFrame, r: float | None = None) -> Figure:
     """Every (pair, step) at (cos(g_w, g_l), log10 ‖g_w‖/‖g_l‖), coloured by regime, with the analytic boundaries.
 
-    The boundaries (THEORY.md §3) are drawn for r = 1 (DPO) and, when the frame's coefficients give another
+    The boundaries (docs/theory.md §3) are drawn for r = 1 (DPO) and, when the frame's coefficients give another
     r = a_w/|a_l|, for their median (or for ``r`` when given). Chosen falls left of/below the "chosen falls"
     curve, rejected rises above the "rejected rises" curve; both need a positive cosine.
     """
@@ -240,19 +304,37 @@ def regime_plane(pairs: pd.DataFrame, r: float | None = None) -> Figure:
     ax.text(0.98, 0.93 * span, "rejected rises", color=REGIME_COLORS["both_rise"], ha="right", va="top", fontsize=9)
 
     size = 28 if len(f) <= 200 else 10
-    for regime in REGIMES:
-        m = (f["regime"] == regime).to_numpy()
-        if m.any():
-            ax.scatter(f["cosine"][m], y[m], s=size, alpha=0.75, color=REGIME_COLORS[regime], edgecolor="white",
-                       linewidth=0.4, label=f"{REGIME_LABELS[regime]} ({int(m.sum())})")
+    _plane_points(ax, f["cosine"], y, f["regime"], size, label=True)
+    corner = ((f["cosine"] > 0.9) & (y.abs() < 0.1 * span)).to_numpy()
+    if corner.any():     # pairs near (1, 0), where both boundaries meet, pile up: zoom in on them
+        zoom = ax.inset_axes([0.06, 0.06, 0.3, 0.3])
+        _plane_points(zoom, f["cosine"][corner], y[corner], f["regime"][corner], size)
+        c_lo, y_hi = float(f["cosine"][corner].min()), float(y[corner].abs().max()) * 1.3 or 0.01
+        cz = np.linspace(max(c_lo, 1e-4), 1.0, 200)
+        zoom.plot(cz, chosen_falls_boundary(cz, r_draw), color=REGIME_COLORS["both_fall"], linewidth=1)
+        zoom.plot(cz, rejected_rises_boundary(cz, r_draw), color=REGIME_COLORS["both_rise"], linewidth=1)
+        zoom.set(xlim=(c_lo - 0.1 * (1 - c_lo) - 1e-3, 1.0 + 0.05 * (1 - c_lo) + 1e-3), ylim=(-y_hi, y_hi))
+        zoom.tick_params(labelsize=7)
+        zoom.set_title("near (1, 0)", fontsize=8)
+        ax.indicate_inset_zoom(zoom, edgecolor="0.5")
     ax.axhline(0, color="0.6", linewidth=0.6)
     ax.axvline(0, color="0.6", linewidth=0.6)
-    ax.set(xlim=(-1.02, 1.02), ylim=(-span, span), xlabel="gradient cosine cos(g_w, g_l) (unitless)",
+    ax.set(xlim=(-1.02, 1.04), ylim=(-span, span), xlabel="gradient cosine cos(g_w, g_l) (unitless)",
            ylabel="log10 ‖g_w‖ / ‖g_l‖ (unitless)", title=f"Regime plane: every pair at every step\n{note}")
     ax.title.set_fontsize(10.5)
     if len(f):
         ax.legend(loc="upper left", fontsize=8.5, title="regime (points)", title_fontsize=8.5)
     return fig
+
+
+def _plane_points(ax, cosine: pd.Series, y: pd.Series, regime: pd.Series, size: float, label: bool = False) -> None:
+    """Scatter the points of the regime plane, the rarest regime on top; never clipped at the frame."""
+    counts = regime.value_counts()
+    for name in sorted((r for r in REGIMES if counts.get(r, 0)), key=lambda r: -counts[r]):
+        m = (regime == name).to_numpy()
+        ax.scatter(cosine[m], y[m], s=size, alpha=0.75, color=REGIME_COLORS[name], edgecolor="white",
+                   linewidth=0.4, label=f"{REGIME_LABELS[name]} ({int(m.sum())})" if label else None, zorder=3,
+                   clip_on=False)
 
 
 # ---- 4. regime shares --------------------------------------------------------------------------------------
@@ -279,7 +361,7 @@ def _stack(ax, summary: pd.DataFrame, prefix: str, title: str) -> None:
 
 
 def regime_shares(summary: pd.DataFrame) -> Figure:
-    """Stacked shares of the regimes over steps, from ``summary``'s ``share_*`` (per pair, THEORY.md §3) and,
+    """Stacked shares of the regimes over steps, from ``summary``'s ``share_*`` (per pair, docs/theory.md §3) and,
     when present, ``batch_share_*`` columns (each pair's changes under the whole minibatch step, §4)."""
     has_batch = any(c.startswith("batch_share_") for c in summary.columns)
     fig, axes = _figure(2 if has_batch else 1, size=WIDE if has_batch else (6.0, 4.0))
@@ -324,11 +406,11 @@ def layer_shares(layers: pd.DataFrame) -> pd.DataFrame:
 
 
 def layer_breakdown(layers: pd.DataFrame) -> Figure:
-    """Heatmap of layer × step: the share of the summed inner product ⟨g_w, g_l⟩ each layer carries."""
+    """Heatmap of layer × step: the share (%) of the summed inner product ⟨g_w, g_l⟩ each layer carries."""
     share = layer_shares(layers)
     n_layers, n_steps = share.shape
     fig, (ax,) = _figure(1, size=(max(6.0, min(10.0, 3.0 + 0.5 * n_steps)), max(3.2, 1.2 + 0.32 * n_layers)))
-    values = share.to_numpy(dtype=float)
+    values = 100 * share.to_numpy(dtype=float)          # cells and colour bar in percent
     vmax = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
     norm = TwoSlopeNorm(vmin=-vmax, vcenter=0.0, vmax=vmax) if vmax > 0 else None
     im = ax.imshow(values, aspect="auto", cmap="RdBu_r", norm=norm, interpolation="nearest")
@@ -341,18 +423,18 @@ def layer_breakdown(layers: pd.DataFrame) -> Figure:
             for j in range(n_steps):
                 v = values[i, j]
                 if np.isfinite(v):
-                    ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=8,
+                    ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8,
                             color="white" if abs(v) > 0.6 * vmax else "0.15")
     ax.set(xlabel=STEP_LABEL, ylabel="layer", title="Share of ⟨g_w, g_l⟩ per layer (summed over pairs; cells in %)")
     ax.title.set_fontsize(10.5)
-    fig.colorbar(im, ax=ax, label="share of ⟨g_w, g_l⟩ (unitless)", shrink=0.9)
+    fig.colorbar(im, ax=ax, label="share of ⟨g_w, g_l⟩ (%)", shrink=0.9)
     return fig
 
 
 # ---- 6. predicted vs observed ---------------------------------------------------------------------------------
 
 def prediction_column(updates: pd.DataFrame) -> str:
-    """The prediction to check: ``pred_update`` (along the real update, THEORY.md §5) when it has finite values,
+    """The prediction to check: ``pred_update`` (along the real update, docs/theory.md §5) when it has finite values,
     else ``pred_gradient`` (along the plain gradient step)."""
     for column in ("pred_update", "pred_gradient"):
         if column in updates and np.isfinite(updates[column].to_numpy(dtype=float)).any():
@@ -361,11 +443,14 @@ def prediction_column(updates: pd.DataFrame) -> str:
 
 
 def sign_agreement(updates: pd.DataFrame, column: str | None = None) -> pd.DataFrame:
-    """Per step and side: share of sequences whose predicted change has the sign of the observed one."""
+    """Per step and side: :func:`entangle.metrics.agreement.sign_agreement` of the prediction ``column`` (default
+    :func:`prediction_column`), the share of the sequences that moved whose predicted change has the sign of the
+    observed one; columns step, side, agreement."""
     column = column or prediction_column(updates)
-    f = _finite(updates, column, "observed")
-    agree = np.sign(f[column]) == np.sign(f["observed"])
-    return agree.groupby([f["step"], f["side"]]).mean().rename("agreement").reset_index()
+    rows = [{"step": step, "side": side,
+             "agreement": sign_agreement_of(g["observed"], g[column], g["logp_before"])}
+            for (step, side), g in updates.groupby(["step", "side"], sort=True)]
+    return pd.DataFrame(rows, columns=["step", "side", "agreement"])
 
 
 def prediction_check(updates: pd.DataFrame) -> Figure:
@@ -400,16 +485,16 @@ def prediction_check(updates: pd.DataFrame) -> Figure:
 
 
 def shared_content(pairs: pd.DataFrame, covariates: pd.DataFrame) -> Figure:
-    """Entanglement against how much a pair's two responses share (THEORY §7).
+    """Entanglement against how much a pair's two responses share (docs/theory.md §7).
 
-    Left: median gradient cosine over steps per group of pairs (the ``kind`` column when the covariates have
-    one, else terciles of token overlap). Right: every (pair, step) by token-set Jaccard overlap and cosine.
+    Left: median gradient cosine over steps per group of pairs (a ``kind`` or ``group`` column of the pairs or the
+    covariates, else terciles of token overlap). Right: every (pair, step) by token-set Jaccard overlap and cosine.
     """
     cov = covariates.drop(columns=[c for c in ("step",) if c in covariates]).drop_duplicates("pair")
     frame = _finite(pairs, "cosine").merge(cov, on="pair", how="inner")
-    if "kind" in frame:
-        group = frame["kind"].astype(str)
-        order = list(dict.fromkeys(cov["kind"].astype(str)))
+    if (column := group_column(frame)) is not None:
+        group = frame[column].astype(str)
+        order = list(dict.fromkeys(cov[column].astype(str) if column in cov else group))
     else:
         group = pd.qcut(frame["jaccard"].rank(method="first"), 3, labels=["low overlap", "mid overlap",
                                                                           "high overlap"]).astype(str)
@@ -439,15 +524,15 @@ RANKING_SERIES: tuple[tuple[str, str, str, dict], ...] = (
     ("ranking_accuracy", "policy: log π(chosen) > log π(rejected)", "#2a6fb0", {"marker": "o"}),
     ("ranking_accuracy_ref_adjusted", "policy, reference-adjusted (DPO implicit reward)", "#2a9d59",
      {"marker": "s", "markersize": 3.5}),
-    ("ref_ranking_accuracy", "reference model", "0.6", {"linewidth": 5, "alpha": 0.45, "marker": "none",
-                                                         "zorder": 1}),
-    ("idealized_ranking_accuracy", "idealized (DPO optimum, THEORY §8)", "#a23bb0", {"linestyle": ":",
+    ("ref_ranking_accuracy", "reference model", "0.15", {"linestyle": (0, (4, 3)), "linewidth": 2.2,
+                                                          "marker": "none", "zorder": 4}),
+    ("idealized_ranking_accuracy", "idealized (DPO optimum, docs/theory.md §8)", "#a23bb0", {"linestyle": ":",
                                                                                        "marker": "D"}),
 )
 
 
 def ranking_accuracy(summary: pd.DataFrame) -> Figure:
-    """Ranking accuracy of the probe pairs over steps (THEORY.md §8), from the ``summary`` table.
+    """Ranking accuracy of the probe pairs over steps (docs/theory.md §8), from the ``summary`` table.
 
     Left: the share of pairs the policy ranks right (chosen log-prob above rejected), the same after subtracting
     the reference's log-probs (the DPO implicit reward), the reference's own, and — when the summary has it (a
@@ -462,7 +547,6 @@ def ranking_accuracy(summary: pd.DataFrame) -> Figure:
     fig, axes = _figure(2) if gap else _figure(1, size=(7.5, 4.0))
     ax = axes[0]
     steps = s["step"].to_numpy()
-    present.sort(key=lambda x: x[0] != "ref_ranking_accuracy")   # the broad reference line first, underneath
     for column, label, color, style in present:
         style = {"markersize": 5, "linewidth": 1.6, **style}
         ax.plot(steps, 100 * s[column].to_numpy(dtype=float), color=color, label=label, **style)
@@ -487,7 +571,8 @@ def ranking_accuracy(summary: pd.DataFrame) -> Figure:
 
 @dataclass(frozen=True)
 class FigureSpec:
-    """One report figure: file stem, heading, the tables ``draw`` takes (in order) and a caption."""
+    """One report figure: file stem, heading, the tables ``draw`` takes (in order), a caption, and the tables
+    ``draw`` also takes, after those, when the run has them (None when it does not)."""
 
     name: str
     title: str
@@ -495,36 +580,44 @@ class FigureSpec:
     draw: Callable[..., Figure]
     caption: str
     many: bool = False   # ``draw`` returns several figures: a list of (file suffix, label, Figure)
+    optional: tuple[str, ...] = ()
 
 
 FIGURES: tuple[FigureSpec, ...] = (
-    FigureSpec("logprob_dynamics", "Log-prob dynamics", ("pairs",), logprob_dynamics,
-               "Change of the chosen and rejected log-probs of the probe pairs, and their margin. Both rising or "
-               "both falling together is the pitfall."),
-    FigureSpec("gradient_statistics", "Gradient statistics", ("pairs",), gradient_statistics,
+    FigureSpec("logprob_dynamics", "Log-prob dynamics", (PAIRS.name,), logprob_dynamics,
+               "Change of the chosen and rejected log-probs of the probe pairs since their first measured step, and "
+               "their margin; with pair groups (the built-in task's pair kinds), the mean of each group, also in the "
+               "table below. Both rising or both falling together is the pitfall (docs/theory.md §3).",
+               optional=(COVARIATES.name,)),
+    FigureSpec("gradient_statistics", "Gradient statistics", (PAIRS.name,), gradient_statistics,
                "Squared gradient norms, their inner product, and the entanglement ratio ρ; ρ > 1 means one of "
-               "the two log-probs moves the wrong way under a DPO step."),
-    FigureSpec("regime_plane", "The regime plane", ("pairs",), regime_plane,
+               "the two log-probs moves the wrong way under a DPO step (docs/theory.md §3)."),
+    FigureSpec("regime_plane", "The regime plane", (PAIRS.name,), regime_plane,
                "Each pair at each step by gradient cosine and norm ratio; the curves are the analytic "
-               "boundaries of the chosen-falls and rejected-rises regions (THEORY.md §3)."),
-    FigureSpec("regime_shares", "Regime shares", ("summary",), regime_shares,
-               "Share of probe pairs in each regime, per pair alone and within the minibatch step."),
-    FigureSpec("layer_breakdown", "Layer breakdown", ("layers",), layer_breakdown,
-               "Which layers carry the inner product ⟨g_w, g_l⟩, over steps."),
-    FigureSpec("prediction_check", "Predicted vs observed", ("updates",), prediction_check,
+               "boundaries of the chosen-falls and rejected-rises regions (docs/theory.md §3)."),
+    FigureSpec("regime_shares", "Regime shares", (SUMMARY.name,), regime_shares,
+               "Share of probe pairs in each regime, per pair alone (docs/theory.md §3) and within the minibatch "
+               "step (§4)."),
+    FigureSpec("layer_breakdown", "Layer breakdown", (LAYERS.name,), layer_breakdown,
+               "Which layers carry the inner product ⟨g_w, g_l⟩ summed over the probe pairs, in % of each step's "
+               "total, over steps (docs/theory.md §4)."),
+    FigureSpec("prediction_check", "Predicted vs observed", (UPDATES.name,), prediction_check,
                "The first-order prediction of each log-prob change against the change observed after the "
-               "step: the toolkit checking itself."),
-    FigureSpec("shared_content", "Entanglement and shared content", ("pairs", "covariates"), shared_content,
+               "step: the toolkit checking itself (docs/theory.md §5). Sign agreement counts the sequences that "
+               "moved above the noise floor 10⁻⁶ · max(1, |log-prob|)."),
+    FigureSpec("shared_content", "Entanglement and shared content", (PAIRS.name, COVARIATES.name), shared_content,
                "How much the chosen and rejected responses share (token overlap, or the pair kind of the "
-               "built-in task) against their gradient cosine: pairs that share more are more entangled."),
-    FigureSpec("ranking_accuracy", "Ranking accuracy", ("summary",), ranking_accuracy,
+               "built-in task) against their gradient cosine: pairs that share more are more entangled "
+               "(docs/theory.md §7)."),
+    FigureSpec("ranking_accuracy", "Ranking accuracy", (SUMMARY.name,), ranking_accuracy,
                "Share of probe pairs ranked right (chosen above rejected) by the policy, by its DPO implicit reward "
-               "(log-probs minus the reference's; a tie counts as wrong, so it is 0 while the policy still equals "
-               "its reference) and by the reference; with a per-pair preference probability, also the idealized "
-               "accuracy of the DPO optimum and the gap to it (THEORY.md §8)."),
-    FigureSpec("token_heatmap", "Token maps", ("tokens",), token_heatmaps,
+               "(log-probs minus the reference's; a tie counts one half, so it is 50% while the policy still equals "
+               "its reference) and by the reference (dashed, drawn over the policy's line); with a per-pair "
+               "preference probability, also the idealized accuracy of the DPO optimum and the gap to it "
+               "(docs/theory.md §8)."),
+    FigureSpec("token_heatmap", "Token maps", (TOKENS.name,), token_heatmaps,
                "Cosine between the per-token gradients of the chosen (rows) and rejected (columns) response "
                "tokens of one probe pair (red: aligned, blue: opposed). Summed over the cells, the inner products "
                "give the pair's ⟨g_w, g_l⟩: the tokens whose gradients align are where the entanglement comes "
-               "from (THEORY.md §7).", many=True),
+               "from (docs/theory.md §7).", many=True),
 )

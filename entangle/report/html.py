@@ -3,7 +3,9 @@
 :func:`make_report` reads the run with :func:`entangle.runio.read_run`, draws every figure of
 :data:`entangle.report.figures.FIGURES` whose tables are present (noting the ones it skips), writes each as PNG
 (and any other requested format) and ``report.html`` beside them. Every number in the summary table is the
-``summary`` table's value, shown to 4 significant digits, with the exact value in the cell's ``data-value``.
+``summary`` table's value, shown to 3 significant digits, with the exact value in the cell's ``data-value``; with
+pair groups, a second table gives each group's log-prob changes, the numbers the log-prob dynamics figure draws.
+Table and column names come from :mod:`entangle.schema`; nothing here needs torch.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from entangle.metrics.pairs import summarize
-from entangle.report.figures import FIGURES, FigureSpec
+from entangle.metrics.summary import summarize
+from entangle.report.figures import FIGURES, FigureSpec, group_dynamics, logprob_changes
 from entangle.report.verdict import Verdict, verdicts
+from entangle.schema import COVARIATES, LAYERS, PAIRS, SUMMARY, UPDATES
 
 # (summary column, header) of the HTML summary table, in order
 SUMMARY_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -43,7 +46,20 @@ SUMMARY_COLUMNS: tuple[tuple[str, str], ...] = (
     ("idealized_ranking_accuracy", "idealized ranking accuracy"),
     ("ranking_accuracy_gap", "ranking accuracy gap"),
 )
-TABLES_NEEDED = ("pairs", "summary")
+TABLES_NEEDED = (PAIRS.name, SUMMARY.name)
+SIGNIFICANT = 3      # significant digits of every non-integer number shown in a table
+
+# (group table column, header) of the per-group table, in order
+GROUP_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("group", "pair group"),
+    ("n", "pairs"),
+    ("jaccard", "token overlap (median Jaccard)"),
+    ("chosen", "mean Δ log π(chosen) (nats)"),
+    ("rejected", "mean Δ log π(rejected) (nats)"),
+    ("margin", "mean margin (nats)"),
+    ("chosen_fell", "share with chosen fallen"),
+    ("cosine", "median cos(g_w, g_l)"),
+)
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1100px; margin: 2em auto;
@@ -92,8 +108,9 @@ def draw_figures(
             drawn.append(DrawnFigure(spec, None, [], f"skipped: the run has no {' or '.join(missing)} table"
                                      + (" (a checkpoint analysis records no updates)" if "updates" in missing else "")))
             continue
+        optional = (tables[t] if _present(tables, t) else None for t in spec.optional)
         try:
-            result = spec.draw(*(tables[t] for t in spec.tables))
+            result = spec.draw(*(tables[t] for t in spec.tables), *optional)
         except (KeyError, ValueError) as err:
             warnings.warn(f"figure {spec.name!r} not drawn: {err!r}", stacklevel=2)
             drawn.append(DrawnFigure(spec, None, [], f"skipped: could not draw it from the tables ({err!r})"))
@@ -123,15 +140,17 @@ def _save(spec: FigureSpec, fig, out: Path, formats: Sequence[str], dpi: int) ->
     return DrawnFigure(spec, buffer.getvalue(), files)
 
 
-def _cell(value: Any, column: str) -> str:
-    """A ``<td>`` showing ``value`` to 4 significant digits, with its exact value in ``data-value``."""
-    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+def _cell(value: Any, column: str, integer: bool = False) -> str:
+    """A ``<td>`` showing ``value`` (an ``integer`` column's as an integer, any other number to ``SIGNIFICANT``
+    significant digits, trailing zeros kept: 1.00 beside 0.0312), with its exact value in ``data-value``."""
+    if isinstance(value, str):
+        return f'<td class="key" data-column="{html.escape(column)}">{html.escape(value)}</td>'
+    if value is None or not np.isfinite(float(value)):
         shown, exact = "–", "nan"
-    elif isinstance(value, (int, np.integer)) or (isinstance(value, (float, np.floating)) and float(value).is_integer()
-                                                  and column in ("step", "n_pairs", "n_excluded")):
+    elif integer or isinstance(value, (int, np.integer)):
         shown = exact = str(int(value))
     else:
-        shown, exact = f"{float(value):.4g}", repr(float(value))
+        shown, exact = f"{float(value):#.{SIGNIFICANT}g}".rstrip("."), repr(float(value))
     return f'<td data-column="{html.escape(column)}" data-value="{exact}">{shown}</td>'
 
 
@@ -145,8 +164,38 @@ def summary_table(summary: pd.DataFrame) -> str:
     head = "".join(f'<th data-column="{c}">{html.escape(h)}</th>' for c, h in cols)
     rows = []
     for _, row in summary.sort_values("step").iterrows() if "step" in summary else summary.iterrows():
-        rows.append("<tr>" + "".join(_cell(row[c], c) for c, _ in cols) + "</tr>")
+        rows.append("<tr>" + "".join(_cell(row[c], c, SUMMARY.dtype_of(c) == "int") for c, _ in cols) + "</tr>")
     return f'<table id="summary"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def group_table(pairs: pd.DataFrame, covariates: pd.DataFrame | None = None) -> pd.DataFrame | None:
+    """Per pair group, at the last measured step: pairs, median token overlap (with covariates), the mean changes
+    since the first step and margin that :func:`entangle.report.figures.group_dynamics` gives (the last points of
+    the log-prob dynamics figure), the share of pairs whose chosen log-prob fell and the median cosine over all
+    steps; None when the pairs have no group."""
+    dynamics = group_dynamics(pairs, covariates)
+    if dynamics is None:
+        return None
+    last = dynamics[dynamics["step"] == dynamics["step"].max()].set_index("group")
+    changes = logprob_changes(pairs, covariates)
+    final = changes[changes["step"] == changes["step"].max()]
+    cosine = pairs.assign(group=changes["group"].reindex(pairs.index)).groupby("group")["cosine"].median()
+    out = pd.DataFrame({
+        "n": last["n"], "chosen": last["chosen"], "rejected": last["rejected"], "margin": last["margin"],
+        "chosen_fell": (final["chosen"] < 0).groupby(final["group"]).mean(), "cosine": cosine,
+    }).loc[last.index]
+    if covariates is not None and "jaccard" in covariates:
+        jaccard = covariates.drop_duplicates("pair").set_index("pair")["jaccard"]
+        per_pair = final.assign(jaccard=final["pair"].map(jaccard))
+        out.insert(1, "jaccard", per_pair.groupby("group")["jaccard"].median())
+    return out.rename_axis("group").reset_index()
+
+
+def _group_table_html(groups: pd.DataFrame) -> str:
+    cols = [(c, h) for c, h in GROUP_COLUMNS if c in groups]
+    head = "".join(f'<th data-column="{c}">{html.escape(h)}</th>' for c, h in cols)
+    rows = ["<tr>" + "".join(_cell(row[c], c, c == "n") for c, _ in cols) + "</tr>" for _, row in groups.iterrows()]
+    return f'<table id="groups"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
 def _manifest_table(manifest: dict[str, Any]) -> str:
@@ -185,17 +234,23 @@ def render_html(
     figures: list[DrawnFigure],
     items: list[Verdict],
     notes: Sequence[str] = (),
+    groups: pd.DataFrame | None = None,
 ) -> str:
-    """The report page as one string (no external resources)."""
+    """The report page as one string (no external resources); ``groups`` is :func:`group_table`'s frame."""
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
     parts += [f'<p class="note">{html.escape(n)}</p>' for n in notes]
     parts.append("<h2>Verdicts</h2><p>Per step range, from the first-order prediction of one plain gradient step "
-                 "for each probe pair alone (THEORY.md §3); shares are over all (pair, step) rows of the range.</p>")
+                 "for each probe pair alone (docs/theory.md §3); shares are over all (pair, step) rows of the range.</p>")
     parts.append(_verdict_list(items))
     parts.append("<h2>Summary per step</h2>")
     parts.append(f'<div class="scroll">{summary_table(summary)}</div>' if summary is not None and not summary.empty
                  else '<p class="note">No summary: the run has no summary or pairs table.</p>')
+    if groups is not None:
+        parts.append("<h2>Pair groups</h2><p>Per pair group at the last measured step: log-prob changes since the "
+                     "first measured step (the last points of the log-prob dynamics figure) and the margin, means "
+                     "over the group's pairs; the cosine is the median over all steps.</p>")
+        parts.append(_group_table_html(groups))
     parts.append("<h2>Figures</h2>")
     parts += [_figure_html(f, i) for i, f in enumerate(figures, start=1)]
     parts.append(f"<h2>Run</h2>{_manifest_table(manifest)}</body></html>")
@@ -227,15 +282,40 @@ def make_report(
         raise ValueError(f"no pairs or summary table in {str(run_dir)!r} (found: {', '.join(found) or 'nothing'}); "
                          "is it a run directory written by entangle?")
     notes = []
-    if not _present(tables, "summary"):
-        tables["summary"] = summarize(tables["pairs"])
+    if not _present(tables, SUMMARY.name):
+        tables[SUMMARY.name] = summarize(tables[PAIRS.name])
         notes.append("The run has no summary table: the summary was computed from the pairs table.")
     out = Path(out_dir) if out_dir is not None else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     figures = draw_figures(tables, out, formats)
-    items = verdicts(tables["pairs"], tables.get("layers"), tables.get("updates")) if _present(tables, "pairs") else []
+    items = (verdicts(tables[PAIRS.name], tables.get(LAYERS.name), tables.get(UPDATES.name))
+             if _present(tables, PAIRS.name) else [])
+    covariates = tables[COVARIATES.name] if _present(tables, COVARIATES.name) else None
+    groups = group_table(tables[PAIRS.name], covariates) if _present(tables, PAIRS.name) else None
     manifest = tables["manifest"]
-    title = f"entangle report: {manifest.get('name') or run_dir.resolve().name}"
     path = out / "report.html"
-    path.write_text(render_html(title, manifest, tables["summary"], figures, items, notes), encoding="utf-8")
+    path.write_text(render_html(report_title(manifest, run_dir), manifest, tables[SUMMARY.name], figures, items,
+                                notes, groups), encoding="utf-8")
     return path
+
+
+# objective names of ``entangle.metrics.objectives`` and the method each is the loss of
+_METHODS = {"sigmoid": "DPO", "ipo": "IPO", "hinge": "SLiC", "robust": "robust DPO", "simpo": "SimPO",
+            "orpo": "ORPO", "rdpo": "R-DPO", "dpop": "DPOP", "sigmoid_norm": "length-normalised DPO"}
+_SYMBOLS = {"beta": "β"}
+
+
+def report_title(manifest: dict[str, Any], run_dir: str | os.PathLike) -> str:
+    """The page title from the manifest's objective, hyper-parameters and model, e.g. "DPO (sigmoid, β=0.1) on
+    GPT2LMHeadModel — entanglement report"; the run directory's name only when the manifest names neither."""
+    objective, model = manifest.get("objective"), manifest.get("model")
+    if not objective and not model:
+        return f"Entanglement report: {manifest.get('name') or Path(run_dir).resolve().name}"
+    hyper = manifest.get("hyper") or {k: manifest[k] for k in ("beta",) if k in manifest}
+    what = ""
+    if objective:
+        settings = ", ".join([str(objective)] + [f"{_SYMBOLS.get(k, k)}={v:g}" if isinstance(v, float)
+                                                 else f"{_SYMBOLS.get(k, k)}={v}" for k, v in hyper.items()])
+        what = f"{_METHODS.get(objective, objective)} ({settings})"
+    on = f"{what} on {Path(str(model)).name}" if model else what
+    return f"{on.strip()} — entanglement report"

@@ -1,4 +1,4 @@
-"""Token heatmap of one pair: where the chosen-rejected gradient entanglement comes from (THEORY §7).
+"""Token heatmap of one pair: where the chosen-rejected gradient entanglement comes from (docs/theory.md §7).
 
 A function of the tidy frame that ``entangle.capture.tokens.token_map`` returns; pandas, numpy and
 matplotlib only.

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from entangle.metrics.pairs import REGIMES
 from entangle.report.figures import layer_order
+from entangle.schema import REGIMES
 
 WRONG_CHOSEN = ("both_fall", "chosen_falls_rejected_rises")    # regimes where the chosen log-prob falls
 WRONG_REJECTED = ("both_rise", "chosen_falls_rejected_rises")  # regimes where the rejected log-prob rises
@@ -35,7 +35,7 @@ class Verdict:
             or of all pairs when none is affected (``ratio_of`` says which).
         layers: the fewest layers carrying at least half of the summed inner product of those pairs (model order),
             layer_share: the share they carry; None/NaN without a layer table or with a non-positive sum.
-        batch_chosen_falls, batch_rejected_rises: the same shares under the whole minibatch step (THEORY.md §4,
+        batch_chosen_falls, batch_rejected_rises: the same shares under the whole minibatch step (docs/theory.md §4,
             ``batch_chosen_rises``/``batch_rejected_falls`` columns), NaN without them.
         observed_chosen_falls, observed_rejected_rises: share of probe sequences whose log-prob was seen to
             fall / rise after the step (``updates`` table), NaN without one.
