@@ -170,4 +170,5 @@ def test_light_measurements_without_update_check_or_adam_view(tmp_path):
     assert sorted(run["pairs"]["step"].unique()) == [0, 2, 4] and len(run["pairs"]) == 3 * 8
     assert "updates" not in run and "summary_adam" not in run
     logged = [h for h in trainer.state.log_history if "entangle/share_ideal" in h]
-    assert logged and not any("entangle/update/sign_agreement" in h for h in trainer.state.log_history)
+    assert [h["step"] for h in logged] == [0, 2, 4]       # measured before the update: logged at its own step
+    assert not any("entangle/update/sign_agreement" in h for h in trainer.state.log_history)
