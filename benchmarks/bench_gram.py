@@ -62,7 +62,7 @@ def _setup(shape: str, device: str):
 def _run_method(method: str, model, batch):
     import torch
 
-    from entangle.capture.engine import sequence_gram
+    from entangle.capture.measure import sequence_gram
     from entangle.capture.logprobs import sequence_logps
 
     if method == "plain_dpo_step":

@@ -8,7 +8,8 @@ batch is one pair with a shared 32-token prompt. Methods:
 
 * ``loop``: the approach of the paper's public heatmap script: one backward per response token with a
   retained graph, every per-token gradient flattened (float32) and kept, then ``G G^T``;
-* ``full``: ``token_gram(..., method="full")`` (prefix copies, one backward, per-layer reduction);
+* ``full``: ``token_gram(..., method="full")`` (block-wise, the default: one forward of the pair, each block re-run on chunks of per-token copies);
+* ``copies``: the same with prefix copies through the whole model (the fallback);
 * ``head``: ``token_gram(..., method="head")`` (closed form over the output layer, no backward).
 
 Each (responses, method) runs in a fresh child process so that its peak resident memory (VmHWM) is
@@ -21,21 +22,26 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import bench_gram
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))   # the slow twin lives with the tests
 
 METHODS = ["loop", "full", "copies", "head"]
 PROMPT = 32
 
 
 def _run_method(method: str, model, batch):
-    from entangle.capture.tokens import _loop_token_grads, token_gram
+    from entangle.capture.tokens import token_gram
 
     if method == "loop":
         import torch
+        from twins import loop_token_grads
 
-        g = _loop_token_grads(model, batch, 0, dtype=torch.float32)
+        g = loop_token_grads(model, batch, 0, dtype=torch.float32)
         return (g @ g.T).to(torch.float64)
     if method == "copies":
         from entangle.capture.tokens import full_token_gram

@@ -24,7 +24,7 @@ def test_embedding_gram_by_key_pairs_and_by_rows(monkeypatch, dense):
             if valid[i, t]:
                 full[i, ids[i, t]] += grads[i, t]
     flat = full.flatten(1)
-    rows = EmbeddingRows(ids, grads, valid)
+    rows = EmbeddingRows(ids, grads, valid, vocab)
     torch.testing.assert_close(rows.gram(), flat @ flat.T, rtol=1e-12, atol=1e-12)
 
 
@@ -78,3 +78,58 @@ def test_dual_gram_plain_scaled_and_dots_from_one_materialisation(monkeypatch, c
     only_plain, none_scaled, none_dots = contrib.dual_gram(c, None, None)
     torch.testing.assert_close(only_plain, flat @ flat.T, rtol=1e-12, atol=1e-12)
     assert none_scaled is None and none_dots is None
+
+
+def _contributions(n: int = 4, length: int = 6, rows: int = 9, cols: int = 5):
+    """One contribution of each kind with its per-example gradients [n, rows, cols] built by hand (float64)."""
+    g = torch.Generator().manual_seed(3)
+    left = torch.randn(n, length, rows, generator=g, dtype=torch.float64)
+    right = torch.randn(n, length, cols, generator=g, dtype=torch.float64)
+    valid = torch.rand(n, length, generator=g) > 0.3
+    left = left * valid[..., None]
+    full = torch.einsum("ntr,ntc->nrc", left, right)
+    ids = torch.randint(0, rows, (n, length), generator=g)
+    emb = torch.zeros(n, rows, cols, dtype=torch.float64)
+    for i in range(n):
+        for t in range(length):
+            if valid[i, t]:
+                emb[i, ids[i, t]] += right[i, t]
+    dense = torch.randn(n, rows, cols, generator=g, dtype=torch.float64)
+    scale = torch.rand(rows, cols, generator=g, dtype=torch.float64) + 0.5
+    return [
+        ("dense", contrib.Dense(dense), dense),
+        ("ghost", Factored.from_padded(left, right, valid, mode="ghost"), full),
+        ("materialised", Factored.from_padded(left, right, valid, mode="materialise"), full),
+        ("sparse", EmbeddingRows(ids, right, valid, rows), emb),
+        ("scaled", contrib.Scaled(contrib.Dense(dense), scale), dense * scale),
+    ]
+
+
+@pytest.mark.parametrize("kind", ["dense", "ghost", "materialised", "sparse", "scaled"])
+def test_every_contribution_follows_the_protocol(kind):
+    """Each contribution's gram / rows / dot / row_blocks / restricted / touched agree with its per-example
+    gradients formed by hand: the one protocol the engine relies on (no type is special-cased)."""
+    name, c, full = next(x for x in _contributions() if x[0] == kind)
+    n, rows = full.shape[0], full.shape[1]
+    flat = full.flatten(1)
+    assert (c.n, c.n_rows) == (n, rows) and c.kind in ("ghost", "materialised", "sparse")
+    torch.testing.assert_close(c.gram(), flat @ flat.T, rtol=1e-12, atol=1e-12)
+    index = torch.tensor([1, 4, 7])
+    torch.testing.assert_close(c.rows(index).to(torch.float64), full[:, index], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(c.rows(None).to(torch.float64), full, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(c.restricted(index).rows(index).to(torch.float64), full[:, index], rtol=1e-12,
+                               atol=1e-12)
+    delta = torch.randn(full.shape[1:], dtype=torch.float64)
+    torch.testing.assert_close(c.dot(delta), flat @ delta.flatten(), rtol=1e-12, atol=1e-12)
+    if c.touched is not None:                     # rows outside `touched` are zero
+        outside = torch.ones(rows, dtype=torch.bool)
+        outside[c.touched] = False
+        assert not full[:, outside].any()
+    blocks = c.row_blocks()
+    if c.kind == "materialised" and kind != "scaled":
+        got = torch.zeros_like(full)
+        for idx, block in blocks:
+            got[:, idx] = block.to(torch.float64)
+        torch.testing.assert_close(got, full, rtol=1e-12, atol=1e-12)
+    else:
+        assert blocks is None

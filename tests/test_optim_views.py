@@ -4,24 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_batch, tiny_gpt2, tiny_llama
+from helpers import ScaledLinear, _adam_after_steps, random_batch, tiny_gpt2, tiny_llama
 
-from entangle.capture.engine import sequence_gram, update_dot
+from entangle.capture.measure import measure, sequence_gram, update_dot
 from entangle.capture.optim import adam_preconditioner
 from entangle.capture.params import select_params
 
 MODELS = {"gpt2": tiny_gpt2, "llama": tiny_llama, "llama_tied": lambda **kw: tiny_llama(tie=True, **kw)}
-
-
-def _adam_after_steps(model, batch, steps=2, amsgrad=False):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, amsgrad=amsgrad)
-    from entangle.capture.logprobs import sequence_logps
-    for _ in range(steps):
-        opt.zero_grad()
-        (-sequence_logps(model, batch).sum()).backward()
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    return opt
 
 
 @pytest.mark.parametrize("arch", list(MODELS))
@@ -98,19 +87,23 @@ def test_plain_and_preconditioned_from_one_pass():
     model = tiny_gpt2(dtype=torch.float64)
     batch = random_batch(3, 101, seed=23)
     P = adam_preconditioner(_adam_after_steps(model, batch), model)
-    both = sequence_gram(model, batch, preconditioner=P, plain=True)
-    assert torch.equal(both.matrix, sequence_gram(model, batch).matrix)
-    assert torch.equal(both.preconditioned.matrix, sequence_gram(model, batch, preconditioner=P).matrix)
-    assert sequence_gram(model, batch).preconditioned is None
-    exact = sequence_gram(model, batch, preconditioner=P, plain=True, method="exact")
-    torch.testing.assert_close(exact.matrix, both.matrix, rtol=1e-10, atol=1e-10)
+    both = measure(model, batch, preconditioner=P)
+    assert (both.plain.geometry, both.preconditioned.geometry, both.update) == ("plain", "preconditioned", None)
+    assert torch.equal(both.plain.matrix, sequence_gram(model, batch).matrix)
+    alone = sequence_gram(model, batch, preconditioner=P)
+    assert alone.geometry == "preconditioned" and torch.equal(both.preconditioned.matrix, alone.matrix)
+    assert measure(model, batch).preconditioned is None
+    only = measure(model, batch, plain=False, preconditioner=P)
+    assert only.plain is None and torch.equal(only.preconditioned.matrix, alone.matrix)
+    exact = measure(model, batch, preconditioner=P, method="exact")
+    torch.testing.assert_close(exact.plain.matrix, both.plain.matrix, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(exact.preconditioned.matrix, both.preconditioned.matrix, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="nothing to measure"):
+        measure(model, batch, plain=False)
 
 
 def _with_generic_layer(model):
     """The Llama test model with one layer type no rule knows (its dots come from the generic fallback)."""
-    from test_gram import ScaledLinear
-
     torch.manual_seed(0)
     model.model.layers[0].mlp.down_proj = ScaledLinear(48, 32).to(torch.float64)
     return model
@@ -118,7 +111,7 @@ def _with_generic_layer(model):
 
 @pytest.mark.parametrize("arch", [*MODELS, "llama_generic"])
 def test_gram_and_update_prediction_from_one_pass(arch):
-    """sequence_gram(delta=...) gives the Gram matrices of both geometries and <g_i, delta> from one pass, equal
+    """measure(delta=...) gives the Gram matrices of both geometries and <g_i, delta> from one pass, equal
     to the separate passes (and to the exact twins)."""
     model = _with_generic_layer(tiny_llama(dtype=torch.float64)) if arch == "llama_generic" \
         else MODELS[arch](dtype=torch.float64)
@@ -126,23 +119,25 @@ def test_gram_and_update_prediction_from_one_pass(arch):
     P = adam_preconditioner(_adam_after_steps(model, batch), model)
     torch.manual_seed(2)
     delta = {n: torch.randn_like(p) * 1e-3 for n, p in select_params(model)}
-    fused, pred = sequence_gram(model, batch, preconditioner=P, plain=True, delta=delta)
-    separate = sequence_gram(model, batch, preconditioner=P, plain=True)
+    fused = measure(model, batch, preconditioner=P, delta=delta)
+    separate = measure(model, batch, preconditioner=P)
     alone, logps = update_dot(model, batch, delta)
     close = dict(rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(pred, alone, **close)
+    torch.testing.assert_close(fused.update, alone, **close)
     torch.testing.assert_close(fused.logps, logps, **close)
-    for got, want in ((fused, separate), (fused.preconditioned, separate.preconditioned)):
+    for got, want in ((fused.plain, separate.plain), (fused.preconditioned, separate.preconditioned)):
         torch.testing.assert_close(got.matrix, want.matrix, **close)
         assert got.per_param.keys() == want.per_param.keys()
         for name in got.per_param:
             torch.testing.assert_close(got.per_param[name], want.per_param[name], **close)
     assert not any(v.endswith(":dot") for v in fused.info.values())
     assert any(v.startswith("generic") for v in fused.info.values()) == (arch == "llama_generic")
-    exact, exact_pred = sequence_gram(model, batch, preconditioner=P, plain=True, delta=delta, method="exact")
-    torch.testing.assert_close(exact_pred, pred, rtol=1e-10, atol=1e-14)
+    exact = measure(model, batch, preconditioner=P, delta=delta, method="exact")
+    torch.testing.assert_close(exact.update, fused.update, rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(exact.preconditioned.matrix, fused.preconditioned.matrix, **close)
     # without a preconditioner: the plain Gram and the dots
-    plain, pred_plain = sequence_gram(model, batch, delta=delta)
-    torch.testing.assert_close(plain.matrix, separate.matrix, **close)
+    plain = measure(model, batch, delta=delta)
+    assert plain.preconditioned is None
+    torch.testing.assert_close(plain.plain.matrix, separate.plain.matrix, **close)
+    pred_plain = plain.update
     torch.testing.assert_close(pred_plain, alone, **close)

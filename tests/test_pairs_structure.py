@@ -1,4 +1,4 @@
-"""sequence_gram(structure="pairs"): the within-pair Gram entries and K c without forming K, against the exact twin
+"""measure(structure="pairs") / pair_statistics: the within-pair Gram entries and K c without forming K, against the exact twin
 (one backward per sequence, flattened gradients) on GPT-2 (Conv1D, tied embeddings), Llama (RMSNorm, untied and
 tied) and a layer type without a rule, with padding, in float64, float32 and bf16."""
 
@@ -7,15 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import random_batch, tiny_gpt2, tiny_llama
-from test_gram import ScaledLinear
-from test_optim_views import _adam_after_steps
+from helpers import ScaledLinear, _adam_after_steps, random_batch, tiny_gpt2, tiny_llama
 
 from entangle.builtin import builtin_model, builtin_pairs, builtin_tokenizer
-from entangle.capture.engine import sequence_gram
 from entangle.capture.logprobs import response_lengths, sequence_logps
+from entangle.capture.measure import measure, pair_statistics, sequence_gram
 from entangle.capture.optim import adam_preconditioner
 from entangle.capture.params import select_params
+from entangle.capture.result import PairStats
 from entangle.data import encode_pairs
 from entangle.integrations.monitor import Monitor
 from entangle.metrics import batch_weights, pair_frame
@@ -37,26 +36,27 @@ def _with_generic_layer(model, dtype):
     return model
 
 
-def _structure_entries(n: int) -> torch.Tensor:
+def _within(block: torch.Tensor) -> torch.Tensor:
+    """[3, N] from a Gram block [N, N]: the diagonal, each sequence's entry with its pair partner, and nothing else."""
+    n = block.shape[0]
     idx = torch.arange(n)
-    mask = torch.zeros(n, n, dtype=torch.bool)
-    mask[idx, idx] = mask[idx, (idx + n // 2) % n] = True
-    return mask
+    return torch.stack([block[idx, idx], block[idx, (idx + n // 2) % n]])
 
 
 def assert_pairs_match(got, full, weights, tol):
-    """``got`` (structure "pairs") holds exactly the within-pair entries of ``full`` and K c; NaN elsewhere."""
-    n = full.matrix.shape[0]
-    mask = _structure_entries(n)
+    """``got`` (a PairStats) holds exactly the within-pair entries of ``full`` (a GramResult) and K c."""
+    assert isinstance(got, PairStats) and got.geometry == full.geometry
     scale = float(full.matrix.abs().max())
-    assert got.structure == "pairs" and torch.isnan(got.matrix[~mask]).all()
-    assert float((got.matrix[mask] - full.matrix[mask]).abs().max()) <= tol * scale
+    assert float((got.stats[:2] - _within(full.matrix)).abs().max()) <= tol * scale
+    norm2, inner = got.within_pair()
+    torch.testing.assert_close(norm2, got.stats[0])
+    torch.testing.assert_close(inner, got.stats[1, :got.n_pairs])
     kc = full.matrix @ weights.to(full.matrix)
     assert float((got.kc - kc).abs().max()) <= tol * float(full.matrix.abs().sum(1).max() * weights.abs().max())
     assert got.per_param.keys() == full.per_param.keys()
     for name, block in full.per_param.items():
-        assert torch.isnan(got.per_param[name][~mask]).all(), name
-        assert float((got.per_param[name][mask] - block[mask]).abs().max()) <= tol * scale, name
+        assert got.per_param[name].shape == (3, block.shape[0]), name
+        assert float((got.per_param[name][:2] - _within(block)).abs().max()) <= tol * scale, name
     torch.testing.assert_close(got.weights.cpu(), weights.to(torch.float64))
 
 
@@ -68,13 +68,13 @@ def test_pairs_match_the_exact_twin(arch, dtype, padding_side):
     batch = random_batch(3, 101, padding_side=padding_side, seed=31)
     weights = torch.tensor([0.7, -1.3, 0.2, 2.0, -0.4, 1.1], dtype=torch.float64)
     exact = sequence_gram(model, batch, method="exact")
-    got = sequence_gram(model, batch, structure="pairs", weights=weights)
+    got = pair_statistics(model, batch, weights)
     assert_pairs_match(got, exact, weights, TOL[dtype])
     if arch == "llama_generic":
         assert got.info["model.layers.0.mlp.down_proj.gain"].startswith("generic")
     # the exact method gives the same structure (the slow twin of this path)
-    assert_pairs_match(sequence_gram(model, batch, method="exact", structure="pairs", weights=weights), exact,
-                       weights, 1e-12)
+    assert_pairs_match(pair_statistics(model, batch, weights, method="exact"), exact, weights, 1e-12)
+    assert_pairs_match(exact.pairs(weights), exact, weights, 1e-12)
 
 
 @pytest.mark.parametrize("arch", list(MODELS))
@@ -84,13 +84,12 @@ def test_pairs_with_adam_geometry_and_update_from_one_pass(arch):
     P = adam_preconditioner(_adam_after_steps(model, batch), model)
     torch.manual_seed(3)
     delta = {n: torch.randn_like(p) * 1e-3 for n, p in select_params(model)}
-    exact, exact_pred = sequence_gram(model, batch, preconditioner=P, plain=True, delta=delta, method="exact")
+    exact = measure(model, batch, preconditioner=P, delta=delta, method="exact")
     weights = torch.linspace(-1, 1, 6, dtype=torch.float64)
-    got, pred = sequence_gram(model, batch, preconditioner=P, plain=True, delta=delta, structure="pairs",
-                              weights=weights)
-    assert_pairs_match(got, exact, weights, 1e-10)
+    got = measure(model, batch, preconditioner=P, delta=delta, structure="pairs", weights=weights)
+    assert_pairs_match(got.plain, exact.plain, weights, 1e-10)
     assert_pairs_match(got.preconditioned, exact.preconditioned, weights, 1e-10)
-    torch.testing.assert_close(pred, exact_pred, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(got.update, exact.update, rtol=1e-10, atol=1e-14)
 
 
 def test_weights_from_the_log_probs_of_the_same_pass():
@@ -105,7 +104,7 @@ def test_weights_from_the_log_probs_of_the_same_pass():
         seen.append(logps.clone())
         return batch_weights("sigmoid", logps, lengths, ref, beta=0.1)
 
-    got = sequence_gram(model, batch, structure="pairs", weights=weights)
+    got = pair_statistics(model, batch, weights)
     full = sequence_gram(model, batch)
     assert len(seen) == 1
     torch.testing.assert_close(seen[0], full.logps, rtol=1e-12, atol=1e-12)
@@ -125,18 +124,18 @@ def test_bad_pairs_arguments():
     model = tiny_gpt2(dtype=torch.float64)
     batch = random_batch(2, 101, seed=34)
     with pytest.raises(ValueError, match="needs weights"):
-        sequence_gram(model, batch, structure="pairs")
+        measure(model, batch, structure="pairs")
     with pytest.raises(ValueError, match='apply to structure="pairs" only'):
-        sequence_gram(model, batch, weights=torch.ones(4))
+        measure(model, batch, weights=torch.ones(4))
     with pytest.raises(ValueError, match="unknown structure"):
-        sequence_gram(model, batch, structure="diagonal", weights=torch.ones(4))
+        measure(model, batch, structure="diagonal", weights=torch.ones(4))
     with pytest.raises(ValueError, match="3 entries for 4 sequences"):
-        sequence_gram(model, batch, structure="pairs", weights=torch.ones(3))
+        pair_statistics(model, batch, torch.ones(3))
     with pytest.raises(ValueError, match=r"non-finite weights for sequences \[3\] \(pairs \[1\]\)"):
-        sequence_gram(model, batch, structure="pairs", weights=torch.tensor([1.0, 1.0, 1.0, float("nan")]))
+        pair_statistics(model, batch, torch.tensor([1.0, 1.0, 1.0, float("nan")]))
     odd = {k: v[:3] for k, v in batch.items()}
     with pytest.raises(ValueError, match="needs 2B sequences"):
-        sequence_gram(model, odd, structure="pairs", weights=torch.ones(3))
+        pair_statistics(model, odd, torch.ones(3))
 
 
 def test_monitor_tables_are_the_same_with_pairs_and_full_structure(tmp_path):

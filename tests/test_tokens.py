@@ -7,18 +7,13 @@ import warnings
 import matplotlib
 import pytest
 import torch
-from conftest import random_batch, tiny_gpt2, tiny_llama
+from helpers import random_batch, tiny_gpt2, tiny_llama
+from twins import loop_token_grads
 
-from entangle.capture.engine import sequence_gram
-from entangle.capture.tokens import (
-    BlockwiseUnsupported,
-    _loop_token_grads,
-    find_blocks,
-    full_token_gram,
-    response_hidden,
-    token_gram,
-    token_map,
-)
+from entangle.capture.measure import sequence_gram
+from entangle.capture.tokens import BlockwiseUnsupported, full_token_gram, token_gram, token_map
+from entangle.capture.tokens.blockwise import find_blocks
+from entangle.metrics.covariates import response_hidden
 
 matplotlib.use("Agg")
 
@@ -39,7 +34,7 @@ def test_full_matches_per_token_brute_force(arch, padding_side):
     model = MODELS[arch]()
     batch = random_batch(3, 101, padding_side=padding_side, seed=1)
     gram, n_w = token_gram(model, batch, pair=1)
-    grads = _loop_token_grads(model, batch, pair=1)
+    grads = loop_token_grads(model, batch, pair=1)
     assert n_w == int(batch["completion_mask"][1].sum())
     assert gram.shape == (grads.shape[0],) * 2
     assert rel_err(gram, grads @ grads.T) < 1e-10
@@ -65,7 +60,7 @@ def test_params_subset_matches_brute_force():
     model = MODELS["llama_tied"]()
     batch = random_batch(2, 101, seed=2)
     gram, _ = token_gram(model, batch, pair=0, params=r"layers\.1\.|embed")
-    grads = _loop_token_grads(model, batch, pair=0, params=r"layers\.1\.|embed")
+    grads = loop_token_grads(model, batch, pair=0, params=r"layers\.1\.|embed")
     assert rel_err(gram, grads @ grads.T) < 1e-10
 
 
@@ -74,7 +69,7 @@ def test_head_matches_brute_force_on_the_head_weight(padding_side):
     model = MODELS["llama"]()
     batch = random_batch(3, 101, padding_side=padding_side, seed=2)
     gram, _ = token_gram(model, batch, pair=2, method="head")
-    grads = _loop_token_grads(model, batch, pair=2, params=["lm_head.weight"])
+    grads = loop_token_grads(model, batch, pair=2, params=["lm_head.weight"])
     assert rel_err(gram, grads @ grads.T) < 1e-10
     # params may name the head weight, nothing else
     torch.testing.assert_close(token_gram(model, batch, 2, params=["lm_head.weight"], method="head")[0], gram)
@@ -89,7 +84,7 @@ def test_head_on_tied_gpt2_is_the_head_use_only():
     head_only, _ = token_gram(model, batch, pair=1, method="head")
     untied = MODELS["gpt2"]()
     untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach().clone())
-    grads = _loop_token_grads(untied, batch, pair=1, params=["lm_head.weight"])
+    grads = loop_token_grads(untied, batch, pair=1, params=["lm_head.weight"])
     assert rel_err(head_only, grads @ grads.T) < 1e-10
 
 
@@ -181,7 +176,7 @@ def test_both_full_strategies_match_brute_force(arch, strategy, chunk):
     model = MODELS[arch]()
     batch = random_batch(3, 101, padding_side="left", seed=11)
     gram = full_token_gram(model, batch, (2, 5), strategy=strategy, chunk=chunk)
-    grads = _loop_token_grads(model, batch, pair=2)
+    grads = loop_token_grads(model, batch, pair=2)
     assert rel_err(gram, grads @ grads.T) < 1e-10
     assert all("forward" not in block.__dict__ for block in find_blocks(model))   # patches removed
 
@@ -193,7 +188,7 @@ def test_blockwise_in_low_precision(arch, dtype, tol):
     model = MODELS[arch]().to(dtype)
     batch = random_batch(2, 101, seed=12)
     gram = full_token_gram(model, batch, (1, 3), strategy="blockwise", chunk=4)
-    grads = _loop_token_grads(model, batch, pair=1)
+    grads = loop_token_grads(model, batch, pair=1)
     assert gram.dtype == torch.float64 and torch.isfinite(gram).all()
     assert rel_err(gram, grads @ grads.T) < tol
 
@@ -266,7 +261,7 @@ def test_blockwise_with_an_unknown_layer_type_inside_blocks(chunk):
     model = _ToyLM()
     batch = _toy_batch(4, 3)                        # K = 7 copies, context width 5
     gram = full_token_gram(model, batch, (0, 1), strategy="blockwise", chunk=chunk)
-    grads = _loop_token_grads(model, batch, pair=0)
+    grads = loop_token_grads(model, batch, pair=0)
     assert rel_err(gram, grads @ grads.T) < 1e-10
 
 
@@ -276,9 +271,9 @@ def test_block_reused_twice():
     model = _ToyLM()
     model.layers[1] = model.layers[0]
     batch = _toy_batch(4, 3)
-    grads = _loop_token_grads(model, batch, pair=0)
+    grads = loop_token_grads(model, batch, pair=0)
     for chunk in (None, 2):
-        with pytest.raises(NotImplementedError, match="more than one"):
+        with pytest.raises(BlockwiseUnsupported, match="more than one separately differentiated part"):
             full_token_gram(model, batch, (0, 1), strategy="blockwise", chunk=chunk)
         with pytest.warns(UserWarning, match="prefix copies"):
             gram = full_token_gram(model, batch, (0, 1), chunk=chunk)
@@ -292,7 +287,7 @@ def test_ambiguous_block_argument_falls_back_to_copies():
         full_token_gram(model, batch, (0, 1), strategy="blockwise")
     with pytest.warns(UserWarning, match="prefix copies"):
         gram, _ = token_gram(model, batch, pair=0)
-    grads = _loop_token_grads(model, batch, pair=0)
+    grads = loop_token_grads(model, batch, pair=0)
     assert rel_err(gram, grads @ grads.T) < 1e-10
     assert all("forward" not in block.__dict__ for block in model.layers)
 
@@ -305,7 +300,7 @@ def test_blockwise_lora_adapters_only(chunk):
                                                                     init_lora_weights=False))
     batch = random_batch(2, 101, seed=3)
     gram = full_token_gram(model, batch, (0, 2), params="lora", strategy="blockwise", chunk=chunk)
-    grads = _loop_token_grads(model, batch, pair=0, params="lora")
+    grads = loop_token_grads(model, batch, pair=0, params="lora")
     assert rel_err(gram, grads @ grads.T) < 1e-10
 
 
@@ -318,7 +313,7 @@ def test_blockwise_on_real_stories260k_and_hh_pairs(hh_rows, stories_model, stor
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)          # no fallback to prefix copies
         gram = full_token_gram(model, batch, (1, 3), strategy="auto", chunk=5)
-    grads = _loop_token_grads(model, batch, pair=1)
+    grads = loop_token_grads(model, batch, pair=1)
     assert rel_err(gram, grads @ grads.T) < 1e-10
 
 
@@ -347,5 +342,5 @@ def test_blockwise_on_other_architectures(name):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)               # block-wise, no fallback
         gram = full_token_gram(model, batch, (1, 3), chunk=3)
-    grads = _loop_token_grads(model, batch, pair=1)
+    grads = loop_token_grads(model, batch, pair=1)
     assert rel_err(gram, grads @ grads.T) < (1e-6 if name == "gemma2" else 1e-10)

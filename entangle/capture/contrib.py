@@ -1,21 +1,18 @@
 """Per-example gradient contributions of one parameter use, and their inner products.
 
-A *contribution* stands for the per-example gradients ``g_i`` (i = 0..N-1) that one use of one
-parameter produces, without necessarily materialising them. It offers:
-
-* ``gram()``          -> float64 [N, N], ``<g_i, g_j>`` over this parameter (THEORY §6);
-* ``rows(index)``     -> float [N, R, ...], ``g_i`` restricted to parameter rows ``index`` (a sorted
-                         LongTensor; ``None`` = all rows); used for cross terms and metrics;
-* ``dot(delta)``      -> float64 [N], ``<g_i, delta>`` (THEORY §5);
-  (``pair_stats`` reduces rows to the within-pair entries of the Gram and ``K c`` instead);
-* ``restricted(index)`` -> a contribution that only keeps what ``rows`` needs for those rows;
-* ``touched``         the parameter rows that can be non-zero (``None`` = all); for an embedding
-                      lookup the token ids, which keeps tied input/output embeddings cheap.
+A *contribution* stands for the per-example gradients ``g_i`` (i = 0..N-1) that one use of one parameter
+produces, without necessarily materialising them. Every rule returns contributions, and every contribution
+follows one protocol (:class:`Contribution`); the engine and the reductions below rely on nothing else.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Protocol
+
 import torch
+
+from .result import stats_of_gram
 
 # Work on chunks of at most this many float elements when materialising (bounds peak memory).
 CHUNK_ELEMS = 1 << 21
@@ -45,6 +42,41 @@ def _row_chunks(index: torch.Tensor, n: int, width: int):
     return [index[s:s + step] for s in range(0, index.numel(), step)]
 
 
+class Contribution(Protocol):
+    """The per-example gradients of one use of one parameter, N examples, parameter of ``n_rows`` rows.
+
+    * ``n``, ``n_rows``: examples and parameter rows (the first dimension of the parameter; 1 for a scalar);
+    * ``device``: where its tensors live;
+    * ``kind``: ``"ghost"``, ``"materialised"`` or ``"sparse"``: how :meth:`gram` computes, for inspection;
+    * ``touched``: the parameter rows that can be non-zero (sorted LongTensor), ``None`` for all of them;
+    * ``gram()`` -> float64 [N, N], ``<g_i, g_j>`` over this parameter (THEORY §6);
+    * ``rows(index)`` -> [N, R, ...], ``g_i`` restricted to the rows ``index`` (sorted LongTensor; ``None``:
+      all rows); used for cross terms between uses and for chunked reductions;
+    * ``restricted(index)`` -> a contribution that keeps only what ``rows`` needs for those rows;
+    * ``dot(delta)`` -> float64 [N], ``<g_i, delta>`` for ``delta`` of the parameter's shape (THEORY §5);
+    * ``row_blocks()`` -> the materialised per-example gradients as ``(index, rows [N, r, ...])`` chunks of at
+      most about ``CHUNK_ELEMS`` elements, fresh buffers the caller may overwrite, when materialising is how this
+      contribution computes anyway; ``None`` otherwise (ghost, sparse). Several views (both geometries, the
+      update dots, pair statistics) are then reduced from one materialisation.
+    """
+
+    n: int
+    n_rows: int
+    device: torch.device
+    kind: str
+    touched: torch.Tensor | None
+
+    def gram(self) -> torch.Tensor: ...
+
+    def rows(self, index: torch.Tensor | None) -> torch.Tensor: ...
+
+    def restricted(self, index: torch.Tensor | None) -> Contribution: ...
+
+    def dot(self, delta: torch.Tensor) -> torch.Tensor: ...
+
+    def row_blocks(self) -> Iterator[tuple[slice | torch.Tensor, torch.Tensor]] | None: ...
+
+
 class Dense:
     """Materialised per-example gradients ``values`` [N, *param.shape] (vectors, biases, fallbacks)."""
 
@@ -53,20 +85,27 @@ class Dense:
 
     def __init__(self, values: torch.Tensor):
         self.values = values
-        self.n = values.shape[0]
+        self.n, self.device = values.shape[0], values.device
         self.n_rows = values.shape[1] if values.dim() > 1 else 1
 
     def gram(self) -> torch.Tensor:
         return _gram64(self.values.reshape(self.n, -1))
 
     def rows(self, index: torch.Tensor | None) -> torch.Tensor:
-        return self.values if index is None else self.values[:, index]
+        values = self.values if self.values.dim() > 1 else self.values.unsqueeze(1)     # a scalar: one row
+        return values if index is None else values[:, index]
 
     def restricted(self, index: torch.Tensor | None) -> Dense:
         return self
 
     def dot(self, delta: torch.Tensor) -> torch.Tensor:
         return self.values.flatten(1).to(torch.float64) @ delta.flatten().to(torch.float64)
+
+    def row_blocks(self) -> Iterator[tuple[slice, torch.Tensor]] | None:
+        if self.values.dim() < 2:                 # a scalar parameter: nothing to chunk
+            return None
+        step = max(1, CHUNK_ELEMS // max(self.values[:, :1].numel(), 1))
+        return ((slice(s, s + step), self.values[:, s:s + step].clone()) for s in range(0, self.n_rows, step))
 
 
 class Factored:
@@ -197,6 +236,15 @@ class Factored:
                 return out.to(torch.float64)
         return torch.stack([((lp @ d) * rp).sum().to(torch.float64) for lp, rp in self.parts])
 
+    def row_blocks(self) -> Iterator[tuple[slice | torch.Tensor, torch.Tensor]] | None:
+        if self.kind != "materialised":
+            return None
+        step = max(1, CHUNK_ELEMS // max(self.n * self.width, 1))
+        # each block is a fresh buffer (a batched product), which the caller may scale in place
+        return ((index, self.rows(index)) for index in
+                (slice(s, s + step) if self.row_ids is None else self.row_ids[s:s + step]
+                 for s in range(0, self.n_rows, step)))
+
 
 class EmbeddingRows:
     """Per-example gradients of an embedding lookup, sparse by token id: ``g_i[v] = sum_{t: id_t = v} delta_t``.
@@ -207,8 +255,8 @@ class EmbeddingRows:
 
     kind = "sparse"
 
-    def __init__(self, ids: torch.Tensor, grads: torch.Tensor, valid: torch.Tensor):
-        self.n = ids.shape[0]
+    def __init__(self, ids: torch.Tensor, grads: torch.Tensor, valid: torch.Tensor, n_rows: int):
+        self.n, self.n_rows, self.device = ids.shape[0], n_rows, grads.device
         seg = valid.nonzero()[:, 0]
         ids_v, grads_v = ids[valid], grads[valid]
         width = int(ids.max()) + 1 if ids.numel() else 1
@@ -220,7 +268,7 @@ class EmbeddingRows:
 
     def rows(self, index: torch.Tensor | None) -> torch.Tensor:
         if index is None:
-            raise ValueError("embedding rows must be requested by token id")
+            index = torch.arange(self.n_rows, device=self.sums.device)
         pos = torch.searchsorted(index, self.key_id).clamp(max=max(index.numel() - 1, 0))
         keep = index[pos] == self.key_id if index.numel() else torch.zeros_like(pos, dtype=torch.bool)
         out = torch.zeros(self.n, index.numel(), self.sums.shape[-1], dtype=self.sums.dtype, device=self.sums.device)
@@ -258,6 +306,9 @@ class EmbeddingRows:
         per_key = (self.sums * delta.to(self.sums.dtype)[self.key_id]).sum(-1).to(torch.float64)
         return torch.zeros(self.n, dtype=torch.float64, device=per_key.device).index_add_(0, self.key_ex, per_key)
 
+    def row_blocks(self) -> None:
+        return None
+
 
 class Scaled:
     """A contribution seen through a diagonal metric: ``g_i -> scale * g_i`` (e.g. sqrt of Adam's P, THEORY §5).
@@ -270,7 +321,7 @@ class Scaled:
     def __init__(self, contrib, scale: torch.Tensor):
         self.contrib, self.scale = contrib, scale
         self.touched = contrib.touched
-        self.n = contrib.n
+        self.n, self.n_rows, self.device = contrib.n, contrib.n_rows, contrib.device
 
     def rows(self, index: torch.Tensor | None) -> torch.Tensor:
         rows = self.contrib.rows(index)
@@ -288,14 +339,21 @@ class Scaled:
             out += _gram64(self.rows(chunk).flatten(1))
         return out
 
+    def dot(self, delta: torch.Tensor) -> torch.Tensor:
+        return self.contrib.dot(self.scale.to(delta.dtype) * delta)
 
-def dual_gram(contrib, scale: torch.Tensor | None, delta: torch.Tensor | None = None,
+    def row_blocks(self) -> None:
+        return None
+
+
+def dual_gram(contrib: Contribution, scale: torch.Tensor | None, delta: torch.Tensor | None = None,
               weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``(<g_i, g_j>, g_i^T P g_j, <g_i, delta>)`` of one use with ``P = scale^2``, materialising each per-example
     row chunk only once. The preconditioned Gram is ``None`` without ``scale``, the dots (float64 [N]) ``None``
     without ``delta``. With ``weights``, each Gram matrix is reduced to :func:`pair_stats` (float64 [3, N]).
 
-    For contributions that are not materialised anyway (ghost, sparse embeddings) the views are computed apart.
+    A contribution that does not materialise anyway (ghost, sparse embeddings: ``row_blocks()`` is ``None``) gives
+    each view apart.
     """
     n = contrib.n
     if weights is None:
@@ -304,27 +362,23 @@ def dual_gram(contrib, scale: torch.Tensor | None, delta: torch.Tensor | None = 
         def reduce(flat):
             return pair_stats(flat, weights)
         shape = (3, n)
-    if isinstance(contrib, Dense):
-        flat = contrib.values.reshape(n, -1)
-        return (reduce(flat), None if scale is None else reduce(flat * scale.reshape(1, -1).to(flat.dtype)),
-                None if delta is None else contrib.dot(delta))
-    if not isinstance(contrib, Factored) or contrib.kind != "materialised" or \
-            (scale is None and delta is None and weights is None):
+    blocks = None if scale is None and delta is None and weights is None else contrib.row_blocks()
+    if blocks is None:
         grams = [contrib.gram(), None if scale is None else Scaled(contrib, scale).gram()]
         if weights is not None:
             grams = [None if g is None else stats_of_gram(g, weights) for g in grams]
         return grams[0], grams[1], None if delta is None else contrib.dot(delta)
-    plain = torch.zeros(*shape, dtype=torch.float64, device=contrib.device)
-    scaled = None if scale is None else torch.zeros_like(plain)
-    dot = None if delta is None else torch.zeros(n, dtype=torch.float64, device=plain.device)
-    step = max(1, CHUNK_ELEMS // max(n * contrib.width, 1))
-    for s in range(0, contrib.n_rows, step):
-        index = slice(s, s + step) if contrib.row_ids is None else contrib.row_ids[s:s + step]
-        rows = contrib.rows(index)                 # a fresh buffer: scaled in place below
-        plain += reduce(rows.flatten(1))
+    plain = scaled = dot = None
+    for index, rows in blocks:                        # rows: a fresh buffer, scaled in place below
+        flat = rows.flatten(1)
+        if plain is None:
+            plain = torch.zeros(*shape, dtype=torch.float64, device=rows.device)
+            scaled = None if scale is None else torch.zeros_like(plain)
+            dot = None if delta is None else torch.zeros(n, dtype=torch.float64, device=rows.device)
+        plain += reduce(flat)
         # (the update as an extra row of the same Gram product would be slower: 33 rows cost 1.6x 32 on CPU)
         if delta is not None:
-            dot += _cross64(rows.flatten(1), delta[index].reshape(1, -1).to(rows.dtype))[:, 0]
+            dot += _cross64(flat, delta[index].reshape(1, -1).to(rows.dtype))[:, 0]
         if scale is not None:
             scaled += reduce(rows.mul_(scale[index].to(rows.dtype)).flatten(1))
     return plain, scaled, dot
@@ -348,14 +402,6 @@ def pair_stats(flat: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         out[1, b:] += cross
         out[2] += (x @ (c @ x)).to(torch.float64)
     return out
-
-
-def stats_of_gram(gram: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """What :func:`pair_stats` gives, read off a whole Gram matrix [N, N]."""
-    b = gram.shape[0] // 2
-    k = torch.arange(b, device=gram.device)
-    cross = gram[k, b + k]
-    return torch.stack([gram.diagonal(), torch.cat([cross, cross]), gram @ weights.to(gram)])
 
 
 def _intersect(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:

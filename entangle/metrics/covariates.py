@@ -15,6 +15,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from entangle.capture.engine import measurement_mode
+from entangle.capture.logprobs import position_ids_from_mask
+from entangle.capture.params import unwrap_model
+
 COVARIATE_COLUMNS = ("shared_prefix_len", "edit_distance", "jaccard", "len_chosen", "len_rejected",
                      "ches", "ches_norm", "embed_cosine")
 
@@ -27,6 +31,27 @@ def response_tokens(batch: Mapping[str, torch.Tensor]) -> list[list[int]]:
     """The response token ids of each of the 2B sequences, in order."""
     ids, mask = batch["input_ids"], batch["completion_mask"].to(torch.bool)
     return [ids[i][mask[i]].tolist() for i in range(ids.shape[0])]
+
+
+def response_hidden(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final hidden states summed and averaged over each sequence's response tokens (forward only, THEORY §8).
+
+    The hidden state for response token k is ``hidden_states[-1]`` at the position that predicts it (k - 1), as
+    in CHES (Razin et al.). Returns ``(h_sum, h_mean)``, each float32/float64 [2B, d]; no gradients.
+    """
+    model = unwrap_model(model)
+    mask = batch["attention_mask"]
+    with measurement_mode(model, []), torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                    use_cache=False, output_hidden_states=True)
+    h = out.hidden_states[-1]
+    dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
+    pred = batch["completion_mask"][:, 1:].to(dtype)                # position k - 1 predicts token k
+    h_sum = torch.einsum("nl,nld->nd", pred, h[:, :-1].to(dtype))
+    n = pred.sum(1, keepdim=True)
+    if (n == 0).any():
+        raise ValueError(f"sequences {(n[:, 0] == 0).nonzero().flatten().tolist()} have no response tokens")
+    return h_sum, h_sum / n
 
 
 def shared_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -68,7 +93,7 @@ def pair_covariates(
 
     Args:
         batch: ``input_ids`` and ``completion_mask`` [2B, L] (see ``encode_pairs``: chosen rows first).
-        hidden: ``(h_sum, h_mean)`` [2B, d] from ``entangle.capture.tokens.response_hidden`` (final hidden
+        hidden: ``(h_sum, h_mean)`` [2B, d] from :func:`response_hidden` (final hidden
             states at the positions predicting the response tokens, summed / averaged); adds ``ches`` and
             ``ches_norm``.
         embed_fn: any sentence-embedding callable ``texts -> [n, d]`` (tensor or array); adds ``embed_cosine``,

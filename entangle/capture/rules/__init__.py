@@ -9,6 +9,11 @@ A rule is a function ``rule(module, inputs, grad_out, valid, mode) -> {param_nam
 
 Rules are registered per module class with :func:`register_rule`; a new layer type is one new
 file and one decorator. Modules without a rule fall back to :mod:`entangle.capture.rules.generic`.
+
+A rule whose per-example gradients are non-zero only on some parameter rows says which, at forward time, with
+``register_rule(..., touched=fn)``: ``fn(module, inputs) -> sorted LongTensor`` (an embedding lookup touches the rows
+of its token ids). The engine uses it for parameters with several uses (tied input/output embeddings), whose
+cross terms then only need those rows.
 """
 
 from __future__ import annotations
@@ -22,15 +27,24 @@ RULES: dict[type, Rule] = {}
 RULES_BY_NAME: dict[str, Rule] = {}
 
 
-def register_rule(*classes: type | str) -> Callable[[Rule], Rule]:
-    """Register ``rule`` for module classes (or class names, for classes we do not want to import)."""
+def register_rule(*classes: type | str, touched: Callable[..., torch.Tensor] | None = None
+                  ) -> Callable[[Rule], Rule]:
+    """Register ``rule`` for module classes (or class names, for classes we do not want to import); ``touched``
+    as in the module docstring (default: a use may touch every row)."""
 
     def deco(rule: Rule) -> Rule:
+        rule.touched = touched
         for c in classes:
             (RULES_BY_NAME if isinstance(c, str) else RULES)[c if isinstance(c, str) else c] = rule
         return rule
 
     return deco
+
+
+def touched_rows(rule: Rule | None, module: torch.nn.Module, inputs: tuple) -> torch.Tensor | None:
+    """The parameter rows one use of ``module`` can touch (``None``: all, or no rule)."""
+    fn = getattr(rule, "touched", None)
+    return None if fn is None else fn(module, inputs)
 
 
 def rule_for(module: torch.nn.Module) -> Rule | None:

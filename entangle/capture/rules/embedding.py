@@ -12,11 +12,15 @@ class UnsupportedModule(ValueError):
     """A module configuration the fast path cannot measure exactly."""
 
 
-@register_rule(torch.nn.Embedding)
+def _token_ids(module, inputs) -> torch.Tensor:
+    return torch.unique(inputs[0])
+
+
+@register_rule(torch.nn.Embedding, touched=_token_ids)
 def embedding(module, inputs, grad_out, valid, mode):
     if module.max_norm is not None or module.scale_grad_by_freq:
         raise UnsupportedModule("Embedding with max_norm/scale_grad_by_freq is not supported by the fast path")
     ids = inputs[0]
     if module.padding_idx is not None:                 # PyTorch never updates the padding row
         valid = valid & (ids != module.padding_idx)
-    return {"weight": EmbeddingRows(ids, grad_out, valid)}
+    return {"weight": EmbeddingRows(ids, grad_out, valid, module.num_embeddings)}
