@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from entangle._warnings import filter_known_warnings
 from entangle.data import PairError, with_pad_token
 
 
@@ -296,6 +297,7 @@ def _one_line(err: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``entangle`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    filter_known_warnings()
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command].run(args)

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.trainer_callback import ProgressCallback
 
+from ._warnings import filter_known_warnings
 from .data import encode_pairs, load_pairs, with_pad_token
 from .runio import RunWriter, read_table
 
@@ -117,6 +118,7 @@ def write_covariates(out_dir: Path, tokenizer, probe: list[dict], max_length: in
 
 def run_demo(cfg: DemoConfig | None = None) -> Path:
     """Run the demo; returns the path of ``report.html``."""
+    filter_known_warnings()
     cfg = cfg or DemoConfig()
     if cfg.model is None:
         # the built-in model is tiny: thread synchronisation costs more than it saves (10x on a busy machine)

@@ -12,6 +12,7 @@ from .capture.engine import measurement_mode, sequence_gram, update_dot
 from .capture.logprobs import response_lengths, sequence_logps
 from .capture.params import ParamSpec, parameters_at, select_params, unwrap_model
 from .metrics import coefficients, resolve_objective
+from .metrics.agreement import moved, sign_agreement
 
 
 def _pair_args(logps: torch.Tensor, batch, ref_logps):
@@ -91,18 +92,17 @@ def verify_step(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], step_
     return frame
 
 
-def agreement(frame: pd.DataFrame, pred: str = "pred_update", noise: float | None = None) -> dict[str, float]:
+def agreement(frame: pd.DataFrame, pred: str = "pred_update") -> dict[str, float]:
     """How well a prediction column matches ``observed``.
 
-    Sequences with ``|observed| <= noise`` are excluded and counted (default noise: 1e-5 of
-    ``|logp_before|``, float32 round-off of a summed log-prob). Returns ``n``, ``n_excluded``,
-    ``median_rel_err`` (median of ``|pred - observed| / |observed|``) and ``sign_agreement``.
+    Only the sequences that moved (``entangle.metrics.agreement.moved``: ``|observed|`` above the noise floor
+    1e-6 * max(1, |logp_before|)) are compared; the others are counted in ``n_excluded``. Returns ``n``,
+    ``n_excluded``, ``median_rel_err`` (median of ``|pred - observed| / |observed|``) and ``sign_agreement``
+    (``entangle.metrics.agreement.sign_agreement``, the number the monitor logs and the report draws).
     """
-    noise_per = frame["logp_before"].abs() * 1e-5 if noise is None else pd.Series(noise, index=frame.index)
-    keep = frame["observed"].abs() > noise_per
+    keep = moved(frame["observed"], frame["logp_before"])
     kept = frame[keep]
     rel = (kept[pred] - kept["observed"]).abs() / kept["observed"].abs()
     return {"n": int(keep.sum()), "n_excluded": int((~keep).sum()),
             "median_rel_err": float(rel.median()) if len(kept) else float("nan"),
-            "sign_agreement": float((np.sign(kept[pred]) == np.sign(kept["observed"])).mean()) if len(kept)
-            else float("nan")}
+            "sign_agreement": sign_agreement(frame["observed"], frame[pred], frame["logp_before"])}

@@ -167,6 +167,21 @@ def test_summary_shares_quantiles_and_ranking():
     assert summarize(frames[0], pref_col="pref_prob").loc[0, "idealized_ranking_accuracy"] == pytest.approx(ideal)
 
 
+def test_ranking_ties_count_one_half():
+    """At the first DPO step the policy is its reference: every implicit reward margin is exactly 0, a tie, which
+    ranks like a coin flip (one half), not as a wrong ranking; a tie of the log-probs themselves counts the same."""
+    gram, _ = random_gram(40, seed=9)
+    logps = gram.logps.clone()
+    logps[3] = logps[40 + 3]                     # pair 3: chosen and rejected log-probs tie
+    gram = GramResult(matrix=gram.matrix, logps=logps, lengths=gram.lengths)
+    out = summarize(pair_frame(gram, "sigmoid", logps))   # the reference is the policy itself
+    assert out.loc[0, "ranking_accuracy_ref_adjusted"] == 0.5
+    margin = (logps[:40] - logps[40:]).numpy()
+    expected = ((margin > 0).sum() + 0.5 * (margin == 0).sum()) / 40
+    assert (margin == 0).sum() == 1 and out.loc[0, "ranking_accuracy"] == pytest.approx(expected)
+    assert out.loc[0, "ref_ranking_accuracy"] == pytest.approx(expected)
+
+
 def test_non_finite_pairs_are_excluded_and_counted():
     gram, ref = random_gram(50, seed=6)
     G = torch.linalg.cholesky(gram.matrix + 1e-9 * torch.eye(100))  # any factor G with G Gᵀ = K

@@ -73,3 +73,22 @@ def test_dpo_per_pair_view_on_real_pairs(stories_model, hh_batch):
     assert ((frame.pred_dlogp_chosen - frame.pred_dlogp_rejected) >= -1e-9 * frame.norm2_chosen).all()
     assert not (frame.regime == "chosen_falls_rejected_rises").any()
     assert frame["ratio"].notna().all()
+
+
+def test_sign_agreement_counts_only_the_sequences_that_moved():
+    import numpy as np
+    import pandas as pd
+
+    from entangle.metrics.agreement import moved, sign_agreement
+
+    before = np.array([-50.0, -50.0, -50.0, -0.5, -0.5, -50.0])
+    observed = np.array([1e-3, -1e-3, 4e-5, 2e-6, 5e-7, np.nan])   # the floor is 5e-5, 5e-5, 5e-5, 1e-6, 1e-6
+    predicted = np.array([2e-3, 1e-3, -1.0, 1e-6, -1.0, 1.0])
+    assert moved(observed, before).tolist() == [True, True, False, True, False, False]
+    assert sign_agreement(observed, predicted, before) == pytest.approx(2 / 3)
+    assert np.isnan(sign_agreement([0.0], [1.0], [-3.0]))                  # nothing moved
+    frame = pd.DataFrame({"observed": observed, "pred_update": predicted, "logp_before": before})
+    got = agreement(frame)
+    assert got["n"] == 3 and got["n_excluded"] == 3 and got["sign_agreement"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="observed has 2, predicted has 1"):
+        sign_agreement([1.0, 2.0], [1.0], [0.0, 0.0])

@@ -1,9 +1,10 @@
-"""Per-pair entanglement frame and its per-step summary (THEORY.md §3, §4, §8).
+"""Per-pair entanglement frame (THEORY.md §3, §4).
 
 ``pair_frame`` turns one ``GramResult`` (2B sequences: all chosen, then all rejected) into a tidy frame, one row per
 pair: log-probs, gradient norms and inner product, the objective's coefficients, and the first-order change of each
-log-prob under one gradient step, seen per pair (§3) and across the minibatch (§4). ``summarize`` reduces such
-frames to one row per step.
+log-prob under one gradient step, seen per pair (§3) and across the minibatch (§4). Its columns are stated in
+:mod:`entangle.schema`; :func:`entangle.metrics.summary.summarize` (re-exported here) reduces such frames to one row
+per step.
 """
 
 from __future__ import annotations
@@ -17,31 +18,11 @@ import torch
 
 from entangle.capture.result import GramResult
 from entangle.metrics.objectives import ObjectiveSpec, coefficients, resolve_objective
+from entangle.metrics.summary import regime_of, summarize
+from entangle.schema import PAIR_COLUMNS, REGIMES
 
-REGIMES = ("ideal", "both_rise", "both_fall", "chosen_falls_rejected_rises")
+__all__ = ["PAIR_COLUMNS", "REGIMES", "batch_weights", "pair_frame", "regime_of", "summarize"]
 
-PAIR_COLUMNS = (
-    "pair", "logp_chosen", "logp_rejected", "len_chosen", "len_rejected",
-    "norm2_chosen", "norm2_rejected", "inner", "cosine", "ratio",
-    "a_chosen", "a_rejected", "pred_dlogp_chosen", "pred_dlogp_rejected",
-    "batch_dlogp_chosen", "batch_dlogp_rejected",
-    "chosen_rises", "rejected_falls", "batch_chosen_rises", "batch_rejected_falls", "regime",
-    "margin", "loss",
-)
-
-# numeric columns that must be finite for a pair to enter the statistics of ``summarize``
-_STAT_COLUMNS = (
-    "logp_chosen", "logp_rejected", "norm2_chosen", "norm2_rejected", "inner", "cosine", "ratio",
-    "a_chosen", "a_rejected", "pred_dlogp_chosen", "pred_dlogp_rejected", "batch_dlogp_chosen",
-    "batch_dlogp_rejected", "ref_logp_chosen", "ref_logp_rejected", "loss",
-)
-_QUANTITY_COLUMNS = ("cosine", "ratio", "inner", "norm2_chosen", "norm2_rejected")
-
-
-def regime_of(chosen_rises: np.ndarray, rejected_falls: np.ndarray) -> np.ndarray:
-    """Regime name per pair from the signs of the predicted changes (THEORY.md §3)."""
-    names = np.array(["chosen_falls_rejected_rises", "both_fall", "both_rise", "ideal"], dtype=object)
-    return names[2 * np.asarray(chosen_rises, dtype=int) + np.asarray(rejected_falls, dtype=int)]
 
 
 def pair_frame(
@@ -230,73 +211,3 @@ def _split_hyper(kwargs: dict[str, Any], hyper_names: frozenset[str], B: int, na
 
 def _as_array(value: Any) -> np.ndarray:
     return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-
-
-def summarize(frame: pd.DataFrame, pref_col: str | None = None, beta: float | None = None) -> pd.DataFrame:
-    """One row per ``step`` (one row in all if there is no ``step`` column) of a ``pair_frame`` frame.
-
-    Pairs with a non-finite value in any numeric pair column (or in ``pref_col``) are excluded from every
-    statistic and counted in ``n_excluded``; ``n_pairs`` counts all rows.
-
-    Columns: step (if present), n_pairs, n_excluded;
-        share_<regime> for the per-pair regimes (they sum to 1) and batch_share_<regime> from the batch-view signs;
-        <q>_mean, <q>_q10, <q>_q50, <q>_q90 for q in cosine, ratio, inner, norm2_chosen, norm2_rejected;
-        loss_mean; ranking_accuracy = share with logp_chosen > logp_rejected;
-        with reference columns: ranking_accuracy_ref_adjusted (share with (s_w - s_w^ref) - (s_l - s_l^ref) > 0)
-        and ref_ranking_accuracy (share with s_w^ref > s_l^ref);
-        with ``pref_col`` (probability p that the chosen response is preferred): idealized_ranking_accuracy, the
-        share whose DPO optimum ranks chosen first, i.e. s_w^ref - s_l^ref + (1/β) log(p / (1 - p)) > 0
-        (THEORY.md §8), and ranking_accuracy_gap = idealized_ranking_accuracy - ranking_accuracy.
-        ``beta`` defaults to the ``beta`` the frame was built with (``frame.attrs``).
-    """
-    if pref_col is not None:
-        if pref_col not in frame:
-            raise ValueError(f"preference column {pref_col!r} not in frame; columns: {list(frame.columns)}")
-        if "ref_logp_chosen" not in frame:
-            raise ValueError("idealized ranking accuracy needs reference log-probs (ref_logp_chosen/ref_logp_rejected)")
-        beta = beta if beta is not None else frame.attrs.get("hyper", {}).get("beta")
-        if beta is None:
-            raise ValueError("idealized ranking accuracy needs beta: pass summarize(..., beta=...)")
-        p = frame[pref_col].to_numpy(dtype=float)
-        outside = (p < 0) | (p > 1)
-        if outside.any():
-            raise ValueError(f"{pref_col!r} must be a probability in [0, 1]; pair(s) "
-                             f"{frame['pair'].to_numpy()[outside].tolist()} are not")
-    groups = frame.groupby("step", sort=True, dropna=False) if "step" in frame else [(None, frame)]
-    rows = [_summarize_step(g, pref_col, beta) | ({"step": k} if "step" in frame else {}) for k, g in groups]
-    out = pd.DataFrame(rows)
-    return out[(["step"] if "step" in out else []) + [c for c in out.columns if c != "step"]]
-
-
-def _summarize_step(g: pd.DataFrame, pref_col: str | None, beta: float | None) -> dict[str, float]:
-    check = [c for c in _STAT_COLUMNS if c in g] + ([pref_col] if pref_col else [])
-    ok = np.isfinite(g[check].to_numpy(dtype=float)).all(axis=1)
-    f = g[ok]
-    row: dict[str, float] = {"n_pairs": len(g), "n_excluded": int((~ok).sum())}
-    batch_regime = regime_of(f["batch_chosen_rises"].to_numpy(bool), f["batch_rejected_falls"].to_numpy(bool))
-    for r in REGIMES:
-        row[f"share_{r}"] = float((f["regime"] == r).mean()) if len(f) else np.nan
-    for r in REGIMES:
-        row[f"batch_share_{r}"] = float((batch_regime == r).mean()) if len(f) else np.nan
-    for q in _QUANTITY_COLUMNS:
-        x = f[q].to_numpy(dtype=float)
-        row[f"{q}_mean"] = float(x.mean()) if len(x) else np.nan
-        for p in (10, 50, 90):
-            row[f"{q}_q{p}"] = float(np.quantile(x, p / 100)) if len(x) else np.nan
-    row["loss_mean"] = float(f["loss"].mean()) if len(f) else np.nan
-
-    def share(mask: pd.Series) -> float:
-        return float(mask.mean()) if len(mask) else np.nan
-
-    row["ranking_accuracy"] = share(f["logp_chosen"] > f["logp_rejected"])
-    if "ref_logp_chosen" in f:
-        ref_gap = f["ref_logp_chosen"] - f["ref_logp_rejected"]
-        row["ranking_accuracy_ref_adjusted"] = share(f["logp_chosen"] - f["logp_rejected"] - ref_gap > 0)
-        row["ref_ranking_accuracy"] = share(ref_gap > 0)
-        if pref_col is not None:
-            p = f[pref_col].to_numpy(dtype=float)
-            with np.errstate(divide="ignore"):
-                ideal_margin = ref_gap.to_numpy() + (np.log(p) - np.log1p(-p)) / beta
-            row["idealized_ranking_accuracy"] = share(pd.Series(ideal_margin > 0))
-            row["ranking_accuracy_gap"] = row["idealized_ranking_accuracy"] - row["ranking_accuracy"]
-    return row
