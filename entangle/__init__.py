@@ -20,6 +20,7 @@ _EXPORTS = {
     "token_map": "entangle.capture.tokens",
     # metrics
     "pair_frame": "entangle.metrics", "summarize": "entangle.metrics", "coefficients": "entangle.metrics",
+    "batch_weights": "entangle.metrics",
     "register_objective": "entangle.metrics", "available_objectives": "entangle.metrics",
     "pair_covariates": "entangle.metrics.covariates", "covariate_report": "entangle.metrics.covariates",
     # integrations

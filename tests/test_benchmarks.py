@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -17,6 +19,7 @@ def _run(script: str, *args: str) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_bench_callback_prints_overhead_and_lower_bound():
     out = _run("bench_callback.py", "--steps", "2", "--every", "1", "--repeats", "1", "--n-layer", "1",
                "--n-embd", "32", "--batch", "2", "--grad-accum", "2")
@@ -34,6 +37,7 @@ def test_bench_callback_prints_overhead_and_lower_bound():
     assert steps > 0 and math.isclose(percent, 100 * steps * 3 / 2, abs_tol=100 * 0.005 * 3 / 2 + 0.05)
 
 
+@pytest.mark.slow
 def test_bench_tokens_prints_one_row_per_method():
     out = _run("bench_tokens.py", "--responses", "4", "--methods", "loop", "full", "head", "--layers", "1",
                "--repeat", "1")

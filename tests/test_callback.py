@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
-from test_monitor import check_run  # noqa: E402
+from helpers import check_run  # noqa: E402
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 

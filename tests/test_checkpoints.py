@@ -15,10 +15,8 @@ import pytest
 import torch
 
 pytest.importorskip("trl")
-from conftest import run_torchrun  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from test_cli import _one_line_error  # noqa: E402
-from test_report import one_thread  # noqa: E402, F401  (autouse: tiny models on one thread)
+from helpers import _one_line_error, run_torchrun  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
@@ -29,6 +27,8 @@ from entangle.integrations import checkpoints  # noqa: E402
 from entangle.integrations.monitor import LAYER_COLUMNS  # noqa: E402
 from entangle.report import make_report  # noqa: E402
 from entangle.runio import read_run  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on one thread
 
 N_PAIRS = 4
 STEPS = [1, 2, 3]
@@ -258,6 +258,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 def test_two_processes_under_torchrun(analysed, tmp_path):
     """Rank 0 measures checkpoints 1 and 3, rank 1 checkpoint 2 (corrupt here): no hang, one manifest."""
@@ -317,6 +318,7 @@ def test_cli_errors_are_one_line(analysed, tmp_path, capsys, argv, match):
     assert line.startswith("entangle analyze: error: ")
 
 
+@pytest.mark.slow
 def test_cli_error_in_a_real_process(tmp_path):
     """No traceback and exit code 1 from the installed entry point too."""
     proc = subprocess.run([sys.executable, "-m", "entangle.cli", "analyze", str(tmp_path / "missing"),

@@ -7,10 +7,12 @@ import subprocess
 import sys
 
 import pytest
-from test_report import one_thread  # noqa: F401  (autouse: tiny models on one thread)
+from helpers import _one_line_error
 
 from entangle.cli import COMMANDS, main
 from entangle.runio import read_run
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on one thread
 
 
 def test_subcommands_are_registered():
@@ -50,20 +52,6 @@ def test_gram_reads_a_data_file_and_a_parameter_filter(tmp_path, capsys):
     assert "2 pairs:" in printed and "kind" not in printed
 
 
-def _one_line_error(capsys, argv: list[str], code: int = 1, match: str = "") -> str:
-    """Run ``main(argv)``; check the exit code and that stderr holds one error line (notes aside)."""
-    try:
-        rc = main(argv)
-    except SystemExit as exc:  # argparse usage errors exit
-        rc = exc.code
-    err = capsys.readouterr().err
-    assert rc == code, err
-    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("note:")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err and match in lines[0], err
-    return lines[0]
-
-
 @pytest.mark.parametrize("argv, match", [
     (["report", "{tmp}/missing"], "does not exist"),
     (["report", "{tmp}/empty"], "no pairs or summary table"),
@@ -86,6 +74,7 @@ def test_usage_errors_are_one_line(capsys):
     assert "--help" in line
 
 
+@pytest.mark.slow
 def test_console_error_has_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "entangle.cli", "report", str(tmp_path / "missing")],
                           capture_output=True, text=True, timeout=120)

@@ -42,7 +42,7 @@ def test_text_covariates_exact():
 
 
 def test_ches_against_direct_computation(llama_model):
-    from conftest import random_batch
+    from helpers import random_batch
 
     batch = random_batch(3, 101, padding_side="left", seed=2)
     hidden = response_hidden(llama_model, batch)

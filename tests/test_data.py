@@ -9,7 +9,7 @@ import logging
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
+from helpers import tiny_gpt2, tiny_llama
 
 from entangle.capture.logprobs import sequence_logps
 from entangle.data import PairError, encode_pairs, load_pairs, tokenize_pair
@@ -260,6 +260,7 @@ def test_standard_rows_match_trl_with_gpt2_tokenizer(gpt2_tokenizer, tmp_path):
     assert_same_as_trl(model, gpt2_tokenizer, STANDARD, tmp_path, max_length=10, truncation="keep_end")
 
 
+@pytest.mark.slow
 def test_hh_rows_match_trl_on_stories260k(hh_rows, stories_model, stories_tokenizer, tmp_path):
     rows = [r for r in load_pairs(hh_rows[:100]) if len(r["prompt"]) + max(len(r["chosen"]), len(r["rejected"])) < 400]
     rows = rows[:4] + [load_pairs(hh_rows[86:87])[0]]  # and the whitespace-only reply

@@ -42,11 +42,11 @@ def _train(out_dir: str) -> None:
         Path(out_dir, "log_history.json").write_text(json.dumps(trainer.state.log_history))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 def test_two_process_ddp(tmp_path):
     pytest.importorskip("trl")
-    from conftest import run_torchrun
-    from test_monitor import check_run
+    from helpers import check_run, run_torchrun
 
     from entangle.builtin import builtin_model, builtin_pairs, builtin_tokenizer
     from entangle.integrations.monitor import Monitor

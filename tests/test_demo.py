@@ -18,6 +18,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.mark.slow
 def test_reduced_demo_writes_run_and_report(tmp_path, capsys):
     cfg = DemoConfig(out=str(tmp_path / "demo"), n_train=32, n_probe=8, sft_steps=10, dpo_steps=4, every=2,
                      batch_size=8)
@@ -57,6 +58,7 @@ def test_full_demo_shows_the_pitfall_and_its_dependence_on_shared_content(tmp_pa
     assert "chosen log-prob fell" in summary_text(tmp_path / "demo" / "run")
 
 
+@pytest.mark.slow
 def test_demo_cli_runs_and_rejects_bad_sizes(tmp_path, capsys):
     from entangle.cli import main
 
@@ -69,6 +71,7 @@ def test_demo_cli_runs_and_rejects_bad_sizes(tmp_path, capsys):
     assert len(err) == 1 and "--every must be at least 1" in err[0] and "Traceback" not in err[0]
 
 
+@pytest.mark.slow
 def test_demo_report_has_token_maps_of_the_extreme_pairs(tmp_path):
     report = run_demo(DemoConfig(out=str(tmp_path / "demo"), n_train=16, n_probe=4, sft_steps=2, dpo_steps=2,
                                  every=1, batch_size=4))

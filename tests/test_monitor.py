@@ -8,51 +8,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import check_run
 
 from entangle.builtin import builtin_model, builtin_pairs, builtin_tokenizer
 from entangle.capture.engine import sequence_gram
 from entangle.capture.logprobs import sequence_logps
 from entangle.data import encode_pairs
 from entangle.integrations.monitor import Monitor
-from entangle.metrics import PAIR_COLUMNS
 from entangle.runio import read_run
-
-LAYER_COLUMNS = ["step", "pair", "layer", "inner", "norm2_chosen", "norm2_rejected", "cosine"]
-UPDATE_COLUMNS = ["step", "seq", "pair", "side", "logp_before", "logp_after", "observed", "pred_update",
-                  "pred_gradient"]
-
-def check_run(run_dir, n_pairs: int, steps: list[int], update_steps: list[int], log_history: list[dict],
-              objective: str | None = None) -> dict:
-    """Run directory content, logged scalars and the first-order check shared by every end-to-end test."""
-    run = read_run(run_dir)
-    pairs, layers, updates = run["pairs"], run["layers"], run["updates"]
-    assert set(PAIR_COLUMNS) | {"step"} <= set(pairs.columns)
-    assert list(layers.columns) == LAYER_COLUMNS and list(updates.columns) == UPDATE_COLUMNS
-    # one row per probe pair per measured step; one row per probe sequence per measured update
-    assert sorted(pairs["step"].unique()) == steps
-    assert (pairs.groupby("step")["pair"].apply(sorted).map(list) == [list(range(n_pairs))] * len(steps)).all()
-    assert sorted(updates["step"].unique()) == update_steps
-    assert (updates.groupby("step").size() == 2 * n_pairs).all()
-    assert (layers.groupby(["step", "layer"]).size() == n_pairs).all()
-    assert run["summary"]["step"].tolist() == steps
-    numeric = ["logp_chosen", "logp_rejected", "norm2_chosen", "norm2_rejected", "inner", "a_chosen", "a_rejected",
-               "pred_dlogp_chosen", "pred_dlogp_rejected", "batch_dlogp_chosen", "batch_dlogp_rejected", "loss"]
-    assert np.isfinite(pairs[numeric].to_numpy(float)).all()
-    assert np.isfinite(layers[["inner", "norm2_chosen", "norm2_rejected"]].to_numpy(float)).all()
-    assert np.isfinite(updates[UPDATE_COLUMNS[4:8]].to_numpy(float)).all()
-    # the realised update's first-order prediction agrees in sign with the observed change
-    moved = updates[updates["observed"].abs() > 1e-3]
-    assert len(moved) >= len(updates) // 2
-    assert (np.sign(moved["observed"]) == np.sign(moved["pred_update"])).mean() >= 0.9
-    # scalars reached the trainer's log history
-    logged = [h for h in log_history if "entangle/cosine_mean" in h]
-    assert len(logged) >= len(steps) - 1
-    assert any("entangle/update/sign_agreement" in h for h in log_history)
-    manifest = run["manifest"]
-    assert manifest["probe"]["pairs"] == n_pairs and len(manifest["probe"]["sha256"]) == 64
-    if objective is not None:
-        assert manifest["objective"] == objective
-    return run
 
 
 def _dpo_loss(model, ref, batch, beta=0.1):

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import random_batch, tiny_gpt2, tiny_llama
+from helpers import random_batch, tiny_gpt2, tiny_llama
 
 from entangle.capture.logprobs import response_lengths, sequence_logps
 from entangle.capture.result import GramResult
@@ -252,6 +252,7 @@ def _hh_batch(rows, tokenizer, n_pairs: int, max_prompt: int = 24, max_resp: int
     return batch
 
 
+@pytest.mark.slow
 def test_real_pairs_on_stories_model(hh_rows, stories_model, stories_tokenizer):
     B = 4
     batch = _hh_batch(hh_rows, stories_tokenizer, B)

@@ -138,6 +138,7 @@ def test_bad_pairs_arguments():
         pair_statistics(model, odd, torch.ones(3))
 
 
+@pytest.mark.slow
 def test_monitor_tables_are_the_same_with_pairs_and_full_structure(tmp_path):
     tok = builtin_tokenizer()
     model = builtin_model(tok).to(torch.float64)

@@ -26,14 +26,7 @@ from entangle.runio import RunWriter, read_run
 
 N_PAIRS, LR, BETA = 12, 0.3, 0.1
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; with more, a loaded machine's spinning OpenMP workers slow them ~100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on one thread
 
 
 def write_run(out: Path, n_steps: int = 8, sgd_steps: int = 3) -> Path:
@@ -339,6 +332,7 @@ def test_report_with_missing_tables(run_dir, tmp_path):
     assert [float(r["ratio_q50"][1]) for r in cells.rows if r] == expected["ratio_q50"].tolist()
 
 
+@pytest.mark.slow
 def test_report_of_a_monitor_run(tmp_path):
     """The tables the training monitor writes (here from a hand-written AdamW loop) make a full report."""
     from entangle.builtin import builtin_model, builtin_pairs, builtin_tokenizer

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_batch
+from helpers import random_batch
 
 from entangle.capture.engine import sequence_gram
 from entangle.capture.rules import rule_for

@@ -304,6 +304,7 @@ def test_blockwise_lora_adapters_only(chunk):
     assert rel_err(gram, grads @ grads.T) < 1e-10
 
 
+@pytest.mark.slow
 def test_blockwise_on_real_stories260k_and_hh_pairs(hh_rows, stories_model, stories_tokenizer):
     """The real pretrained tiny Llama (tied embeddings, GQA) on real HH-RLHF pairs, float64, chunked."""
     from entangle.data import encode_pairs, load_pairs

@@ -18,6 +18,7 @@ def hh_batch(hh_rows, stories_tokenizer):
     return encode_pairs(stories_tokenizer, rows[:8], max_length=256)
 
 
+@pytest.mark.slow
 def test_sgd_step_matches_first_order_prediction(stories_model, hh_batch):
     model = stories_model.train()
     opt = torch.optim.SGD(model.parameters(), lr=2e-4)
@@ -34,6 +35,7 @@ def test_sgd_step_matches_first_order_prediction(stories_model, hh_batch):
     assert rel < 1e-3
 
 
+@pytest.mark.slow
 def test_adamw_step_needs_the_actual_update(stories_model, hh_batch):
     model = stories_model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
@@ -45,6 +47,7 @@ def test_adamw_step_needs_the_actual_update(stories_model, hh_batch):
     assert grad["median_rel_err"] > 0.5, grad
 
 
+@pytest.mark.slow
 def test_model_ends_at_post_step_parameters(stories_model, hh_batch):
     model = stories_model
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
