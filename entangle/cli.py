@@ -14,23 +14,25 @@ into one line on stderr and a non-zero exit code.
 from __future__ import annotations
 
 import argparse
-import os
+import math
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from entangle import __version__
 from entangle._warnings import filter_known_warnings
-from entangle.data import PairError, with_pad_token
 
 
 class CLIError(Exception):
     """A usage problem found by a subcommand; printed as one line, exit code 1."""
 
 
-# Errors shown to the user as one line (no traceback): bad input rather than a bug in entangle.
-KNOWN_ERRORS: tuple[type[BaseException], ...] = (CLIError, PairError, ValueError, FileNotFoundError, OSError, KeyError)
+# Errors shown to the user as one line (no traceback): bad input rather than a bug in entangle (entangle.data's
+# PairError is a ValueError, FileNotFoundError an OSError).
+KNOWN_ERRORS: tuple[type[BaseException], ...] = (CLIError, ValueError, OSError, KeyError)
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,103 @@ def note(message: str) -> None:
     print(f"note: {message}", file=sys.stderr)
 
 
+# ---- option values, checked when the command line is parsed -------------------------------------------------
+
+def _number(kind: Callable[[str], Any], text: str, ok: Callable[[Any], bool], what: str) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    return _number(int, text, lambda v: v >= 1, "an integer of at least 1")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer of at least 0."""
+    return _number(int, text, lambda v: v >= 0, "an integer of at least 0")
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number above 0 (every objective's ``beta`` is one)."""
+    return _number(float, text, lambda v: math.isfinite(v) and v > 0, "a positive number")
+
+
+def device_name(text: str) -> str:
+    """argparse type for ``--device``: ``auto`` becomes ``cuda`` when CUDA is available, else ``cpu``; any other
+    value must name a device this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``, ``xpu``, ...)."""
+    import torch
+
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device name (cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type == "cpu":
+        return text
+    backend = getattr(torch, device.type, None)
+    if not (hasattr(backend, "is_available") and backend.is_available()):
+        why = ""
+        if device.type == "cuda" and torch.version.cuda is None and torch.version.hip is None:
+            why = f" (torch {torch.__version__} is a build without CUDA)"
+        raise argparse.ArgumentTypeError(f"{device.type.upper()} is not available on this machine{why}")
+    count = backend.device_count()
+    if device.index is not None and device.index >= count:
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} {device.type.upper()} device(s), "
+                                         "numbered from 0")
+    return text
+
+
+# a hub model name: ``name`` or ``owner/name``; anything else is a path
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers within ``timeout`` seconds (never in offline mode, HF_HUB_OFFLINE=1)."""
+    from huggingface_hub import constants, get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception:  # no answer, whatever the reason (no network, DNS, proxy, timeout): treat it as unreachable
+        return False
+    return True
+
+
+def pretrained_source(name: str, option: str, needs: Sequence[str] = ("config.json",)) -> str:
+    """Where to load the value ``name`` of ``option`` from, checked before anything is loaded.
+
+    A local directory must hold one of the files ``needs``. Any other value must be a hub name: it is returned
+    as it is when the hub answers (transformers downloads it), or as the folder of its cached copy when the hub
+    cannot be reached quickly, so that loading it does not retry the network for minutes. Raises ``CLIError``
+    naming the option otherwise.
+    """
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not any((path / f).is_file() for f in needs):
+            raise CLIError(f"{option} {name!r} is not a model directory (no {' or '.join(needs)})")
+        return name
+    if path.exists() or not HUB_NAME.fullmatch(name):
+        raise CLIError(f"{option} {name!r}: " + ("not a directory" if path.exists() else "no such directory"))
+    if _hub_reachable():
+        return name
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(name, local_files_only=True)
+    except LocalEntryNotFoundError:
+        raise CLIError(f"{option} {name!r} is neither a local model directory nor a cached hub model, and the hub "
+                       f"({constants.ENDPOINT}) cannot be reached") from None
+
+
 # ---- gram ----------------------------------------------------------------------------------------------------
 
 def _gram_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,48 +176,27 @@ def _gram_arguments(p: argparse.ArgumentParser) -> None:
                    help="a local model directory, a hub name, or 'builtin' (small GPT-2 built from code; default)")
     p.add_argument("--data", default="builtin",
                    help="preference pairs: a .jsonl/.json/.parquet/.csv file, or 'builtin' (default)")
-    p.add_argument("--n-pairs", type=int, default=8, help="number of pairs to measure (default 8)")
+    p.add_argument("--n-pairs", type=positive_int, default=8, help="number of pairs to measure (default 8)")
     p.add_argument("--params", default=None,
                    help="parameters to measure: a regex searched in parameter names, or 'lora' (default: all trainable)")
     p.add_argument("--objective", default="sigmoid", help="preference objective (default sigmoid = DPO)")
-    p.add_argument("--beta", type=float, default=None, help="the objective's beta (default: the objective's own)")
-    p.add_argument("--max-length", type=int, default=None, help="cut each sequence to this many tokens")
-    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--beta", type=positive_float, default=None,
+                   help="the objective's beta (default: the objective's own)")
+    p.add_argument("--max-length", type=positive_int, default=None, help="cut each sequence to this many tokens")
+    p.add_argument("--device", type=device_name, default="auto",
+                   help="cpu, cuda, cuda:1, mps, ... (default: cuda when available)")
     p.add_argument("--out", default=None,
                    help="write the pair frame, summary and layer tables here as a run directory (entangle report reads it)")
 
 
-def load_model_and_tokenizer(model: str) -> tuple[Any, Any]:
-    """``builtin`` -> the built-in tokenizer and small GPT-2; else ``AutoTokenizer``/``AutoModelForCausalLM``.
-
-    A tokenizer without a pad token gets its EOS token as pad token, with a note.
-    """
-    if model == "builtin":
-        from entangle.builtin import builtin_model, builtin_tokenizer
-
-        tokenizer = builtin_tokenizer()
-        return builtin_model(tokenizer), tokenizer
-    looks_local = os.sep in model or model.startswith(".") or Path(model).exists()
-    if looks_local and not Path(model).is_dir():
-        raise FileNotFoundError(f"model directory {model!r} does not exist")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = with_pad_token(AutoTokenizer.from_pretrained(model), repr(model))
-    return AutoModelForCausalLM.from_pretrained(model).eval(), tokenizer
-
-
 def load_rows(data: str, n_pairs: int) -> list[dict]:
     """The first ``n_pairs`` preference pairs of ``data`` (a file, or ``builtin``)."""
-    if n_pairs < 1:
-        raise CLIError(f"--n-pairs must be at least 1, got {n_pairs}")
     if data == "builtin":
         from entangle.builtin import builtin_pairs
 
         return builtin_pairs(n_pairs)
     from entangle.data import load_pairs
 
-    if not Path(data).is_file():
-        raise FileNotFoundError(f"data file {data!r} does not exist")
     rows = load_pairs(data)[:n_pairs]
     if not rows:
         raise CLIError(f"no usable preference pairs in {data!r}")
@@ -142,10 +220,9 @@ def _print_gram(frame: Any, summary: Any) -> None:
 @subcommand("gram", "measure the gradient Gram matrix of a model on preference pairs", _gram_arguments)
 def gram(args: argparse.Namespace) -> int:
     """Measure one model on pairs: per-pair cosine, ratio and regime, and their summary."""
-    import torch
-
-    from entangle.capture.engine import sequence_gram
+    from entangle.capture.measure import sequence_gram
     from entangle.data import encode_pairs
+    from entangle.demo import load_model_and_tokenizer
     from entangle.metrics import pair_frame, resolve_objective, summarize
 
     objective = resolve_objective(args.objective)
@@ -155,11 +232,11 @@ def gram(args: argparse.Namespace) -> int:
             raise CLIError(f"objective {objective.name!r} has no beta; its hyper-parameters are "
                            f"{sorted(objective.hyper_names) or 'none'}")
         hyper["beta"] = args.beta
+    source = None if args.model == "builtin" else pretrained_source(args.model, "--model")
     rows = load_rows(args.data, args.n_pairs)
-    model, tokenizer = load_model_and_tokenizer(args.model)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model.to(device)
-    batch = {k: v.to(device) for k, v in encode_pairs(tokenizer, rows, max_length=args.max_length).items()}
+    model, tokenizer = load_model_and_tokenizer(source)
+    model.to(args.device).eval()
+    batch = {k: v.to(args.device) for k, v in encode_pairs(tokenizer, rows, max_length=args.max_length).items()}
     params = args.params
     result = sequence_gram(model, batch, params=params)
     ref = None
@@ -210,31 +287,36 @@ def _analyze_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True,
                    help="probe preference pairs: a .jsonl/.json/.parquet/.csv file, or 'builtin'")
     p.add_argument("--objective", default="sigmoid", help="preference objective (default sigmoid = DPO)")
-    p.add_argument("--beta", type=float, default=None, help="the objective's beta (default: the objective's own)")
+    p.add_argument("--beta", type=positive_float, default=None,
+                   help="the objective's beta (default: the objective's own)")
     p.add_argument("--ref-model", default=None,
                    help="reference model directory (default: adapters disabled for PEFT checkpoints, "
                         "else the first checkpoint)")
     p.add_argument("--out", default=None, help="output run directory (default RUN_DIR/entangle-analysis)")
-    p.add_argument("--max-pairs", type=int, default=None, help="measure only the first N pairs (builtin: default 64)")
-    p.add_argument("--max-length", type=int, default=None, help="cut each sequence to this many tokens")
+    p.add_argument("--max-pairs", type=positive_int, default=None,
+                   help="measure only the first N pairs (builtin: default 64)")
+    p.add_argument("--max-length", type=positive_int, default=None, help="cut each sequence to this many tokens")
     p.add_argument("--params", default=None,
                    help="parameters to measure: a regex searched in parameter names, or 'lora' (default: all trainable)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory or name (default: found beside the checkpoints)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--device", type=device_name, default="auto",
+                   help="cpu, cuda, cuda:1, mps, ... (default: cuda when available)")
 
 
 @subcommand("analyze", "measure every checkpoint of a training run on probe pairs (resumable)", _analyze_arguments)
 def analyze(args: argparse.Namespace) -> int:
     """Measure a checkpoint series into a run directory; print notes on skipped checkpoints and the directory."""
+    from entangle.integrations.checkpoints import TOKENIZER_FILES
     from entangle.integrations.checkpoints import analyze as analyze_checkpoints
     from entangle.runio import read_manifest
 
-    if args.max_pairs is not None and args.max_pairs < 1:
-        raise CLIError(f"--max-pairs must be at least 1, got {args.max_pairs}")
+    ref_model = args.ref_model and pretrained_source(args.ref_model, "--ref-model",
+                                                     ("config.json", "adapter_config.json"))
+    tokenizer = args.tokenizer and pretrained_source(args.tokenizer, "--tokenizer", TOKENIZER_FILES)
     rows = load_rows(args.data, args.max_pairs or (64 if args.data == "builtin" else sys.maxsize))
     out = analyze_checkpoints(
-        args.run_dir, rows, out=args.out, objective=args.objective, ref_model=args.ref_model, params=args.params,
-        max_length=args.max_length, tokenizer=args.tokenizer, device=None if args.device == "auto" else args.device,
+        args.run_dir, rows, out=args.out, objective=args.objective, ref_model=ref_model, params=args.params,
+        max_length=args.max_length, tokenizer=tokenizer, device=args.device,
         **({} if args.beta is None else {"beta": args.beta}))
     manifest = read_manifest(out)
     for s in manifest.get("skipped", []):
@@ -254,13 +336,14 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=d.out, help=f"output folder (default {d.out}): run/ tables and report/")
     p.add_argument("--model", default=None, help="a local model directory or hub name (default: built-in GPT-2)")
     p.add_argument("--data", default=None, help="preference pairs, any format load_pairs reads (default: built-in)")
-    p.add_argument("--n-train", type=int, default=d.n_train, help="DPO training pairs")
-    p.add_argument("--n-probe", type=int, default=d.n_probe, help="probe pairs measured by the callback")
-    p.add_argument("--sft-steps", type=int, default=d.sft_steps, help="supervised warm-up steps on chosen responses")
-    p.add_argument("--dpo-steps", type=int, default=d.dpo_steps, help="DPO training steps")
-    p.add_argument("--every", type=int, default=d.every, help="measure the probe every N steps")
-    p.add_argument("--beta", type=float, default=d.beta, help="DPO beta")
-    p.add_argument("--max-length", type=int, default=None, help="truncate sequences to this many tokens")
+    p.add_argument("--n-train", type=positive_int, default=d.n_train, help="DPO training pairs")
+    p.add_argument("--n-probe", type=positive_int, default=d.n_probe, help="probe pairs measured by the callback")
+    p.add_argument("--sft-steps", type=non_negative_int, default=d.sft_steps,
+                   help="supervised warm-up steps on chosen responses")
+    p.add_argument("--dpo-steps", type=positive_int, default=d.dpo_steps, help="DPO training steps")
+    p.add_argument("--every", type=positive_int, default=d.every, help="measure the probe every N steps")
+    p.add_argument("--beta", type=positive_float, default=d.beta, help="DPO beta")
+    p.add_argument("--max-length", type=positive_int, default=None, help="truncate sequences to this many tokens")
 
 
 @subcommand("demo", "train a small model with DPO on a built-in task (or yours) and report its entanglement",
@@ -269,10 +352,8 @@ def demo(args: argparse.Namespace) -> int:
     """Run the whole pipeline; the demo prints its summary and the report's path."""
     from entangle.demo import DemoConfig, run_demo
 
-    for name in ("n_train", "n_probe", "dpo_steps", "every"):
-        if getattr(args, name) < 1:
-            raise CLIError(f"--{name.replace('_', '-')} must be at least 1")
-    run_demo(DemoConfig(out=args.out, model=args.model, data=args.data, n_train=args.n_train, n_probe=args.n_probe,
+    model = args.model and pretrained_source(args.model, "--model")
+    run_demo(DemoConfig(out=args.out, model=model, data=args.data, n_train=args.n_train, n_probe=args.n_probe,
                         sft_steps=args.sft_steps, dpo_steps=args.dpo_steps, every=args.every, beta=args.beta,
                         max_length=args.max_length))
     return 0
@@ -283,6 +364,7 @@ def demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The ``entangle`` parser with one sub-parser per registered subcommand."""
     parser = _Parser(prog="entangle", description="Measure gradient entanglement in DPO-style preference training.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subs = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in COMMANDS.values():
         cmd.add_arguments(subs.add_parser(cmd.name, help=cmd.help, description=cmd.help))

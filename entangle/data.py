@@ -65,7 +65,8 @@ def load_pairs(
       in the responses.
 
     Raises ``PairError`` (naming the row index in ``source``) for missing fields, malformed values, empty
-    responses and chosen identical to rejected.
+    responses and chosen identical to rejected; ``PairError`` naming the file and line for a JSON/JSONL file
+    that is not valid JSON; ``FileNotFoundError`` naming the path when a path is not a file.
     """
     if on_mismatch not in ("warn", "skip", "error"):
         raise ValueError(f"on_mismatch must be 'warn', 'skip' or 'error', not {on_mismatch!r}")
@@ -102,7 +103,10 @@ def load_pairs(
 def _records(source: Any, split: str) -> Iterable[Any]:
     """The raw records of ``source``, in order."""
     if isinstance(source, (str, os.PathLike)):
-        return _read_file(Path(source))
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"data file {str(path)!r} " + ("is not a file" if path.exists() else "does not exist"))
+        return _read_file(path)
     if isinstance(source, Mapping):  # a DatasetDict, or any dict of splits
         if split not in source:
             raise KeyError(f"split {split!r} not in source; splits present: {list(source)}")
@@ -121,10 +125,10 @@ def _read_file(path: Path) -> list[dict]:
     name = path.name.lower()
     if name.endswith((".jsonl", ".jsonl.gz")):
         with _open_text(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+            return [_json(path, line.rstrip("\r\n"), number) for number, line in enumerate(f, start=1) if line.strip()]
     if name.endswith((".json", ".json.gz")):
         with _open_text(path) as f:
-            data = json.load(f)
+            data = _json(path, f.read())
         if isinstance(data, dict):  # columns: {"prompt": [...], "chosen": [...], ...}
             return [dict(zip(data, values, strict=True)) for values in zip(*data.values(), strict=True)]
         return data
@@ -136,6 +140,14 @@ def _read_file(path: Path) -> list[dict]:
         frame = pd.read_csv(path, keep_default_na=False, dtype={k: str for k in FIELDS})
         return frame.to_dict("records")
     raise ValueError(f"{path}: unknown file type; expected .jsonl, .jsonl.gz, .json, .json.gz, .parquet or .csv")
+
+
+def _json(path: Path, text: str, line: int = 1) -> Any:
+    """``text`` parsed as JSON; ``PairError`` naming the file and line (``line`` = the first line of ``text``)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PairError(f"{path}: line {line + e.lineno - 1}: not valid JSON ({e.msg}, column {e.colno})") from None
 
 
 def _open_text(path: Path):

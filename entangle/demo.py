@@ -19,11 +19,11 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
-from transformers.trainer_callback import ProgressCallback
 
 from ._warnings import filter_known_warnings
 from .data import encode_pairs, load_pairs, with_pad_token
@@ -52,16 +52,22 @@ class DemoConfig:
     seed: int = 0
 
 
-def _model_and_tokenizer(cfg: DemoConfig):
-    if cfg.model is None:
+def load_model_and_tokenizer(model: str | None, seed: int = 0) -> tuple[Any, Any]:
+    """``(model, tokenizer)``: the built-in GPT-2 (initialised from ``seed``) and tokenizer when ``model`` is None,
+    else ``AutoModelForCausalLM`` and ``AutoTokenizer`` from the local directory or hub name ``model``.
+
+    The model is loaded first, so a name that is no model fails with transformers' model error rather than a
+    tokenizer library's. A tokenizer without a pad token gets its EOS token as pad token (logged).
+    """
+    if model is None:
         from .builtin import builtin_model, builtin_tokenizer
 
         tok = builtin_tokenizer()
-        return builtin_model(tok, seed=cfg.seed), tok
+        return builtin_model(tok, seed=seed), tok
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = with_pad_token(AutoTokenizer.from_pretrained(cfg.model), cfg.model)
-    return AutoModelForCausalLM.from_pretrained(cfg.model), tok
+    loaded = AutoModelForCausalLM.from_pretrained(model)
+    return loaded, with_pad_token(AutoTokenizer.from_pretrained(model), repr(model))
 
 
 def _pairs(cfg: DemoConfig) -> tuple[list[dict], list[dict], list[dict]]:
@@ -133,6 +139,7 @@ def run_demo(cfg: DemoConfig | None = None) -> Path:
 
 def _run(cfg: DemoConfig) -> Path:
     from datasets import Dataset
+    from transformers.trainer_callback import ProgressCallback
     from trl import DPOConfig, DPOTrainer
 
     from .integrations.callback import EntanglementCallback
@@ -144,8 +151,8 @@ def _run(cfg: DemoConfig) -> Path:
         raise ValueError(f"{run_dir} already holds a run; choose another --out or remove it")
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    model, tok = _model_and_tokenizer(cfg)
     warm, train, probe = _pairs(cfg)
+    model, tok = load_model_and_tokenizer(cfg.model, cfg.seed)
     print(f"[entangle demo] model: {cfg.model or 'built-in GPT-2'} ({sum(p.numel() for p in model.parameters()):,} "
           f"parameters); {len(train)} training pairs, {len(probe)} probe pairs")
     losses = supervised_warmup(model, tok, warm, cfg.sft_steps, cfg.sft_lr, max_length=cfg.max_length, seed=cfg.seed)
@@ -164,7 +171,7 @@ def _run(cfg: DemoConfig) -> Path:
                          train_dataset=Dataset.from_list([{k: r[k] for k in columns} for r in train]),
                          callbacks=[callback])
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(_DemoProgress())
+    trainer.add_callback(_demo_progress())
     trainer.train()
     if callback.monitor is not None:   # token maps of the most and least entangled probe pairs, at the final step
         callback.monitor.token_maps()
@@ -174,17 +181,22 @@ def _run(cfg: DemoConfig) -> Path:
     return report
 
 
-class _DemoProgress(ProgressCallback):
+def _demo_progress() -> Any:
     """transformers' progress bar, with the DPO loss and two entanglement scalars as its postfix instead of every
-    logged dict (about 100 ``entangle/...`` scalars per measurement) printed in full."""
+    logged dict (about 100 ``entangle/...`` scalars per measurement) printed in full. Built on first use, so that
+    importing this module (as ``entangle --help`` does) does not import transformers' trainer."""
+    from transformers.trainer_callback import ProgressCallback
 
-    SHOWN = {"loss": "loss", "entangle/share_both_fall": "both_fall", "entangle/cosine_q50": "cosine_q50"}
+    class DemoProgress(ProgressCallback):
+        SHOWN = {"loss": "loss", "entangle/share_both_fall": "both_fall", "entangle/cosine_q50": "cosine_q50"}
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and self.training_bar is not None and logs:
-            shown = {v: f"{float(logs[k]):.3g}" for k, v in self.SHOWN.items() if k in logs}
-            if shown:
-                self.training_bar.set_postfix(shown)
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and logs:
+                shown = {v: f"{float(logs[k]):.3g}" for k, v in self.SHOWN.items() if k in logs}
+                if shown:
+                    self.training_bar.set_postfix(shown)
+
+    return DemoProgress()
 
 
 def summary_text(run_dir: str | Path) -> str:

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
+import torch
 from helpers import _one_line_error
 
-from entangle.cli import COMMANDS, main
+import entangle
+from entangle.builtin import builtin_model, builtin_tokenizer
+from entangle.cli import COMMANDS, main, pretrained_source
 from entangle.runio import read_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on one thread
@@ -57,14 +63,23 @@ def test_gram_reads_a_data_file_and_a_parameter_filter(tmp_path, capsys):
     (["report", "{tmp}/empty"], "no pairs or summary table"),
     (["gram", "--objective", "nope", "--n-pairs", "2"], "unknown objective 'nope'"),
     (["gram", "--data", "{tmp}/bad.jsonl"], "missing field(s) ['rejected']"),
-    (["gram", "--data", "{tmp}/absent.jsonl"], "does not exist"),
-    (["gram", "--model", "{tmp}/no-model"], "model directory"),
+    (["gram", "--data", "{tmp}/absent.jsonl"], "data file '{tmp}/absent.jsonl' does not exist"),
+    (["demo", "--data", "{tmp}/absent.jsonl", "--out", "{tmp}/d"], "data file '{tmp}/absent.jsonl' does not exist"),
+    (["gram", "--data", "{tmp}/broken.jsonl"], "{tmp}/broken.jsonl: line 2: not valid JSON (Expecting value, column 1)"),
+    (["gram", "--model", "{tmp}/no-model"], "--model '{tmp}/no-model': no such directory"),
+    (["gram", "--model", "{tmp}/bad.jsonl"], "--model '{tmp}/bad.jsonl': not a directory"),
+    (["gram", "--model", "{tmp}/empty"], "--model '{tmp}/empty' is not a model directory (no config.json)"),
+    (["demo", "--model", "{tmp}/empty", "--out", "{tmp}/d"],
+     "--model '{tmp}/empty' is not a model directory (no config.json)"),
+    (["analyze", "{tmp}/empty", "--data", "builtin", "--tokenizer", "{tmp}/empty"],
+     "--tokenizer '{tmp}/empty' is not a model directory (no tokenizer_config.json or tokenizer.json or"),
     (["gram", "--objective", "sft", "--beta", "0.1"], "has no beta"),
-    (["gram", "--n-pairs", "0"], "--n-pairs must be at least 1"),
 ])
 def test_errors_are_one_line(tmp_path, capsys, argv, match):
     (tmp_path / "empty").mkdir()
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "a", "chosen": " b"}) + "\n")
+    (tmp_path / "broken.jsonl").write_text(json.dumps({"prompt": "a", "chosen": " b", "rejected": " c"}) + "\n}\n")
+    match = match.replace("{tmp}", str(tmp_path))
     line = _one_line_error(capsys, [a.replace("{tmp}", str(tmp_path)) for a in argv], match=match)
     assert line.startswith(f"entangle {argv[0]}: error: ")
 
@@ -72,6 +87,91 @@ def test_errors_are_one_line(tmp_path, capsys, argv, match):
 def test_usage_errors_are_one_line(capsys):
     line = _one_line_error(capsys, ["gram", "--no-such-option"], code=2, match="unrecognized arguments")
     assert "--help" in line
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["gram", "--beta", "-1"], "argument --beta: must be a positive number, got '-1'"),
+    (["gram", "--beta", "0"], "argument --beta: must be a positive number, got '0'"),
+    (["analyze", "run", "--data", "builtin", "--beta", "inf"], "argument --beta: must be a positive number"),
+    (["demo", "--beta", "nan"], "argument --beta: must be a positive number, got 'nan'"),
+    (["demo", "--beta", "high"], "argument --beta: must be a positive number, got 'high'"),
+    (["gram", "--n-pairs", "0"], "argument --n-pairs: must be an integer of at least 1, got '0'"),
+    (["gram", "--max-length", "1.5"], "argument --max-length: must be an integer of at least 1, got '1.5'"),
+    (["analyze", "run", "--data", "builtin", "--max-pairs", "-3"], "argument --max-pairs: must be an integer of at"),
+    (["demo", "--every", "0"], "argument --every: must be an integer of at least 1, got '0'"),
+    (["demo", "--sft-steps", "-1"], "argument --sft-steps: must be an integer of at least 0, got '-1'"),
+    (["gram", "--device", "gpu"], "argument --device: 'gpu' is not a device name (cpu, cuda, cuda:1, mps, ...)"),
+    (["analyze", "run", "--data", "builtin", "--device", "meta"], "argument --device: META is not available"),
+])
+def test_bad_option_values_are_one_usage_line(capsys, argv, match):
+    line = _one_line_error(capsys, argv, code=2, match=match)
+    assert line.startswith(f"entangle {argv[0]}: error: ")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has CUDA")
+@pytest.mark.parametrize("command", [["gram"], ["analyze", "run", "--data", "builtin"]])
+def test_cuda_on_a_machine_without_it_is_one_usage_line(capsys, command):
+    why = f" (torch {torch.__version__} is a build without CUDA)" if torch.version.cuda is None else ""
+    _one_line_error(capsys, [*command, "--device", "cuda"], code=2,
+                    match=f"argument --device: CUDA is not available on this machine{why} (see entangle")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_device_the_machine_lacks_is_one_usage_line(capsys, tmp_path):
+    n = torch.cuda.device_count()
+    _one_line_error(capsys, ["gram", "--device", f"cuda:{n}"], code=2,
+                    match=f"argument --device: 'cuda:{n}': this machine has {n} CUDA device(s), numbered from 0")
+    assert main(["gram", "--device", f"cuda:{n - 1}", "--n-pairs", "2", "--out", str(tmp_path / "g")]) == 0
+    assert "2 pairs:" in capsys.readouterr().out
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out == f"entangle {entangle.__version__}\n"
+    assert importlib.metadata.version("entangle") == entangle.__version__   # pyproject.toml agrees
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch, tmp_path):
+    """The hub at a closed local port (refused at once, on any machine) and an empty hub cache; returns the cache."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["gram", "--model", "notamodel"], "--model 'notamodel'"),
+    (["demo", "--model", "someorg/notamodel", "--out", "{tmp}/d"], "--model 'someorg/notamodel'"),
+    (["analyze", "{tmp}", "--data", "builtin", "--ref-model", "someorg/notamodel"], "--ref-model 'someorg/notamodel'"),
+    (["analyze", "{tmp}", "--data", "builtin", "--tokenizer", "notatokenizer"], "--tokenizer 'notatokenizer'"),
+])
+def test_an_uncached_hub_name_fails_fast_when_the_hub_cannot_be_reached(unreachable_hub, tmp_path, capsys, argv,
+                                                                         option):
+    start = time.perf_counter()
+    line = _one_line_error(capsys, [a.replace("{tmp}", str(tmp_path)) for a in argv], match=(
+        f"{option} is neither a local model directory nor a cached hub model, "
+        "and the hub (http://127.0.0.1:9) cannot be reached"))
+    assert time.perf_counter() - start < 10, "the hub was retried"
+    assert line.startswith(f"entangle {argv[0]}: error: ")
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_cached_hub_model_loads_from_its_snapshot_when_the_hub_cannot_be_reached(unreachable_hub, capsys):
+    repo = unreachable_hub / "models--someorg--tiny"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    tokenizer = builtin_tokenizer()
+    builtin_model(tokenizer).save_pretrained(snapshot)
+    tokenizer.save_pretrained(snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    assert Path(pretrained_source("someorg/tiny", "--model")) == snapshot.resolve()
+    assert main(["gram", "--model", "someorg/tiny", "--n-pairs", "2"]) == 0
+    assert "2 pairs:" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import copy
 import gzip
 import json
 import logging
+import re
 
 import pytest
 import torch
@@ -210,6 +211,32 @@ def test_bad_rows_are_named(bad, message, gpt2_tokenizer):
         load_pairs([good, bad])
     with pytest.raises(PairError, match="^row 1: "):
         encode_pairs(gpt2_tokenizer, [good, bad])
+
+
+@pytest.mark.parametrize("name, text, line, column", [
+    ("pairs.jsonl", '{"prompt": "a", "chosen": " b", "rejected": " c"}\n\n{"prompt": "a", "chosen": " b",\n', 3, 32),
+    ("pairs.jsonl.gz", '{"prompt": "a", "chosen": " b", "rejected": " c"}\nnot json\n', 2, 1),
+    ("pairs.json", '[{"prompt": "a",\n  "chosen": " b" "rejected": " c"}]', 2, 18),
+])
+def test_malformed_json_names_the_file_and_line(tmp_path, name, text, line, column):
+    path = tmp_path / name
+    if name.endswith(".gz"):
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        path.write_text(text)
+    where = f"^{re.escape(str(path))}: line {line}: "
+    with pytest.raises(PairError, match=where + f"not valid JSON \\(.*, column {column}\\)$"):
+        load_pairs(path)
+    with pytest.raises(PairError, match=where):   # a string path too
+        load_pairs(str(path))
+
+
+def test_a_missing_data_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=re.escape(f"data file '{tmp_path / 'nope.jsonl'}' does not exist")):
+        load_pairs(tmp_path / "nope.jsonl")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"data file '{tmp_path}' is not a file")):
+        load_pairs(str(tmp_path))
 
 
 # ----------------------------------------------------------------------------------------------------------
