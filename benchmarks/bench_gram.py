@@ -62,8 +62,8 @@ def _setup(shape: str, device: str):
 def _run_method(method: str, model, batch):
     import torch
 
-    from entangle.capture.measure import sequence_gram
     from entangle.capture.logprobs import sequence_logps
+    from entangle.capture.measure import sequence_gram
 
     if method == "plain_dpo_step":
         model.zero_grad(set_to_none=True)

@@ -14,7 +14,9 @@ _EXPORTS = {
     # data
     "load_pairs": "entangle.data", "encode_pairs": "entangle.data", "PairError": "entangle.data",
     # capture
-    "sequence_gram": "entangle.capture.engine", "update_dot": "entangle.capture.engine",
+    "sequence_gram": "entangle.capture.measure", "update_dot": "entangle.capture.measure",
+    "measure": "entangle.capture.measure", "pair_statistics": "entangle.capture.measure",
+    "Measurement": "entangle.capture.result", "PairStats": "entangle.capture.result",
     "GramResult": "entangle.capture.result", "sequence_logps": "entangle.capture.logprobs",
     "select_params": "entangle.capture.params", "adam_preconditioner": "entangle.capture.optim",
     "token_map": "entangle.capture.tokens",

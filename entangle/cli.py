@@ -248,7 +248,7 @@ def gram(args: argparse.Namespace) -> int:
     summary = summarize(frame)
     _print_gram(frame, summary)
     if args.out:
-        from entangle.integrations.monitor import layer_frame
+        from entangle.metrics.tables import layer_frame
         from entangle.runio import RunWriter
 
         writer = RunWriter(args.out)

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-import numpy as np
 import pandas as pd
 import torch
 
-from .capture.engine import measurement_mode, sequence_gram, update_dot
+from .capture.engine import measurement_mode
 from .capture.logprobs import response_lengths, sequence_logps
+from .capture.measure import sequence_gram, update_dot
 from .capture.params import ParamSpec, parameters_at, select_params, unwrap_model
 from .metrics import coefficients, resolve_objective
 from .metrics.agreement import moved, sign_agreement
+from .metrics.tables import update_frame
 
 
 def _pair_args(logps: torch.Tensor, batch, ref_logps):
@@ -72,15 +73,8 @@ def verify_step(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], step_
         logp_after = sequence_logps(inner, batch).to(torch.float64)
     with parameters_at(named, before):                       # predictions are taken at theta_before
         pred_update, logp_before = update_dot(inner, batch, delta, params=params)
-    n_seq = logp_before.shape[0]
-    b = n_seq // 2
-    frame = pd.DataFrame({
-        "seq": np.arange(n_seq), "pair": np.arange(n_seq) % b,
-        "side": ["chosen"] * b + ["rejected"] * b,
-        "logp_before": logp_before.cpu().numpy(), "logp_after": logp_after.cpu().numpy(),
-    })
-    frame["observed"] = frame["logp_after"] - frame["logp_before"]
-    frame["pred_update"] = pred_update.cpu().numpy()
+    b = logp_before.shape[0] // 2
+    pred_gradient = None
     if gram is not None:
         w, l, args = _pair_args(gram.logps, batch, None if ref_logps is None else ref_logps.to(torch.float64))
         if ref_logps is None and getattr(step_fn, "ref_logps", None) is not None:
@@ -88,8 +82,9 @@ def verify_step(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], step_
             args.update(ref_chosen_logps=ref[:b], ref_rejected_logps=ref[b:])
         a_w, a_l, _ = coefficients(objective, w, l, loss_weights=loss_weights, **args, **hyper)
         c = torch.cat([a_w, a_l]).to(gram.matrix) / b
-        frame["pred_gradient"] = (lr * (gram.matrix @ c)).cpu().numpy()
-    return frame
+        pred_gradient = (lr * (gram.matrix @ c)).cpu().numpy()
+    return update_frame(logp_before.cpu().numpy(), logp_after.cpu().numpy(), pred_update.cpu().numpy(),
+                        pred_gradient)
 
 
 def agreement(frame: pd.DataFrame, pred: str = "pred_update") -> dict[str, float]:

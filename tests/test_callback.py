@@ -143,7 +143,7 @@ def test_failures_are_logged_or_raised(tmp_path, monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(monitor_module, "sequence_gram", broken)
+    monkeypatch.setattr(monitor_module, "measure", broken)
     with caplog.at_level(logging.ERROR, logger="entangle.integrations.monitor"):
         trainer = _dpo(tmp_path / "lenient", EntanglementCallback(_rows(4, 2), every=2), max_steps=2)
     assert trainer.state.global_step == 2

@@ -24,7 +24,9 @@ import entangle  # noqa: E402
 from entangle.builtin import builtin_model, builtin_pairs, builtin_tokenizer  # noqa: E402
 from entangle.cli import main  # noqa: E402
 from entangle.integrations import checkpoints  # noqa: E402
-from entangle.integrations.monitor import LAYER_COLUMNS  # noqa: E402
+from entangle.schema import LAYERS  # noqa: E402
+
+LAYER_COLUMNS = LAYERS.columns
 from entangle.report import make_report  # noqa: E402
 from entangle.runio import read_run  # noqa: E402
 
@@ -300,8 +302,7 @@ def test_cli_analyze_then_report(analysed, tmp_path, capsys):
     (["analyze", "{run}", "--data", "{tmp}/bad.jsonl"], "missing field(s) ['rejected']"),
     (["analyze", "{run}", "--data", "{tmp}/absent.jsonl"], "does not exist"),
     (["analyze", "{run}", "--data", "{probe}", "--objective", "sft", "--beta", "0.1"], "unknown hyper-parameter"),
-    (["analyze", "{run}", "--data", "{probe}", "--ref-model", "{tmp}/no-ref"], "reference model directory"),
-    (["analyze", "{run}", "--data", "{probe}", "--max-pairs", "0"], "--max-pairs must be at least 1"),
+    (["analyze", "{run}", "--data", "{probe}", "--ref-model", "{tmp}/no-ref"], "no-ref': no such directory"),
     (["analyze", "{tmp}/broken", "--data", "{probe}", "--out", "{tmp}/o"], "checkpoint-1: SafetensorError"),
 ])
 def test_cli_errors_are_one_line(analysed, tmp_path, capsys, argv, match):

@@ -7,11 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from entangle.capture.engine import sequence_gram
-from entangle.capture.tokens import response_hidden
+from entangle.capture.measure import sequence_gram
 from entangle.data import encode_pairs, load_pairs
 from entangle.metrics import pair_frame
-from entangle.metrics.covariates import covariate_report, edit_distance, pair_covariates
+from entangle.metrics.covariates import covariate_report, edit_distance, pair_covariates, response_hidden
 
 
 def hand_batch() -> dict[str, torch.Tensor]:

@@ -7,8 +7,9 @@ import torch
 from helpers import ScaledLinear, random_batch, tiny_gpt2, tiny_llama
 
 from entangle.capture import contrib
-from entangle.capture.engine import GramEngine, sequence_gram
+from entangle.capture.engine import GramEngine
 from entangle.capture.logprobs import sequence_logps
+from entangle.capture.measure import sequence_gram
 
 MODELS = {
     "gpt2": lambda dtype: tiny_gpt2(dtype=dtype),

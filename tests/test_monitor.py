@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from helpers import check_run
 
 from entangle.builtin import builtin_model, builtin_pairs, builtin_tokenizer
-from entangle.capture.engine import sequence_gram
 from entangle.capture.logprobs import sequence_logps
+from entangle.capture.measure import sequence_gram
 from entangle.data import encode_pairs
 from entangle.integrations.monitor import Monitor
 from entangle.runio import read_run
@@ -139,7 +139,7 @@ def test_update_without_measurement_and_failures(tmp_path, monkeypatch, caplog):
     assert "after_update(1) without before_update(1)" in caplog.text
     from entangle.integrations import monitor as monitor_module
 
-    monkeypatch.setattr(monitor_module, "sequence_gram", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(monitor_module, "measure", lambda *a, **k: 1 / 0)
     assert monitor.measure(5) == {}
     monitor.strict = True
     with pytest.raises(ZeroDivisionError):
@@ -168,6 +168,35 @@ def test_configuration_errors():
         Monitor(model, tok, builtin_pairs(2), "sigmoid", ref_logps=[0.0, 0.0])
     with pytest.raises(ValueError, match="empty"):
         Monitor(model, tok, [], "sft")
+    # a misspelt hyper-parameter, a selection of no parameter, an unknown structure: at construction, by name
+    with pytest.raises(ValueError, match=r"unknown hyper-parameter\(s\) \['bta'\] for objective 'sigmoid'"):
+        Monitor(model, tok, builtin_pairs(2), "sigmoid", ref_logps="initial", bta=0.1)
+    with pytest.raises(ValueError, match="selects no parameter"):
+        Monitor(model, tok, builtin_pairs(2), "sft", params="no_such_layer")
+    with pytest.raises(ValueError, match="structure must be"):
+        Monitor(model, tok, builtin_pairs(2), "sft", structure="upper")
+    with pytest.raises(ValueError, match="ref_logps must be log-probs or 'initial'"):
+        Monitor(model, tok, builtin_pairs(2), "sigmoid", ref_logps="first")
+
+
+def test_reference_policy_is_shared_with_checkpoint_analysis():
+    """One decision of where reference log-probs come from, for the Monitor and checkpoint analysis."""
+    from entangle.integrations.reference import ReferenceError, reference_source
+
+    tok = builtin_tokenizer()
+    model = builtin_model(tok)
+    rows = builtin_pairs(2)
+    trl_rows = [{**r, "ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0} for r in rows]
+    assert reference_source(True, model, ref_logps="initial") == "initial"
+    assert reference_source(True, model, ref_logps=[0.0] * 4) == "given"
+    assert reference_source(True, model, rows=trl_rows) == "given"
+    assert reference_source(True, model, ref_model=model, rows=trl_rows) == "model"
+    assert reference_source(False, model, rows=rows) == "none"
+    with pytest.raises(ReferenceError, match="needs reference log-probs"):
+        reference_source(True, model, rows=rows)
+    monitor = Monitor(model, tok, trl_rows, "sigmoid", beta=0.1)
+    assert monitor.reference == "given"
+    torch.testing.assert_close(monitor._reference_logps(), torch.tensor([-1.0, -1.0, -2.0, -2.0], dtype=torch.float64))
 
 
 def test_token_maps_and_preference_column(tmp_path):

@@ -36,10 +36,10 @@ def write_run(out: Path, n_steps: int = 8, sgd_steps: int = 3) -> Path:
     measurement as the updates table (observed change vs the first-order predictions).
     """
     from entangle.builtin import builtin_model, builtin_pairs, builtin_tokenizer
-    from entangle.capture.engine import sequence_gram, update_dot
     from entangle.capture.logprobs import sequence_logps
+    from entangle.capture.measure import sequence_gram, update_dot
     from entangle.data import encode_pairs
-    from entangle.integrations.monitor import layer_frame
+    from entangle.metrics.tables import layer_frame
 
     tok = builtin_tokenizer()
     model = builtin_model(tok, n_layer=2, n_embd=32)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import random_batch
 
-from entangle.capture.engine import sequence_gram
+from entangle.capture.measure import sequence_gram
 from entangle.capture.rules import rule_for
 from entangle.capture.rules.embedding import embedding as embedding_rule
 

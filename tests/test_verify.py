@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from entangle.capture.engine import sequence_gram
+from entangle.capture.measure import sequence_gram
 from entangle.data import encode_pairs, load_pairs
 from entangle.metrics import pair_frame
 from entangle.verify import agreement, make_step_fn, verify_step

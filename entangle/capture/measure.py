@@ -30,18 +30,28 @@ Weights = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 
 
 @contextlib.contextmanager
-def gram_pass(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], params: ParamSpec = None, *,
-              method: str = "auto", plain: bool = True, preconditioner: Mapping[str, torch.Tensor] | None = None,
-              delta: Mapping[str, torch.Tensor] | None = None, pairs: bool = False) -> Iterator[GramEngine]:
-    """The :class:`GramEngine` of one pass over ``batch``: the batch and the per-parameter maps checked, the model
-    in measurement mode (eval, gradients on the measured parameters only, RNG forked; restored on exit).
-    Run the pass with ``engine.run(batch, forward)``."""
+def measured(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], params: ParamSpec = None,
+             preconditioner: Mapping[str, torch.Tensor] | None = None,
+             delta: Mapping[str, torch.Tensor] | None = None) -> Iterator[tuple[torch.nn.Module, list]]:
+    """The setup every measurement shares, the fast path and the exact twin alike: the unwrapped model and its
+    measured parameters ``[(name, parameter)]``, after the batch and the per-parameter maps are checked, with
+    the model in measurement mode (eval, gradients on the measured parameters only, RNG forked; all restored)."""
     model = unwrap_model(model)
     check_batch(model, batch)
     named = select_params(model, params)
     check_metric(named, preconditioner, "preconditioner")
     check_metric(named, delta, "delta")
     with measurement_mode(model, named):
+        yield model, named
+
+
+@contextlib.contextmanager
+def gram_pass(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], params: ParamSpec = None, *,
+              method: str = "auto", plain: bool = True, preconditioner: Mapping[str, torch.Tensor] | None = None,
+              delta: Mapping[str, torch.Tensor] | None = None, pairs: bool = False) -> Iterator[GramEngine]:
+    """The :class:`GramEngine` of one pass over ``batch``, set up by :func:`measured`; run the pass with
+    ``engine.run(batch, forward)``."""
+    with measured(model, batch, params, preconditioner, delta) as (model, named):
         yield GramEngine(model, named, batch["input_ids"].shape[0], mode=method, plain=plain,
                          preconditioner=preconditioner, delta=delta, pairs=pairs)
 
@@ -96,12 +106,7 @@ def measure(
     if not plain and preconditioner is None and delta is None:
         raise ValueError("nothing to measure: plain=False without a preconditioner or a delta")
     if method == "exact":
-        model = unwrap_model(model)
-        check_batch(model, batch)
-        named = select_params(model, params)
-        check_metric(named, preconditioner, "preconditioner")
-        check_metric(named, delta, "delta")
-        with measurement_mode(model, named):
+        with measured(model, batch, params, preconditioner, delta) as (model, named):
             out = exact_measurement(model, batch, named, forward, plain, preconditioner, delta)
         if pairs:
             c = pair_weights(weights, out.logps, n).cpu()

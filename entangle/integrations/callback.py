@@ -39,7 +39,8 @@ from typing import Any
 from transformers import Trainer, TrainerCallback
 
 from entangle.capture.params import ParamSpec
-from entangle.integrations.monitor import REF_FIELDS, Monitor
+from entangle.integrations.monitor import Monitor
+from entangle.integrations.reference import has_ref_columns
 from entangle.metrics import resolve_objective
 
 logger = logging.getLogger(__name__)
@@ -235,13 +236,9 @@ class EntanglementCallback(TrainerCallback):
             if trainer.ref_model is not None:
                 settings["ref_model"] = trainer.accelerator.unwrap_model(trainer.ref_model)
             elif trainer.args.precompute_ref_log_probs and not hasattr(trainer.model, "peft_config") \
-                    and not _has_ref_columns(rows):
+                    and not has_ref_columns(rows):
                 settings["ref_logps"] = "initial"   # TRL's reference is then the model before training
         return settings
-
-
-def _has_ref_columns(rows: Any) -> bool:
-    return isinstance(rows, list) and all(isinstance(r, dict) and all(k in r for k in REF_FIELDS) for r in rows)
 
 
 def _refuse_sharded(trainer: Trainer) -> None:

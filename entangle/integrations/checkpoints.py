@@ -39,11 +39,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from entangle.capture.logprobs import sequence_logps
 from entangle.capture.params import ParamSpec
 from entangle.data import encode_pairs, with_pad_token
 from entangle.integrations.distributed import broadcast_from_main, gather_to_main, rank_and_world, shard
-from entangle.integrations.monitor import Monitor, probe_rows
+from entangle.integrations.monitor import Monitor
+from entangle.integrations.probe import probe_rows
+from entangle.integrations.reference import ReferenceError, probe_logps, reference_source
 from entangle.metrics import resolve_objective
 from entangle.runio import RunWriter, read_manifest
 
@@ -205,22 +206,23 @@ class _Tokenizers:
 class _Reference:
     """Reference log-probs [2B] of the probe (chosen then rejected), computed once per probe encoding.
 
-    ``kind`` is ``None`` (the objective needs none), ``"model"`` (``ref_model=``), ``"first"`` (the first loadable
-    full checkpoint of the series) or ``"peft"`` (adapter checkpoints: adapters disabled, left to ``Monitor``).
+    The policy is the Monitor's (:func:`entangle.integrations.reference.reference_source`) with one addition for a
+    series: ``kind`` is ``None`` (the objective needs none), ``"model"`` (``ref_model=``), ``"peft"`` (adapter
+    checkpoints: adapters disabled, left to ``Monitor``) or, where the Monitor would have no reference, ``"first"``
+    (the first loadable full checkpoint of the series).
     """
 
     def __init__(self, needs_ref: bool, ref_model: Any, series: list[Checkpoint], rows: list[dict],
                  max_length: int | None, device: str | torch.device):
         self.ref_model, self.series, self.rows, self.max_length, self.device = \
             ref_model, series, rows, max_length, device
-        if not needs_ref:
-            self.kind = None
-        elif ref_model is not None:
-            self.kind = "model"
-        elif all(c.is_peft for c in series):
-            self.kind = "peft"
-        else:
-            self.kind = "first"
+        # an adapter series stands for its PEFT models (the policy's own test needs a loaded model)
+        peft = all(c.is_peft for c in series)
+        try:
+            source = reference_source(needs_ref, _SeriesModel(peft), ref_model=ref_model, rows=rows)
+        except ReferenceError:
+            source = "first"
+        self.kind = {"none": None, "given": None}.get(source, source)
         self.first: Checkpoint | None = None
         self.cache: dict[str, torch.Tensor] = {}
 
@@ -247,7 +249,7 @@ class _Reference:
         batch = encode_pairs(tokenizer, self.rows, max_length=self.max_length)
         key = hashlib.sha256(b"".join(batch[k].numpy().tobytes() for k in sorted(batch))).hexdigest()
         if key not in self.cache:
-            self.cache[key] = _logps(self._model(ckpt, model), batch)
+            self.cache[key] = probe_logps(self._model(ckpt, model), batch)
         return self.cache[key]
 
     def _model(self, ckpt: Checkpoint, model: torch.nn.Module) -> torch.nn.Module:
@@ -269,11 +271,14 @@ class _Reference:
         raise ValueError(f"no checkpoint could be loaded as the reference ({'; '.join(errors)})")
 
 
-def _logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed response log-probs [2B] of an encoded probe ``batch`` under ``model`` (forward only)."""
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        return sequence_logps(model.eval(), {k: v.to(device) for k, v in batch.items()}).to(torch.float64).cpu()
+class _SeriesModel(torch.nn.Module):
+    """Stands for the models of a series in the reference policy: a PEFT model (adapters that can be disabled) when
+    every checkpoint is an adapter checkpoint."""
+
+    def __init__(self, peft: bool):
+        super().__init__()
+        if peft:
+            self.peft_config, self.disable_adapter = {}, None
 
 
 # ---- the analysis ------------------------------------------------------------------------------------------
@@ -436,9 +441,8 @@ def _measure_checkpoint(ckpt: Checkpoint, rows: list[dict], objective: Any, refe
         stages.set_postfix_str("measure")
         # each process measures whole checkpoints of its own: no collective inside the monitor;
         # rank 0's monitor also records the model, probe and versions in the manifest
-        monitor = Monitor(model, tokenizer, rows, objective, out_dir=writer.dir if main else None, params=params,
-                          ref_logps=ref, max_length=max_length, strict=True, adam=False, distributed=False, **hyper)
-        monitor.writer = writer
+        monitor = Monitor(model, tokenizer, rows, objective, out_dir=writer, params=params, ref_logps=ref,
+                          max_length=max_length, strict=True, adam=False, distributed=False, manifest=main, **hyper)
         monitor.measure(ckpt.step, lr=_learning_rate(ckpt))
         stages.update()
         return None

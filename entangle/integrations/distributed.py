@@ -1,10 +1,13 @@
-"""The few ``torch.distributed`` collectives the monitor needs: shard the probe, gather to rank 0, broadcast back.
+"""The few ``torch.distributed`` collectives the monitor needs: shard the probe, gather to rank 0, broadcast back,
+and :func:`collective`, which runs one measurement on every rank without letting a failure hang the others.
 
 Every function works unchanged in a single process (no process group, or a group of one).
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch.distributed as dist
@@ -40,3 +43,39 @@ def broadcast_from_main(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def collective(what: str, step: int, local: Callable[[], Any], combine: Callable[[list[Any]], dict[str, float]],
+               *, rank: int, world: int, strict: bool, logger: logging.Logger) -> dict[str, float]:
+    """Run ``local`` on every rank, ``combine`` the gathered results on rank 0 and share its scalars.
+
+    ``rank``/``world``: this process's place in the group measuring together (``world == 1``: alone, no
+    collective, even inside a process group). A failure is logged with the step and gives ``{}`` (every rank still
+    joins the collectives, so none hangs), or is raised on every rank with ``strict`` (alone: the original
+    exception).
+    """
+    error = None
+    try:
+        payload = local()
+    except Exception as e:
+        if strict and world == 1:
+            raise
+        logger.exception("entangle: %s at step %d failed on rank %d", what, step, rank)
+        payload, error = None, f"rank {rank}: {type(e).__name__}: {e}"
+    parts = gather_to_main((payload, error)) if world > 1 else [(payload, error)]
+    result = None
+    if parts is not None:
+        errors = [e for _, e in parts if e is not None]
+        if not errors:
+            try:
+                result = combine([p for p, _ in parts])
+            except Exception as e:
+                if strict and world == 1:
+                    raise
+                logger.exception("entangle: writing the %s of step %d failed", what, step)
+                errors = [f"rank 0: {type(e).__name__}: {e}"]
+        result = (result, "; ".join(errors) or None)
+    scalars, error = broadcast_from_main(result) if world > 1 else result
+    if error is not None and strict:
+        raise RuntimeError(f"entangle: {what} at step {step} failed: {error}")
+    return scalars or {}

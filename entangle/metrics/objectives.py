@@ -72,7 +72,7 @@ class Objective:
         **hyper: Any,
     ) -> Tensor:
         """Per-pair loss [B], after checking inputs and filling in default hyper-parameters."""
-        _check_hyper(self, hyper)
+        check_hyper(self, hyper)
         if self.needs_ref and (ref_chosen_logps is None or ref_rejected_logps is None):
             missing = [n for n, v in (("ref_chosen_logps", ref_chosen_logps),
                                       ("ref_rejected_logps", ref_rejected_logps)) if v is None]
@@ -124,7 +124,7 @@ class WeightedObjective:
     def __call__(self, chosen_logps: Tensor, rejected_logps: Tensor, **kwargs: Any) -> Tensor:
         """Per-pair weighted loss [B]; same keyword arguments as ``Objective.__call__``."""
         hyper = {k: v for k, v in kwargs.items() if k not in _STANDARD_ARGS}
-        _check_hyper(self, hyper)
+        check_hyper(self, hyper)
         standard = {k: v for k, v in kwargs.items() if k in _STANDARD_ARGS}
         total = 0.0
         for part, w in zip(self.parts, self.weights, strict=True):
@@ -139,10 +139,16 @@ ObjectiveSpec = str | LossFn | AnyObjective | Sequence[str | LossFn | Objective]
 _REGISTRY: dict[str, Objective] = {}
 
 
-def _check_hyper(obj: AnyObjective, hyper: Mapping[str, Any]) -> None:
+class HyperParameterError(TypeError, ValueError):
+    """A keyword that is not a hyper-parameter of the objective (a TypeError like any unexpected keyword, and a
+    ValueError for callers that validate configuration)."""
+
+
+def check_hyper(obj: AnyObjective, hyper: Mapping[str, Any]) -> None:
+    """Raise :class:`HyperParameterError` naming the keywords of ``hyper`` that ``obj`` does not declare."""
     unknown = sorted(set(hyper) - obj.hyper_names)
     if unknown:
-        raise TypeError(
+        raise HyperParameterError(
             f"unknown hyper-parameter(s) {unknown} for objective {obj.name!r}; "
             f"it accepts {sorted(obj.hyper_names) or 'none'}"
         )

@@ -1,10 +1,10 @@
 """Per-pair entanglement frame (THEORY.md §3, §4).
 
-``pair_frame`` turns one ``GramResult`` (2B sequences: all chosen, then all rejected) into a tidy frame, one row per
-pair: log-probs, gradient norms and inner product, the objective's coefficients, and the first-order change of each
-log-prob under one gradient step, seen per pair (§3) and across the minibatch (§4). Its columns are stated in
-:mod:`entangle.schema`; :func:`entangle.metrics.summary.summarize` (re-exported here) reduces such frames to one row
-per step.
+``pair_frame`` turns one measured view, a ``GramResult`` or a ``PairStats`` (2B sequences: all chosen, then all
+rejected) into a tidy frame, one row per pair: log-probs, gradient norms and inner product, the objective's
+coefficients, and the first-order change of each log-prob under one gradient step, seen per pair (§3) and across the
+minibatch (§4). Its columns are stated in :mod:`entangle.schema`; :func:`entangle.metrics.summary.summarize`
+(re-exported here) reduces such frames to one row per step.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from entangle.capture.result import GramResult
+from entangle.capture.result import View
 from entangle.metrics.objectives import ObjectiveSpec, coefficients, resolve_objective
 from entangle.metrics.summary import regime_of, summarize
 from entangle.schema import PAIR_COLUMNS, REGIMES
@@ -24,9 +24,8 @@ from entangle.schema import PAIR_COLUMNS, REGIMES
 __all__ = ["PAIR_COLUMNS", "REGIMES", "batch_weights", "pair_frame", "regime_of", "summarize"]
 
 
-
 def pair_frame(
-    gram: GramResult,
+    gram: View,
     objective: ObjectiveSpec = "sigmoid",
     ref_logps: torch.Tensor | None = None,
     *,
@@ -38,7 +37,9 @@ def pair_frame(
     """One row per pair of the entanglement quantities of one training step.
 
     Args:
-        gram: Gram matrix K [2B, 2B], log-probs s [2B] and lengths [2B] of B pairs (pair k = rows k and B + k).
+        gram: a ``GramResult`` (Gram matrix K [2B, 2B]) or ``PairStats`` (its within-pair entries and K c,
+            measured for this objective's ``batch_weights``), with log-probs s [2B] and lengths [2B] of B pairs
+            (pair k = rows k and B + k).
         objective: objective name, callable or list (with ``loss_weights``), see ``objectives.resolve_objective``.
         ref_logps: [2B] reference log-probs in the same order, or None (reference-free objectives).
         step: training step, stored in a ``step`` column when given.
@@ -62,21 +63,24 @@ def pair_frame(
     Non-finite log-probs, reference log-probs or Gram entries raise, naming the pairs. Quantities that come out
     non-finite from finite inputs (a zero gradient makes ``cosine`` NaN) are kept; ``summarize`` counts them.
     """
-    K, s, n, B = _validated(gram)
+    norm2, k_wl, s, n, B = _validated(gram)
     ref = _validated_ref(ref_logps, B)
     obj = resolve_objective(objective, loss_weights)
     hyper, extra = _split_hyper(hyper, obj.hyper_names, B, obj.name)
 
     a_w, a_l, loss = _pair_coefficients(obj, s, n, ref, hyper)
-    idx = torch.arange(B)
-    k_ww, k_ll, k_wl = K[idx, idx], K[B + idx, B + idx], K[idx, B + idx]
+    k_ww, k_ll = norm2[:B], norm2[B:]
 
     # §3: one pair alone, Δs ≈ η [[K_ww, K_wl], [K_wl, K_ll]] (a_w, a_l)
     pred_w = lr * (a_w * k_ww + a_l * k_wl)
     pred_l = lr * (a_w * k_wl + a_l * k_ll)
     # §4: the whole minibatch, Δs ≈ η K c with c the coefficients of the batch-mean loss
     c = torch.cat([a_w, a_l]) / B
-    batch = lr * _batch_product(gram, K, c)
+    batch = gram.batch_view(c)
+    bad = (~torch.isfinite(batch)).nonzero().flatten()
+    if len(bad):
+        raise ValueError(f"non-finite Gram entries involving pair(s) {_pairs_of_rows(bad, B)} (rows {bad.tolist()})")
+    batch = lr * batch
 
     cosine = k_wl / (k_ww * k_ll).sqrt()  # NaN/inf for a zero gradient: counted by summarize
     ratio = k_wl / torch.minimum(k_ww, k_ll)
@@ -115,7 +119,7 @@ def batch_weights(objective: ObjectiveSpec, logps: torch.Tensor, lengths: torch.
                   **hyper: Any) -> torch.Tensor:
     """c = cat(a_w, a_l) / B [2B] float64: the coefficients of the batch-mean loss, as ``pair_frame`` uses them in
     ``batch_dlogp = η K c``; pass it (or a function of the log-probs returning it) as
-    ``sequence_gram(..., structure="pairs", weights=...)``."""
+    ``measure(..., structure="pairs", weights=...)``."""
     s = torch.as_tensor(logps).detach().to(torch.float64).cpu()
     n = torch.as_tensor(lengths).detach().cpu()
     B = s.shape[0] // 2
@@ -136,47 +140,29 @@ def _pair_coefficients(obj, s: torch.Tensor, n: torch.Tensor, ref: torch.Tensor 
     )
 
 
-def _batch_product(gram: GramResult, K: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """K c: from the matrix, or, for a ``"pairs"`` result, as measured (checked to be for these coefficients)."""
-    if gram.structure != "pairs":
-        return K @ c
-    measured = torch.as_tensor(gram.weights).detach().to(torch.float64).cpu()
-    if measured.shape != c.shape or not torch.allclose(measured, c, rtol=1e-9, atol=1e-12 * float(c.abs().max())):
-        raise ValueError("this pairs-structured Gram result carries K c for other weights than this objective's "
-                         "coefficients (measure it with weights=entangle.metrics.batch_weights(...) for the same "
-                         "objective, hyper-parameters and reference log-probs)")
-    return torch.as_tensor(gram.kc).detach().to(torch.float64).cpu()
-
-
 def _pairs_of_rows(rows: torch.Tensor, B: int) -> list[int]:
     return sorted({int(r) % B for r in rows})
 
 
-def _validated(gram: GramResult) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Gram, log-probs and lengths as float64/int64, after shape and finiteness checks."""
-    K = torch.as_tensor(gram.matrix).detach().to(torch.float64).cpu()
+def _validated(gram: View) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Squared norms [2B], within-pair inner products [B], log-probs and lengths as float64/int64, checked."""
+    norm2, inner = (torch.as_tensor(t).detach().to(torch.float64).cpu() for t in gram.within_pair())
     s = torch.as_tensor(gram.logps).detach().to(torch.float64).cpu()
     n = torch.as_tensor(gram.lengths).detach().to(torch.int64).cpu()
-    N = K.shape[0]
-    if K.ndim != 2 or K.shape[1] != N or N % 2:
-        raise ValueError(f"Gram matrix must be [2B, 2B], got {tuple(K.shape)}")
+    N = norm2.shape[0]
+    if norm2.ndim != 1 or N % 2 or inner.shape != (N // 2,):
+        raise ValueError(f"a view of 2B sequences has 2B squared norms and B inner products; got "
+                         f"{tuple(norm2.shape)} and {tuple(inner.shape)}")
     if s.shape != (N,) or n.shape != (N,):
-        raise ValueError(f"logps {tuple(s.shape)} and lengths {tuple(n.shape)} must be [{N}] to match the Gram matrix")
+        raise ValueError(f"logps {tuple(s.shape)} and lengths {tuple(n.shape)} must be [{N}] to match the Gram view")
     B = N // 2
     bad = (~torch.isfinite(s)).nonzero().flatten()
     if len(bad):
         raise ValueError(f"non-finite log-probs for pair(s) {_pairs_of_rows(bad, B)} (rows {bad.tolist()})")
-    if gram.structure == "pairs":          # only the diagonal and the within-pair entries are measured
-        idx = torch.arange(N)
-        measured = torch.zeros_like(K, dtype=torch.bool)
-        measured[idx, idx] = measured[idx, (idx + B) % N] = True
-    else:
-        measured = torch.ones_like(K, dtype=torch.bool)
-    bad_ij = (~torch.isfinite(K) & measured).nonzero()
-    if len(bad_ij):
-        raise ValueError(f"non-finite Gram entries involving pair(s) {_pairs_of_rows(bad_ij.flatten(), B)} "
-                         f"(first entries {bad_ij[:5].tolist()})")
-    return K, s, n, B
+    bad = torch.cat([(~torch.isfinite(norm2)).nonzero().flatten(), (~torch.isfinite(inner)).nonzero().flatten()])
+    if len(bad):
+        raise ValueError(f"non-finite Gram entries involving pair(s) {_pairs_of_rows(bad, B)}")
+    return norm2, inner, s, n, B
 
 
 def _validated_ref(ref_logps: torch.Tensor | None, B: int) -> torch.Tensor | None:
