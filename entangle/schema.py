@@ -91,7 +91,8 @@ COVARIATES = Table("covariates", "one pair: entangle.metrics.pair_covariates (te
                    ("pair",),
                    {"pair": "int", "shared_prefix_len": "int", "edit_distance": "int", "jaccard": "float",
                     "len_chosen": "int", "len_rejected": "int"},
-                   {"step": "int", "kind": "str", "group": "str", "h_sum": "float", "h_mean": "float"})
+                   {"step": "int", "kind": "str", "group": "str", "ches": "float", "ches_norm": "float",
+                    "embed_cosine": "float"})
 
 TABLES: dict[str, Table] = {t.name: t for t in (PAIRS, SUMMARY, SUMMARY_ADAM, LAYERS, UPDATES, TOKENS, COVARIATES)}
 
