@@ -50,7 +50,7 @@ def test_dpo_loss_types(tmp_path, loss_type, weights, objective):
     trainer = _dpo(tmp_path, cb, loss_type=loss_type, loss_weights=weights, max_steps=4)
     run = check_run(tmp_path / "out" / "entangle", 8, [0, 2, 4], [0, 2], trainer.state.log_history, objective)
     assert run["manifest"]["hyper"]["beta"] == 0.1
-    assert "summary_adam" in run and run["summary_adam"]["step"].tolist() == [2]  # Adam state exists from step 1
+    assert "summary_adam" in run and run["summary_adam"]["step"].tolist() == [2, 4]  # Adam state from step 1 on
 
 
 def test_dpo_sigmoid_stories_hh(tmp_path, stories_model, stories_tokenizer, hh_rows):
@@ -130,7 +130,7 @@ def test_measurement_and_update_check_share_one_pass(tmp_path):
     run = read_run(tmp_path / "out" / "entangle")
     pairs, updates = run["pairs"], run["updates"]
     assert sorted(updates["step"].unique()) == [0, 2] and sorted(pairs["step"].unique()) == [0, 2, 4]
-    assert run["summary_adam"]["step"].tolist() == [2]          # no Adam state before the first update
+    assert run["summary_adam"]["step"].tolist() == [2, 4]       # no Adam state before the first update
     for step in (0, 2):
         at = pairs[pairs["step"] == step].set_index("pair")
         upd = updates[updates["step"] == step]

@@ -84,7 +84,7 @@ def test_each_measurement_is_logged_alone_at_its_step(tmp_path, kind, logging_st
     trainer = _train(kind, tmp_path, [recorder, cb], logging_steps)
     run = read_run(tmp_path / "run")
     assert run["summary"]["step"].tolist() == MEASURED
-    assert run["summary_adam"]["step"].tolist() == [2, 4]    # Adam state from step 1 on; none at the end
+    assert run["summary_adam"]["step"].tolist() == [2, 4, 5]    # Adam state from step 1 on, the end too
     expected = _expected(run)
 
     history = trainer.state.log_history

@@ -56,13 +56,28 @@ def group_blocks(per_param: dict[str, torch.Tensor], by: str | Callable[[str], s
     return out
 
 
-def _check_geometry(geometry: str) -> None:
-    if geometry not in GEOMETRIES:
-        raise ValueError(f"geometry must be one of {GEOMETRIES}, got {geometry!r}")
+@dataclass(kw_only=True)
+class _ViewFields:
+    """What every view of a pass carries besides its numbers (keyword-only)."""
+
+    per_param: dict[str, torch.Tensor] = field(default_factory=dict)
+    method: str = "auto"
+    info: dict[str, str] = field(default_factory=dict)
+    geometry: str = "plain"
+
+    def __post_init__(self):
+        if self.geometry not in GEOMETRIES:
+            raise ValueError(f"geometry must be one of {GEOMETRIES}, got {self.geometry!r}")
+
+    def blocks(self, by: str | Callable[[str], str] = "module") -> dict[str, torch.Tensor]:
+        """Per-parameter values grouped by ``"module"``, ``"layer"``, ``"param"`` or a callable name -> group;
+        the groups sum to the whole (Gram blocks [2B, 2B] of a ``GramResult``, statistics [3, 2B] of a
+        ``PairStats``)."""
+        return group_blocks(self.per_param, by)
 
 
 @dataclass
-class GramResult:
+class GramResult(_ViewFields):
     """Per-sequence gradient Gram matrix of a batch of 2B sequences (all chosen, then all rejected).
 
     Attributes:
@@ -79,22 +94,10 @@ class GramResult:
     matrix: torch.Tensor
     logps: torch.Tensor
     lengths: torch.Tensor
-    per_param: dict[str, torch.Tensor] = field(default_factory=dict)
-    method: str = "auto"
-    info: dict[str, str] = field(default_factory=dict)
-    geometry: str = "plain"
-
-    def __post_init__(self):
-        _check_geometry(self.geometry)
 
     @property
     def n_pairs(self) -> int:
         return self.matrix.shape[0] // 2
-
-    def blocks(self, by: str | Callable[[str], str] = "module") -> dict[str, torch.Tensor]:
-        """Gram blocks [2B, 2B] grouped by ``"module"``, ``"layer"``, ``"param"`` or a callable name -> group;
-        they sum to ``matrix``."""
-        return group_blocks(self.per_param, by)
 
     def within_pair(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(norm2 [2B], inner [B])``: each sequence's ``||g_i||^2`` and each pair's ``<g_w, g_l>``."""
@@ -118,7 +121,7 @@ class GramResult:
 
 
 @dataclass
-class PairStats:
+class PairStats(_ViewFields):
     """The per-pair statistics of a batch of 2B sequences, measured without forming the Gram matrix.
 
     Attributes:
@@ -133,13 +136,6 @@ class PairStats:
     weights: torch.Tensor
     logps: torch.Tensor
     lengths: torch.Tensor
-    per_param: dict[str, torch.Tensor] = field(default_factory=dict)
-    method: str = "auto"
-    info: dict[str, str] = field(default_factory=dict)
-    geometry: str = "plain"
-
-    def __post_init__(self):
-        _check_geometry(self.geometry)
 
     @classmethod
     def from_stats(cls, per_param: dict[str, torch.Tensor], weights: torch.Tensor, **fields) -> PairStats:
@@ -155,10 +151,6 @@ class PairStats:
     def kc(self) -> torch.Tensor:
         """``K c`` [2B] float64 for this result's ``weights``."""
         return self.stats[2]
-
-    def blocks(self, by: str | Callable[[str], str] = "module") -> dict[str, torch.Tensor]:
-        """Statistics [3, 2B] grouped like :meth:`GramResult.blocks`; they sum to ``stats``."""
-        return group_blocks(self.per_param, by)
 
     def within_pair(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(norm2 [2B], inner [B])``, as :meth:`GramResult.within_pair`."""

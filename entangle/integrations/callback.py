@@ -158,19 +158,20 @@ class EntanglementCallback(TrainerCallback):
         step, self._update_step = self._update_step, None
         self._log(args, state, control, self.monitor.after_update(step))
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         if self.monitor is not None and (state.global_step >= state.max_steps > 0 or control.should_training_stop):
-            self._measure_final(args, state, control)
+            self._measure_final(args, state, control, optimizer)
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def on_train_end(self, args, state, control, optimizer=None, **kwargs):
         if self.monitor is not None:
-            self._measure_final(args, state, control)
+            self._measure_final(args, state, control, optimizer)
 
     # -- helpers -------------------------------------------------------------------------------------------
-    def _measure_final(self, args, state, control) -> None:
+    def _measure_final(self, args, state, control, optimizer) -> None:
+        """The final parameters, with the Adam view of the optimizer's state after the last update."""
         if state.global_step not in self.measured:
             self.measured.add(state.global_step)
-            self._log(args, state, control, self.monitor.measure(state.global_step))
+            self._log(args, state, control, self.monitor.measure(state.global_step, optimizer=optimizer))
 
     def _log(self, args, state, control, scalars: dict[str, float]) -> None:
         """Log one measurement's scalars as a record of their own at ``state.global_step``, the step measured.
