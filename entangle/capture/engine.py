@@ -33,6 +33,18 @@ class SeparatePartsError(RuntimeError):
     """A parameter is used in more than one separately differentiated part of a pass (see ``sub_pass``)."""
 
 
+def autocast_off(device: torch.device | None) -> contextlib.AbstractContextManager:
+    """Autocast disabled on ``device``'s type while the engine forms and reduces per-example gradients.
+
+    A pass may run inside ``torch.autocast`` (a training loop's mixed precision): the forward then computes what
+    training computes, but the backward hooks and the reductions would run in it too, turning the float32 partial
+    sums of the Gram products into bfloat16 ones. Every rule casts its inputs to float32 (float64) explicitly.
+    """
+    if device is None or not torch.is_autocast_enabled(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
+
+
 @contextlib.contextmanager
 def measurement_mode(model: torch.nn.Module, named_params):
     """Eval mode (no dropout), gradients on the measured parameters only, RNG forked; all restored after."""
@@ -269,12 +281,12 @@ class GramEngine:
             args = tuple(a.unsqueeze(1) if torch.is_tensor(a) and a.dim() >= 1 else a for a in args)
         valid = (g != 0).any(-1)
         args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
-        with torch.no_grad():
+        # a backward run inside autocast runs this hook in it too
+        with torch.no_grad(), autocast_off(g.device):
             contribs = rule(module, args, g, valid, self.mode)
-        for k in own:
-            if k not in contribs:
-                raise RuntimeError(f"rule {rule.__name__} gave no gradient for {type(module).__name__}.{k}")
-            with torch.no_grad():
+            for k in own:
+                if k not in contribs:
+                    raise RuntimeError(f"rule {rule.__name__} gave no gradient for {type(module).__name__}.{k}")
                 self._add(part, self.name_of[id(module._parameters[k])], use_index.get(k), contribs[k], rule.__name__)
 
     def _add(self, part: _Part, name: str, use: int | None, contrib: Contribution, how: str) -> None:
@@ -357,14 +369,19 @@ class GramEngine:
         part = self.part
         uses, part.generic_uses = part.generic_uses, []
         for use in uses:
-            grads = [None if g is None else g.to(self._dtype(use.module, use.names)) for g in use.grads]
-            contribs = generic(use.module, use.args, use.kwargs, grads, use.names, part.n)
-            for k in use.names:
-                self._add(part, self.name_of[id(use.module._parameters[k])], use.index.get(k), contribs[k],
-                          "generic")
+            with autocast_off(use.module._parameters[use.names[0]].device):
+                grads = [None if g is None else g.to(self._dtype(use.module, use.names)) for g in use.grads]
+                contribs = generic(use.module, use.args, use.kwargs, grads, use.names, part.n)
+                for k in use.names:
+                    self._add(part, self.name_of[id(use.module._parameters[k])], use.index.get(k), contribs[k],
+                              "generic")
 
     def finish(self, logps: torch.Tensor, lengths: torch.Tensor) -> Measurement:
         """The typed result of the pass (call once every output gradient has arrived)."""
+        with autocast_off(logps.device):
+            return self._finish(logps, lengths)
+
+    def _finish(self, logps: torch.Tensor, lengths: torch.Tensor) -> Measurement:
         self._flush_generic()
         views = {}
         for kind, geometry in self.geometries.items():

@@ -40,13 +40,24 @@ def _tensors(out) -> list[torch.Tensor]:
 
 
 def generic(module, args, kwargs, grad_outs: list[torch.Tensor | None], names: list[str], n: int) -> dict:
-    """Per-example gradients of ``module``'s own parameters ``names`` given the output gradients."""
-    params = [module._parameters[k] for k in names]
-    per = [torch.zeros((n, *p.shape), dtype=torch.float64 if p.dtype == torch.float64 else torch.float32,
-                       device=p.device) for p in params]
+    """Per-example gradients of ``module``'s own parameters ``names`` given the output gradients.
+
+    The module is re-run in float32 (float64 for float64 parameters): its floating parameters, buffers and
+    inputs are upcast, so a bfloat16 module (or one whose inputs come from an autocast region) gives per-example
+    gradients summed in float32 over positions, as the other rules do, not rounded to bfloat16.
+    """
+    wide = torch.float64 if module._parameters[names[0]].dtype == torch.float64 else torch.float32
+
+    def up(t: torch.Tensor) -> torch.Tensor:
+        return t.to(wide) if t.is_floating_point() else t
+
+    state = {k: up(t.detach()) for k, t in (*module.named_parameters(), *module.named_buffers())}
+    params = [state[k].requires_grad_() for k in names]
+    per = [torch.zeros((n, *p.shape), dtype=wide, device=p.device) for p in params]
     with torch.enable_grad():
         for i in range(n):
-            outs = _tensors(module(*_slice(args, i, n), **_slice(kwargs, i, n)))
+            call_args, call_kwargs = map_tensors(_slice((args, kwargs), i, n), up)
+            outs = _tensors(torch.func.functional_call(module, state, call_args, call_kwargs))
             pairs = [(o, g[i:i + 1].to(o.dtype)) for o, g in zip(outs, grad_outs, strict=False)
                      if g is not None and o.requires_grad]
             if not pairs:
@@ -54,5 +65,5 @@ def generic(module, args, kwargs, grad_outs: list[torch.Tensor | None], names: l
             grads = torch.autograd.grad([o for o, _ in pairs], params, [g for _, g in pairs], allow_unused=True)
             for buf, g in zip(per, grads, strict=True):
                 if g is not None:
-                    buf[i] = g.to(buf.dtype)
+                    buf[i] = g
     return {k: Dense(v) for k, v in zip(names, per, strict=True)}
