@@ -232,6 +232,15 @@ def test_combination_and_lr_scaling():
     n = gram.lengths[:20].double().numpy()
     sig = pair_frame(gram, "sigmoid", ref, beta=0.3)
     np.testing.assert_allclose(one["a_chosen"], sig["a_chosen"] + 0.5 / n)
+    # lr = 0 (the end of a linear schedule): no predicted change, the directions of a step unchanged
+    zero = pair_frame(gram, ["sigmoid", "sft"], ref, loss_weights=[1.0, 0.5], beta=0.3, lr=0.0)
+    assert (zero[["pred_dlogp_chosen", "pred_dlogp_rejected", "batch_dlogp_chosen"]] == 0).all().all()
+    for col in ("chosen_rises", "rejected_falls", "batch_chosen_rises", "batch_rejected_falls", "regime"):
+        assert (zero[col] == one[col]).all(), col
+    assert (one["regime"] != "chosen_falls_rejected_rises").any()     # what zero predictions used to read as
+    for bad in (-1e-3, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="lr must be a finite learning rate >= 0"):
+            pair_frame(gram, "sigmoid", ref, beta=0.3, lr=bad)
 
 
 def _hh_batch(rows, tokenizer, n_pairs: int, max_prompt: int = 24, max_resp: int = 16) -> dict:

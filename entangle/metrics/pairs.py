@@ -9,6 +9,7 @@ minibatch (§4). Its columns are stated in :mod:`entangle.schema`; :func:`entang
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,7 +44,9 @@ def pair_frame(
         objective: objective name, callable or list (with ``loss_weights``), see ``objectives.resolve_objective``.
         ref_logps: [2B] reference log-probs in the same order, or None (reference-free objectives).
         step: training step, stored in a ``step`` column when given.
-        lr: learning rate η multiplying every predicted change (1.0 = per unit learning rate).
+        lr: learning rate η ≥ 0 multiplying every predicted change (1.0 = per unit learning rate). The directions
+            (``*_rises``, ``*_falls``, ``regime``) are those of a gradient step, whatever η: with η = 0 (the end of a
+            schedule) the predicted changes are 0 and the directions still say where a step would go.
         hyper: keywords the objective declares (``beta=0.1``) are hyper-parameters; any other keyword with one
             value per pair (list, array, tensor, Series of length B, e.g. ``pref_prob=[...]``) becomes a column.
 
@@ -72,15 +75,17 @@ def pair_frame(
     k_ww, k_ll = norm2[:B], norm2[B:]
 
     # §3: one pair alone, Δs ≈ η [[K_ww, K_wl], [K_wl, K_ll]] (a_w, a_l)
-    pred_w = lr * (a_w * k_ww + a_l * k_wl)
-    pred_l = lr * (a_w * k_wl + a_l * k_ll)
+    if not (math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"lr must be a finite learning rate >= 0, got {lr}")
+    unit_w = a_w * k_ww + a_l * k_wl
+    unit_l = a_w * k_wl + a_l * k_ll
     # §4: the whole minibatch, Δs ≈ η K c with c the coefficients of the batch-mean loss
     c = torch.cat([a_w, a_l]) / B
-    batch = gram.batch_view(c)
-    bad = (~torch.isfinite(batch)).nonzero().flatten()
+    unit_batch = gram.batch_view(c)
+    bad = (~torch.isfinite(unit_batch)).nonzero().flatten()
     if len(bad):
         raise ValueError(f"non-finite Gram entries involving pair(s) {_pairs_of_rows(bad, B)} (rows {bad.tolist()})")
-    batch = lr * batch
+    pred_w, pred_l, batch = lr * unit_w, lr * unit_l, lr * unit_batch
 
     cosine = k_wl / (k_ww * k_ll).sqrt()  # NaN/inf for a zero gradient: counted by summarize
     ratio = k_wl / torch.minimum(k_ww, k_ll)
@@ -88,7 +93,7 @@ def pair_frame(
     cols: dict[str, Any] = {}
     if step is not None:
         cols["step"] = np.full(B, step)
-    chosen_rises, rejected_falls = (pred_w > 0).numpy(), (pred_l < 0).numpy()
+    chosen_rises, rejected_falls = (unit_w > 0).numpy(), (unit_l < 0).numpy()
     cols |= {
         "pair": np.arange(B),
         "logp_chosen": s[:B], "logp_rejected": s[B:],
@@ -98,7 +103,7 @@ def pair_frame(
         "pred_dlogp_chosen": pred_w, "pred_dlogp_rejected": pred_l,
         "batch_dlogp_chosen": batch[:B], "batch_dlogp_rejected": batch[B:],
         "chosen_rises": chosen_rises, "rejected_falls": rejected_falls,
-        "batch_chosen_rises": (batch[:B] > 0).numpy(), "batch_rejected_falls": (batch[B:] < 0).numpy(),
+        "batch_chosen_rises": (unit_batch[:B] > 0).numpy(), "batch_rejected_falls": (unit_batch[B:] < 0).numpy(),
         "regime": regime_of(chosen_rises, rejected_falls),
         "margin": s[:B] - s[B:],
     }
