@@ -26,6 +26,9 @@ It translates trainer events into monitor calls and TRL configurations into obje
 - The trainer is found on its own when the first event fires (the callback looks for the ``Trainer`` whose
   callback list holds it); ``cb.trainer = trainer`` or ``cb.attach(trainer)`` set it explicitly.
 - FSDP and DeepSpeed ZeRO-3 are refused at train begin (sharded parameters).
+- Mixed precision: with ``bf16=True`` accelerate wraps the model's ``forward`` in bf16 autocast, so the
+  measurement's forward is the one training computes; the callback adds no autocast of its own (the engine's
+  products stay float32 / float64 either way; README "Precision").
 """
 
 from __future__ import annotations
