@@ -14,6 +14,7 @@ into one line on stderr and a non-zero exit code.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import re
 import sys
@@ -314,10 +315,16 @@ def analyze(args: argparse.Namespace) -> int:
                                                      ("config.json", "adapter_config.json"))
     tokenizer = args.tokenizer and pretrained_source(args.tokenizer, "--tokenizer", TOKENIZER_FILES)
     rows = load_rows(args.data, args.max_pairs or (64 if args.data == "builtin" else sys.maxsize))
-    out = analyze_checkpoints(
-        args.run_dir, rows, out=args.out, objective=args.objective, ref_model=ref_model, params=args.params,
-        max_length=args.max_length, tokenizer=tokenizer, device=args.device,
-        **({} if args.beta is None else {"beta": args.beta}))
+    # each skipped checkpoint is printed once, as a note below, not also as the library's logged warning
+    quiet = logging.getLogger("entangle.integrations.checkpoints")
+    level, quiet.level = quiet.level, logging.ERROR
+    try:
+        out = analyze_checkpoints(
+            args.run_dir, rows, out=args.out, objective=args.objective, ref_model=ref_model, params=args.params,
+            max_length=args.max_length, tokenizer=tokenizer, device=args.device,
+            **({} if args.beta is None else {"beta": args.beta}))
+    finally:
+        quiet.setLevel(level)
     manifest = read_manifest(out)
     for s in manifest.get("skipped", []):
         note(f"skipped {s['checkpoint']}: {s['reason']}")

@@ -168,6 +168,19 @@ def test_corrupt_and_half_written_checkpoints_are_skipped_by_name(series, tmp_pa
     assert manifest["measured_steps"] == [2]
 
 
+@pytest.mark.slow
+def test_cli_reports_a_skipped_checkpoint_once(series, tmp_path):
+    """The CLI prints each skipped checkpoint once (its note), not also the library's logged warning."""
+    run = tmp_path / "run"
+    shutil.copytree(series["run"], run)
+    (run / "checkpoint-3" / "config.json").unlink()
+    proc = subprocess.run([sys.executable, "-m", "entangle.cli", "analyze", str(run), "--data", str(series["probe"]),
+                           "--beta", "0.1", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mentions = [line for line in proc.stderr.splitlines() if "checkpoint-3" in line]
+    assert len(mentions) == 1 and mentions[0].startswith("note: skipped checkpoint-3: "), proc.stderr[-3000:]
+
+
 # ---- PEFT adapters, one model directory, process split ------------------------------------------------------
 
 def test_peft_adapter_series(tmp_path):
