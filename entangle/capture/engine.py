@@ -145,8 +145,8 @@ class GramEngine:
         (float64) returning it.
         """
         with self:
-            logits = forward(self.model, batch)
-            logps = token_logps(logits, batch).sum(-1)
+            # the logits are not kept: only what autograd saves of them lives through the backward
+            logps = token_logps(forward(self.model, batch), batch).sum(-1)
             n = self.n
             if not torch.isfinite(logps).all():
                 bad = (~torch.isfinite(logps)).nonzero()[:, 0].tolist()
