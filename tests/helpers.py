@@ -119,8 +119,13 @@ def check_run(run_dir, n_pairs: int, steps: list[int], update_steps: list[int], 
     assert len(moved) >= len(updates) // 2
     assert (np.sign(moved["observed"]) == np.sign(moved["pred_update"])).mean() >= 0.9
     # scalars reached the trainer's log history
+    # each measured step logged once, in order, with the run directory's number (a trainer's record names its step)
     logged = [h for h in log_history if "entangle/cosine_mean" in h]
-    assert len(logged) >= len(steps) - 1
+    assert len(logged) == len(steps), [h.get("step") for h in logged]
+    summary = run["summary"].set_index("step")
+    for record, step in zip(logged, steps, strict=True):
+        assert record.get("step", step) == step
+        assert record["entangle/cosine_mean"] == summary.loc[step, "cosine_mean"]
     assert any("entangle/update/sign_agreement" in h for h in log_history)
     manifest = run["manifest"]
     assert manifest["probe"]["pairs"] == n_pairs and len(manifest["probe"]["sha256"]) == 64
