@@ -2,10 +2,12 @@
 
     python benchmarks/bench_callback.py [--steps 40] [--every 10] [--probe 16] [--batch 2] [--grad-accum 8]
                                         [--repeats 7] [--no-update-check] [--no-adam] [--structure pairs]
+                                        [--device cuda --dtype bf16 --model-config CONFIG_JSON]
 
-Both runs use the built-in GPT-2 (no downloads), the same data and seed; the callback measures a probe of
-``--probe`` pairs every ``--every`` optimizer steps (Gram in the plain and Adam geometries, realised update) and
-at the end. Each optimizer step takes ``--grad-accum`` micro-batches of ``--batch`` pairs; the default is the
+Both runs use the built-in GPT-2 (no downloads), or with ``--model-config`` that config's model with random
+weights (its own vocabulary, fed the built-in tokenizer's ids), the same data and seed; the callback measures a
+probe of ``--probe`` pairs every ``--every`` optimizer steps (Gram in the plain and Adam geometries, realised
+update) and at the end. Each optimizer step takes ``--grad-accum`` micro-batches of ``--batch`` pairs; the default is the
 shape of TRL's documented DPO recipe (``trl/scripts/dpo.py``: ``--per_device_train_batch_size 2
 --gradient_accumulation_steps 8``, 16 pairs per optimizer step, as many as the probe). Runs alternate (without,
 with, without, ...) after one untimed warm-up run of each kind; the overhead is the median over the ``--repeats``
@@ -27,23 +29,39 @@ import tempfile
 import time
 import warnings
 
+import bench_gram
+
+
+def make_model(tok, n_layer: int = 4, n_embd: int = 128, model_config: str | None = None, dtype: str = "float32",
+               device: str = "cpu"):
+    """The built-in GPT-2 (``n_layer`` x ``n_embd``) or, with ``model_config``, that config's model, on ``device``."""
+    import torch
+
+    from entangle.builtin import builtin_model
+
+    if model_config:
+        return bench_gram.config_model(model_config, device, dtype)
+    return builtin_model(tok, n_layer=n_layer, n_embd=n_embd).to(device, getattr(torch, bench_gram.DTYPES[dtype]))
+
 
 def run_once(steps: int, every: int, n_probe: int, with_callback: bool, model_kwargs: dict,
              callback_kwargs: dict | None = None, batch: int = 8, grad_accum: int = 1) -> float:
+    """Seconds of one DPO run of ``steps`` optimizer steps; ``model_kwargs`` go to :func:`make_model`."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from entangle.builtin import builtin_model, builtin_pairs, builtin_tokenizer
+    from entangle.builtin import builtin_pairs, builtin_tokenizer
     from entangle.integrations.callback import EntanglementCallback
 
     tok = builtin_tokenizer()
-    model = builtin_model(tok, **model_kwargs)
+    model = make_model(tok, **model_kwargs)
     rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")}
             for r in builtin_pairs(batch * grad_accum * steps, seed=1)]
     with tempfile.TemporaryDirectory() as out:
         args = DPOConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=batch,
                          gradient_accumulation_steps=grad_accum, learning_rate=1e-4, report_to=[],
-                         save_strategy="no", use_cpu=True, bf16=False, logging_steps=1, seed=0, disable_tqdm=True)
+                         save_strategy="no", use_cpu=model_kwargs["device"] == "cpu",
+                         bf16=model_kwargs["dtype"] == "bf16", logging_steps=1, seed=0, disable_tqdm=True)
         callbacks = [EntanglementCallback(builtin_pairs(n_probe, seed=2), every=every,
                                           **(callback_kwargs or {}))] if with_callback else None
         trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args,
@@ -57,20 +75,24 @@ def bare_passes(n_probe: int, model_kwargs: dict, repeats: int = 7) -> float:
     """Seconds of one forward+backward (to the inputs, no weight gradients) and one forward over the probe."""
     import torch
 
-    from entangle.builtin import builtin_model, builtin_pairs, builtin_tokenizer
+    from entangle.builtin import builtin_pairs, builtin_tokenizer
     from entangle.capture.logprobs import sequence_logps
     from entangle.data import encode_pairs
 
     tok = builtin_tokenizer()
-    model = builtin_model(tok, **model_kwargs).eval()
-    batch = encode_pairs(tok, builtin_pairs(n_probe, seed=2))
+    model = make_model(tok, **model_kwargs).eval()
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in encode_pairs(tok, builtin_pairs(n_probe, seed=2)).items()}
     embed = model.get_input_embeddings().weight
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def once() -> float:
+        sync()
         start = time.perf_counter()
         torch.autograd.grad(sequence_logps(model, batch).sum(), [embed])
         with torch.no_grad():
             sequence_logps(model, batch)
+        sync()
         return time.perf_counter() - start
 
     once()
@@ -85,8 +107,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2, help="pairs per micro-batch")
     parser.add_argument("--grad-accum", type=int, default=8, help="micro-batches per optimizer step")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--n-layer", type=int, default=4)
-    parser.add_argument("--n-embd", type=int, default=128)
+    parser.add_argument("--n-layer", type=int, help="the built-in GPT-2's depth (default 4)")
+    parser.add_argument("--n-embd", type=int, help="the built-in GPT-2's width (default 128)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (the Trainer's device)")
+    bench_gram.add_model_options(parser)
     parser.add_argument("--no-update-check", action="store_true", help="callback check_updates=False")
     parser.add_argument("--no-adam", action="store_true", help="callback adam=False (no Adam-geometry view)")
     parser.add_argument("--structure", choices=["pairs", "full"], default="pairs",
@@ -94,7 +118,12 @@ def main() -> None:
     opts = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    model_kwargs = {"n_layer": opts.n_layer, "n_embd": opts.n_embd}
+    if opts.model_config and (opts.n_layer or opts.n_embd):
+        parser.error("--n-layer/--n-embd size the built-in GPT-2; with --model-config the config sets the model")
+    model_kwargs = {"n_layer": opts.n_layer or 4, "n_embd": opts.n_embd or 128, "model_config": opts.model_config,
+                    "dtype": opts.dtype, "device": opts.device}
+    model_name = (f"{opts.model_config} ({opts.dtype}, {opts.device})" if opts.model_config
+                  else f"GPT-2 {model_kwargs['n_layer']}x{model_kwargs['n_embd']}")
     callback_kwargs = {"check_updates": not opts.no_update_check, "adam": not opts.no_adam,
                        "structure": opts.structure}
     for flag in (False, True):   # warm-up: imports, first-call costs
@@ -106,7 +135,7 @@ def main() -> None:
                                         opts.batch, opts.grad_accum))
     base, with_cb = min(times[False]), min(times[True])
     measured = len({*range(0, opts.steps, opts.every), opts.steps})
-    print(f"DPO run: {opts.steps} steps of {opts.grad_accum} x {opts.batch} pairs, GPT-2 {opts.n_layer}x{opts.n_embd}; "
+    print(f"DPO run: {opts.steps} steps of {opts.grad_accum} x {opts.batch} pairs, {model_name}; "
           f"probe {opts.probe} pairs, every {opts.every} steps ({measured} measurements; "
           f"update check {'off' if opts.no_update_check else 'on'}, Adam view {'off' if opts.no_adam else 'on'}, "
           f"structure {opts.structure})")

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_gram.py                 # CPU: the GPT-2-shaped model at two batch shapes
     python benchmarks/bench_gram.py --shapes gpt2-small --device cuda
+    python benchmarks/bench_gram.py --device cuda --dtype bf16 --model-config benchmarks/configs/qwen2.5-0.5b.json
 
 Each (shape, method) runs in a fresh child process, so its peak resident memory (VmHWM from
 /proc/self/status, THEORY §6) is its own; on CUDA the peak is torch.cuda.max_memory_allocated.
@@ -17,14 +18,37 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
+from pathlib import Path
 
 SHAPES = {
     # name: (layers, width, heads, vocab, pairs, prompt, response)
     "long": (4, 256, 4, 8192, 8, 64, 192),
     "short": (4, 256, 4, 8192, 32, 32, 64),
     "gpt2-small": (12, 768, 12, 50257, 8, 64, 192),
+    "tiny": (2, 64, 4, 1024, 2, 8, 16),                               # dry runs (benchmarks/gpu.sh --dry-run)
 }
 METHODS = ["plain_dpo_step", "auto", "exact", "torch_func"]
+DTYPES = {"float32": "float32", "bf16": "bfloat16"}                    # --dtype: the torch dtype's name
+
+
+def config_model(path: str, device: str, dtype: str = "float32", **overrides):
+    """A randomly initialised causal LM built on ``device`` from a ``config.json`` (no weights, no download).
+
+    ``overrides`` replace config values (e.g. ``num_hidden_layers=2``); ``dtype`` is a key of :data:`DTYPES`.
+    Seeded, returned in eval mode.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    values = json.loads(Path(path).read_text())
+    if "model_type" not in values:
+        raise ValueError(f"{path}: a config.json needs 'model_type' to pick the model class")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**{**values, **overrides}),
+                                                 dtype=getattr(torch, DTYPES[dtype]))
+    return model.eval()
 
 
 def _vmhwm_mb() -> float:
@@ -35,15 +59,22 @@ def _vmhwm_mb() -> float:
     return float("nan")
 
 
-def _setup(shape: str, device: str):
+def _setup(shape: str, device: str, model_config: str | None = None, dtype: str = "float32",
+           layers: int | None = None):
+    """The shape's model and batch; with ``model_config`` the model is that config's (``layers`` overriding its
+    depth) and only the shape's batch sizes are used."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    layers, width, heads, vocab, pairs, prompt, resp = SHAPES[shape]
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=vocab, n_positions=prompt + resp + 64, n_embd=width, n_layer=layers, n_head=heads,
-                     bos_token_id=0, eos_token_id=0)
-    model = GPT2LMHeadModel(cfg).to(device).eval()
+    n_layer, width, heads, vocab, pairs, prompt, resp = SHAPES[shape]
+    if model_config:
+        model = config_model(model_config, device, dtype, **({} if layers is None else {"num_hidden_layers": layers}))
+        vocab = model.config.vocab_size
+    else:
+        torch.manual_seed(0)
+        cfg = GPT2Config(vocab_size=vocab, n_positions=prompt + resp + 64, n_embd=width, n_layer=n_layer,
+                         n_head=heads, bos_token_id=0, eos_token_id=0)
+        model = GPT2LMHeadModel(cfg).to(device, getattr(torch, DTYPES[dtype])).eval()
     g = torch.Generator().manual_seed(0)
     n = 2 * pairs
     lens = [resp + int(x) for x in torch.randint(-resp // 6, resp // 6 + 1, (n,), generator=g)]
@@ -99,10 +130,11 @@ def _torch_func_gram(model, batch):
     return flat @ flat.T
 
 
-def child(shape: str, method: str, device: str, repeat: int) -> dict:
+def child(shape: str, method: str, device: str, repeat: int, model_config: str | None = None,
+          dtype: str = "float32") -> dict:
     import torch
 
-    model, batch = _setup(shape, device)
+    model, batch = _setup(shape, device, model_config, dtype)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     base = torch.cuda.memory_allocated() / 2**20 if device.startswith("cuda") else _vmhwm_mb()
     try:
@@ -121,11 +153,12 @@ def child(shape: str, method: str, device: str, repeat: int) -> dict:
             "above_base_mb": peak - base}
 
 
-def run_child(script: str, child_args: list[str], device: str, repeat: int, row: dict) -> dict:
-    """Run ``script --child *child_args`` in a fresh process (its own VmHWM) and return its JSON row,
+def run_child(script: str, child_args: list[str], device: str, repeat: int, row: dict,
+              options: Sequence[str] = ()) -> dict:
+    """Run ``script --child *child_args [*options]`` in a fresh process (its own VmHWM) and return its JSON row,
     or ``row`` with the child's last error line."""
     out = subprocess.run([sys.executable, script, "--child", *child_args, "--device", device, "--repeat",
-                          str(repeat)], capture_output=True, text=True)
+                          str(repeat), *options], capture_output=True, text=True)
     if out.stdout.strip():
         result = json.loads(out.stdout.strip().splitlines()[-1])
     else:
@@ -141,10 +174,11 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeat", type=int, default=3)
+    add_model_options(ap)
     ap.add_argument("--child", nargs=2, metavar=("SHAPE", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(*args.child, args.device, args.repeat)))
+        print(json.dumps(child(*args.child, args.device, args.repeat, args.model_config, args.dtype)))
         return
     rows = []
     for shape in args.shapes:
@@ -152,8 +186,21 @@ def main() -> None:
             if method == "exact" and shape == "gpt2-small" and args.device == "cpu":
                 continue
             rows.append(run_child(__file__, [shape, method], args.device, args.repeat,
-                                  {"shape": shape, "method": method}))
+                                  {"shape": shape, "method": method}, model_options(args)))
     print_table(rows)
+
+
+def add_model_options(ap: argparse.ArgumentParser) -> None:
+    """``--model-config PATH`` and ``--dtype``, shared by the benchmark scripts."""
+    ap.add_argument("--model-config", metavar="PATH",
+                    help="build this config.json's model (random weights) instead of the GPT-2, e.g. "
+                         "benchmarks/configs/qwen2.5-0.5b.json; the shape's batch sizes still apply")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="float32", help="the model's weights")
+
+
+def model_options(args: argparse.Namespace) -> list[str]:
+    """The options of :func:`add_model_options` as given, to pass on to a child process."""
+    return ["--dtype", args.dtype, *(["--model-config", args.model_config] if args.model_config else [])]
 
 
 def print_table(rows: list[dict]) -> None:

@@ -2,6 +2,8 @@
 
     python benchmarks/bench_tokens.py                        # CPU, ~64 response tokens per side
     python benchmarks/bench_tokens.py --responses 16 32 64   # how each method scales with the tokens
+    python benchmarks/bench_tokens.py --device cuda --dtype bf16 --model-config benchmarks/configs/qwen2.5-0.5b.json \
+        --layers 24                                          # a config's model; --layers sets its depth
 
 The model is the GPT-2-shaped bench model of ``bench_gram.py`` (4 layers x 256 wide, vocab 8192); the
 batch is one pair with a shared 32-token prompt. Methods:
@@ -50,12 +52,13 @@ def _run_method(method: str, model, batch):
     return token_gram(model, batch, 0, method=method)[0]
 
 
-def child(responses: int, method: str, device: str, repeat: int, layers: int = 4) -> dict:
+def child(responses: int, method: str, device: str, repeat: int, layers: int = 4, model_config: str | None = None,
+          dtype: str = "float32") -> dict:
     import torch
 
     name = f"pair{responses}"
     bench_gram.SHAPES[name] = (layers, 256, 4, 8192, 1, PROMPT, responses)
-    model, batch = bench_gram._setup(name, device)
+    model, batch = bench_gram._setup(name, device, model_config, dtype, layers)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     base = torch.cuda.memory_allocated() / 2**20 if device.startswith("cuda") else bench_gram._vmhwm_mb()
     _run_method(method, model, batch)                                   # warm-up
@@ -80,11 +83,14 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--layers", nargs="+", type=int, default=[4], help="model depths to compare")
+    ap.add_argument("--layers", nargs="+", type=int, default=[4],
+                    help="model depths to compare (with --model-config: its num_hidden_layers)")
+    bench_gram.add_model_options(ap)
     ap.add_argument("--child", nargs=3, metavar=("RESPONSES", "METHOD", "LAYERS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(int(args.child[0]), args.child[1], args.device, args.repeat, int(args.child[2]))))
+        print(json.dumps(child(int(args.child[0]), args.child[1], args.device, args.repeat, int(args.child[2]),
+                               args.model_config, args.dtype)))
         return
     rows = []
     for layers in args.layers:
@@ -92,7 +98,7 @@ def main() -> None:
             for method in args.methods:
                 rows.append(bench_gram.run_child(__file__, [str(responses), method, str(layers)], args.device,
                                                  args.repeat, {"responses": responses, "method": method,
-                                                               "layers": layers}))
+                                                               "layers": layers}, bench_gram.model_options(args)))
     print_table(rows)
     print_growth(rows)
 

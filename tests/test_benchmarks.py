@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -44,3 +46,34 @@ def test_bench_tokens_prints_one_row_per_method():
     rows = [line.split("|")[1:-1] for line in out.splitlines() if re.match(r"\| 1 \| \d+ \|", line)]
     assert [r[2].strip() for r in rows] == ["loop", "full", "head"]
     assert all(float(r[3]) > 0 for r in rows) and rows[0][4].strip() == "1.0×"
+
+
+def test_qwen_config_builds_the_published_model_on_meta(monkeypatch):
+    """benchmarks/configs/qwen2.5-0.5b.json builds Qwen2.5-0.5B's architecture (494,032,768 parameters) without weights."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench_gram
+
+    model = bench_gram.config_model(str(BENCH / "configs" / "qwen2.5-0.5b.json"), "meta", "bf16")
+    cfg = model.config
+    assert type(model).__name__ == "Qwen2ForCausalLM" and cfg.model_type == "qwen2"
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads,
+            cfg.intermediate_size, cfg.vocab_size) == (896, 24, 14, 2, 4864, 151936)
+    assert cfg.rope_parameters["rope_theta"] == 1e6 and cfg.rms_norm_eps == 1e-6
+    assert model.lm_head.weight is model.model.embed_tokens.weight                  # tied embeddings
+    assert sum(p.numel() for p in model.parameters()) == 494_032_768
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    tiny = bench_gram.config_model(str(BENCH / "configs" / "qwen2-tiny.json"), "meta", num_hidden_layers=1)
+    assert type(tiny).__name__ == "Qwen2ForCausalLM" and len(tiny.model.layers) == 1
+
+
+def test_gpu_script_parses_and_refuses_a_missing_output_folder(tmp_path):
+    script = str(BENCH / "gpu.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    done = subprocess.run(["bash", script], capture_output=True, text=True, env=env)
+    assert done.returncode == 2 and "give an output folder" in done.stderr
+    done = subprocess.run(["bash", script, "--budget", "soon", str(tmp_path)], capture_output=True, text=True, env=env)
+    assert done.returncode == 2 and "--budget must be whole seconds" in done.stderr
+    done = subprocess.run(["bash", script, "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "bash benchmarks/gpu.sh OUTDIR" in done.stdout
