@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu.sh OUTDIR                 # OUTDIR defaults to $OUT when that is set
 #   bash benchmarks/gpu.sh --dry-run OUTDIR       # CPU, the tiny Qwen2 config, tiny sizes: every step in ~2 min
-#   options: --budget SECONDS (total, default 420)  --wheels DIR (pip-install DIR/*.whl first, offline)
+#   options: --budget SECONDS (total, default 480)  --wheels DIR (pip-install DIR/*.whl first, offline)
 #   the same by environment: GPU_SH_DRY_RUN=1, GPU_SH_BUDGET, GPU_SH_WHEELS; PYTHON picks the interpreter
 #
 # Model: benchmarks/configs/qwen2.5-0.5b.json (the published Qwen2.5-0.5B config.json; see configs/README.md),
@@ -12,11 +12,12 @@
 # torch.cuda.max_memory_allocated of each child process, not RSS.
 #
 # Parts, in this order, each under its own time budget (seconds) and all under --budget; a part that fails or
-# runs out of time is reported and the next one runs:
+# runs out of time is reported and the next one runs. The budgets are estimates (about 8 s to start each child
+# process, the rest from the model's size), not measurements: the script has not run on a GPU yet.
 #   gram_long     bench_gram.py  long shape (8 pairs, ~256 tokens): plain DPO step, auto, exact
 #   gram_short    bench_gram.py  short shape (32 pairs): plain DPO step, auto. No exact: 64 float64
 #                 per-sequence gradients of 494M parameters are 253 GB
-#   callback      bench_callback.py  the default TRL DPO run (40 steps of 8 x 2 pairs, probe 16), 3 repeats
+#   callback      bench_callback.py  the default TRL DPO run (40 steps of 8 x 2 pairs, probe 16), 2 repeats
 #   tokens_loop   bench_tokens.py  one pair, ~8 response tokens a side, all methods. The per-token loop keeps a
 #                 float32 gradient of the whole model per token (2 GB each), so it only fits short responses
 #   tokens_growth bench_tokens.py  --responses 16 64 (the CPU table's lengths), block-wise, prefix copies, head
@@ -37,7 +38,7 @@ usage() { sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "gpu.sh: $1" >&2; exit "${2:-2}"; }
 
 DRY=${GPU_SH_DRY_RUN:-0}
-BUDGET=${GPU_SH_BUDGET:-420}
+BUDGET=${GPU_SH_BUDGET:-480}
 WHEELS=${GPU_SH_WHEELS:-}
 OUTDIR=
 while [ $# -gt 0 ]; do
@@ -65,6 +66,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 if [ -n "$WHEELS" ]; then
     compgen -G "$WHEELS/*.whl" >/dev/null || die "--wheels $WHEELS: no .whl files there" 1
     SITE=$(mktemp -d)
+    trap 'rm -rf "$SITE"' EXIT
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$WHEELS"/*.whl \
         || die "pip could not install the wheels in $WHEELS" 1
     export PYTHONPATH="$ROOT:$SITE${PYTHONPATH#"$ROOT"}"
@@ -134,11 +136,11 @@ if [ "$DRY" = 1 ]; then
     )
 else
     PARTS=(
-        "gram_long|100|bench_gram.py --shapes long --methods plain_dpo_step auto exact --repeat 3"
-        "gram_short|70|bench_gram.py --shapes short --methods plain_dpo_step auto --repeat 3"
-        "callback|150|bench_callback.py --repeats 3"
-        "tokens_loop|70|bench_tokens.py --responses 8 --layers $LAYERS --repeat 3"
-        "tokens_growth|100|bench_tokens.py --responses 16 64 --methods full copies head --layers $LAYERS --repeat 3"
+        "gram_long|90|bench_gram.py --shapes long --methods plain_dpo_step auto exact --repeat 3"
+        "gram_short|60|bench_gram.py --shapes short --methods plain_dpo_step auto --repeat 3"
+        "callback|150|bench_callback.py --repeats 2"
+        "tokens_loop|80|bench_tokens.py --responses 8 --layers $LAYERS --repeat 2"
+        "tokens_growth|100|bench_tokens.py --responses 16 64 --methods full copies head --layers $LAYERS --repeat 2"
     )
 fi
 
