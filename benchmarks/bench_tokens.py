@@ -2,8 +2,8 @@
 
     python benchmarks/bench_tokens.py                        # CPU, ~64 response tokens per side
     python benchmarks/bench_tokens.py --responses 16 32 64   # how each method scales with the tokens
-    python benchmarks/bench_tokens.py --device cuda --dtype bf16 --model-config benchmarks/configs/qwen2.5-0.5b.json \
-        --layers 24                                          # a config's model; --layers sets its depth
+    python benchmarks/bench_tokens.py --device cuda --dtype bf16 --layers 24 \\
+        --model-config benchmarks/configs/qwen2.5-0.5b.json  # a config's model; --layers sets its depth
 
 The model is the GPT-2-shaped bench model of ``bench_gram.py`` (4 layers x 256 wide, vocab 8192); the
 batch is one pair with a shared 32-token prompt. Methods:
