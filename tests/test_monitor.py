@@ -187,13 +187,14 @@ def test_reference_policy_is_shared_with_checkpoint_analysis():
     model = builtin_model(tok)
     rows = builtin_pairs(2)
     trl_rows = [{**r, "ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0} for r in rows]
-    assert reference_source(True, model, ref_logps="initial") == "initial"
-    assert reference_source(True, model, ref_logps=[0.0] * 4) == "given"
-    assert reference_source(True, model, rows=trl_rows) == "given"
-    assert reference_source(True, model, ref_model=model, rows=trl_rows) == "model"
-    assert reference_source(False, model, rows=rows) == "none"
+    assert reference_source(True, ref_logps="initial") == "initial"
+    assert reference_source(True, ref_logps=[0.0] * 4) == "given"
+    assert reference_source(True, rows=trl_rows) == "given"
+    assert reference_source(True, ref_model=model, rows=trl_rows) == "model"
+    assert reference_source(True, peft=True, rows=rows) == "peft"
+    assert reference_source(False, peft=True, rows=rows) == "none"
     with pytest.raises(ReferenceError, match="needs reference log-probs"):
-        reference_source(True, model, rows=rows)
+        reference_source(True, rows=rows)
     monitor = Monitor(model, tok, trl_rows, "sigmoid", beta=0.1)
     assert monitor.reference == "given"
     torch.testing.assert_close(monitor._reference_logps(), torch.tensor([-1.0, -1.0, -2.0, -2.0], dtype=torch.float64))

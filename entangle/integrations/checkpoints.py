@@ -216,10 +216,9 @@ class _Reference:
                  max_length: int | None, device: str | torch.device):
         self.ref_model, self.series, self.rows, self.max_length, self.device = \
             ref_model, series, rows, max_length, device
-        # an adapter series stands for its PEFT models (the policy's own test needs a loaded model)
-        peft = all(c.is_peft for c in series)
-        try:
-            source = reference_source(needs_ref, _SeriesModel(peft), ref_model=ref_model, rows=rows)
+        try:                                      # an adapter series' policies are PEFT models
+            source = reference_source(needs_ref, peft=all(c.is_peft for c in series), ref_model=ref_model,
+                                      rows=rows) if needs_ref else "none"
         except ReferenceError:
             source = "first"
         self.kind = {"none": None, "given": None}.get(source, source)
@@ -269,16 +268,6 @@ class _Reference:
             self.first = candidate
             return ref
         raise ValueError(f"no checkpoint could be loaded as the reference ({'; '.join(errors)})")
-
-
-class _SeriesModel(torch.nn.Module):
-    """Stands for the models of a series in the reference policy: a PEFT model (adapters that can be disabled) when
-    every checkpoint is an adapter checkpoint."""
-
-    def __init__(self, peft: bool):
-        super().__init__()
-        if peft:
-            self.peft_config, self.disable_adapter = {}, None
 
 
 # ---- the analysis ------------------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ from entangle.integrations.distributed import collective, rank_and_world
 from entangle.integrations.probe import Probe
 from entangle.integrations.reference import (
     given_logps,
+    is_peft,
     peft_reference,
     preserved_rng,
     probe_logps,
@@ -182,8 +183,8 @@ class Monitor:
         beta = {**self.objective.defaults, **hyper}.get("beta")
         self.pref_col, self._pref = self.probe.preferences(pref_col, beta, self.objective.name)
         self.ref_model = ref_model
-        self.reference = reference_source(self.objective.needs_ref, model, ref_model=ref_model, ref_logps=ref_logps,
-                                          rows=self.probe.rows, objective_name=self.objective.name)
+        self.reference = reference_source(self.objective.needs_ref, peft=is_peft(model), ref_model=ref_model,
+                                          ref_logps=ref_logps, rows=self.probe.rows, objective_name=self.objective.name)
         self._ref = None                                                 # local [2b] reference log-probs, once fixed
         if self.reference == "given":
             self._ref = given_logps(self.probe.rows, ref_logps, self.pairs)

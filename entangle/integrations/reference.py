@@ -48,10 +48,11 @@ def has_ref_columns(rows: Any) -> bool:
         isinstance(r, Mapping) and all(k in r for k in REF_FIELDS) for r in rows)
 
 
-def reference_source(needs_ref: bool, model: torch.nn.Module, *, ref_model: Any = None, ref_logps: Any = None,
+def reference_source(needs_ref: bool, *, peft: bool = False, ref_model: Any = None, ref_logps: Any = None,
                      rows: Sequence[Mapping] | None = None, objective_name: str = "the objective") -> str:
-    """One of :data:`SOURCES` (see the module docstring); raises :class:`ReferenceError` when ``needs_ref`` and
-    none can be had, and ``ValueError`` for a ``ref_logps`` string other than ``"initial"``."""
+    """One of :data:`SOURCES` (see the module docstring) for a policy that is a PEFT model (``peft``, see
+    :func:`is_peft`) or not; raises :class:`ReferenceError` when ``needs_ref`` and none can be had, and
+    ``ValueError`` for a ``ref_logps`` string other than ``"initial"``."""
     if isinstance(ref_logps, str):
         if ref_logps != "initial":
             raise ValueError(f"ref_logps must be log-probs or 'initial', not {ref_logps!r}")
@@ -62,7 +63,7 @@ def reference_source(needs_ref: bool, model: torch.nn.Module, *, ref_model: Any 
         return "model"
     if not needs_ref:
         return "none"
-    if is_peft(model):
+    if peft:
         return "peft"
     raise ReferenceError(f"objective {objective_name!r} needs reference log-probs: pass ref_model=, ref_logps= "
                          "(or 'initial'), or use a PEFT model (reference = adapters disabled)")
