@@ -12,6 +12,12 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def on_device(batch: Mapping[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The batch's tensors moved to the device of ``model``'s parameters."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def check_batch(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> None:
     """Clear errors for a batch that cannot be measured, naming the sequence and its pair.
 

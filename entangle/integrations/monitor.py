@@ -50,7 +50,7 @@ import pandas as pd
 import torch
 
 import entangle
-from entangle.capture.logprobs import response_lengths
+from entangle.capture.logprobs import on_device, response_lengths
 from entangle.capture.measure import STRUCTURES, measure, update_dot
 from entangle.capture.optim import adam_preconditioner
 from entangle.capture.params import ParamSpec, parameters_at, select_params, unwrap_model
@@ -80,7 +80,6 @@ from entangle.runio import RunWriter
 logger = logging.getLogger(__name__)
 
 PREFIX = "entangle/"
-TOKEN_METHODS = ("full", "head")
 
 
 @dataclass
@@ -410,10 +409,10 @@ class Monitor:
             return pd.DataFrame()
 
     def _token_maps(self, step: int | None, pairs: Sequence[int] | None, which: str, method: str) -> pd.DataFrame:
-        from entangle.capture.tokens import token_map
+        from entangle.capture.tokens import METHODS, token_map
 
-        if method not in TOKEN_METHODS:
-            raise ValueError(f"method must be one of {TOKEN_METHODS}, not {method!r}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, not {method!r}")
         if pairs is None:
             if self._last is None or self._last.pairs is None:
                 raise ValueError("token_maps needs a measurement first to pick pairs by cosine (or pass pairs=)")
@@ -428,8 +427,7 @@ class Monitor:
                 raise ValueError("token_maps(step=None) needs a measurement first (or pass step=)")
             step = self._last.step
         model = unwrap_model(self.model)
-        device = next(model.parameters()).device
-        batch = {k: v.to(device) for k, v in self.probe.encode([p for p, _ in picked]).items()}
+        batch = on_device(self.probe.encode([p for p, _ in picked]), model)
         frames = []
         with preserved_rng():
             for j, (p, label) in enumerate(picked):

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from entangle.capture.logprobs import on_device
 from entangle.data import TOKEN_FIELDS, encode_pairs, load_pairs
 from entangle.integrations.distributed import shard
 
@@ -57,8 +58,7 @@ class Probe:
 
     def on(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """This process's batch on ``model``'s device."""
-        device = next(model.parameters()).device
-        return {k: v.to(device) for k, v in self.batch.items()}
+        return on_device(self.batch, model)
 
     def preferences(self, column: str | None, beta: float | None, objective_name: str
                     ) -> tuple[str | None, np.ndarray | None]:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from entangle.capture.engine import measurement_mode
-from entangle.capture.logprobs import sequence_logps
+from entangle.capture.logprobs import on_device, sequence_logps
 from entangle.capture.params import unwrap_model
 
 REF_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -103,9 +103,8 @@ def probe_logps(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> to
     """Summed response log-probs [2b] (float64, CPU) of an encoded batch under ``model``: forward only, on the
     model's device, with RNG, train/eval mode and ``requires_grad`` left as found."""
     model = unwrap_model(model)
-    device = next(model.parameters()).device
     with preserved_rng(), measurement_mode(model, []), torch.no_grad():
-        return sequence_logps(model, {k: v.to(device) for k, v in batch.items()}).detach().to(torch.float64).cpu()
+        return sequence_logps(model, on_device(batch, model)).detach().to(torch.float64).cpu()
 
 
 @contextlib.contextmanager
