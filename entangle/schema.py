@@ -60,12 +60,13 @@ class Table:
         return self.columns.get(column, self.optional.get(column))
 
 
-def _summary(name: str, row: str) -> Table:
-    shares = {f"{view}share_{r}": "float" for view in ("", "batch_") for r in REGIMES}
+def _summary(name: str, row: str, batch: bool = True) -> Table:
+    """A summary table; ``batch=False``: of pairs without the batch view and the loss (``train_pairs``)."""
+    shares = {f"{view}share_{r}": "float" for view in ("", "batch_")[:1 + batch] for r in REGIMES}
     quantities = {f"{q}_{s}": "float" for q in SUMMARY_QUANTITIES for s in ("mean", "q10", "q50", "q90")}
     return Table(name, row, ("step",),
-                 {"step": "int", "n_pairs": "int", "n_excluded": "int", **shares, **quantities, "loss_mean": "float",
-                  "ranking_accuracy": "float"},
+                 {"step": "int", "n_pairs": "int", "n_excluded": "int", **shares, **quantities,
+                  **({"loss_mean": "float"} if batch else {}), "ranking_accuracy": "float"},
                  {"ranking_accuracy_ref_adjusted": "float", "ref_ranking_accuracy": "float",
                   "idealized_ranking_accuracy": "float", "ranking_accuracy_gap": "float"})
 
@@ -94,7 +95,23 @@ COVARIATES = Table("covariates", "one pair: entangle.metrics.pair_covariates (te
                    {"step": "int", "kind": "str", "group": "str", "ches": "float", "ches_norm": "float",
                     "embed_cosine": "float"})
 
-TABLES: dict[str, Table] = {t.name: t for t in (PAIRS, SUMMARY, SUMMARY_ADAM, LAYERS, UPDATES, TOKENS, COVARIATES)}
+# the per-pair columns of a training pass (``EntanglementCallback(train_every=k)``): those of ``pair_frame`` that
+# need no extra pass; ``a_*`` and ``pred_dlogp_*`` use the coefficients the trainer's own loss put on the pair
+TRAIN_PAIR_DTYPES: dict[str, str] = {
+    "logp_chosen": "float", "logp_rejected": "float", "len_chosen": "int", "len_rejected": "int",
+    "norm2_chosen": "float", "norm2_rejected": "float", "inner": "float", "cosine": "float", "ratio": "float",
+    "a_chosen": "float", "a_rejected": "float", "pred_dlogp_chosen": "float", "pred_dlogp_rejected": "float",
+    "chosen_rises": "bool", "rejected_falls": "bool", "regime": "str", "margin": "float", "excluded": "bool",
+}
+TRAIN_PAIRS = Table("train_pairs", "one (step, micro, pair): a training pair measured inside the trainer's own forward "
+                    "and backward pass (index = its row of trainer.train_dataset, -1 if unknown; excluded = its loss "
+                    "coefficient vanished, so its gradients cannot be recovered and its measured columns are NaN)",
+                    ("step", "rank", "micro", "pair"),
+                    {"step": "int", "rank": "int", "micro": "int", "pair": "int", "index": "int", **TRAIN_PAIR_DTYPES})
+TRAIN_SUMMARY = _summary("train_summary", "one step: entangle.metrics.summarize of the train_pairs table", batch=False)
+
+TABLES: dict[str, Table] = {t.name: t for t in (PAIRS, SUMMARY, SUMMARY_ADAM, LAYERS, UPDATES, TOKENS, COVARIATES,
+                                                 TRAIN_PAIRS, TRAIN_SUMMARY)}
 
 
 def validate(table: str, frame: pd.DataFrame) -> None:
@@ -124,4 +141,5 @@ def group_column(*frames: pd.DataFrame) -> str | None:
 
 
 __all__ = ["COVARIATES", "GROUP_COLUMNS", "LAYERS", "PAIRS", "PAIR_COLUMNS", "PAIR_DTYPES", "REGIMES", "SUMMARY", "SUMMARY_ADAM",
-           "SUMMARY_QUANTITIES", "TABLES", "TOKENS", "UPDATES", "Table", "group_column", "validate"]
+           "SUMMARY_QUANTITIES", "TABLES", "TOKENS", "TRAIN_PAIRS", "TRAIN_PAIR_DTYPES", "TRAIN_SUMMARY", "UPDATES", "Table",
+           "group_column", "validate"]

@@ -34,9 +34,10 @@ def summarize(frame: pd.DataFrame, pref_col: str | None = None, beta: float | No
     statistic and counted in ``n_excluded``; ``n_pairs`` counts all rows.
 
     Columns: step (if present), n_pairs, n_excluded;
-        share_<regime> for the per-pair regimes (they sum to 1) and batch_share_<regime> from the batch-view signs;
+        share_<regime> for the per-pair regimes (they sum to 1) and batch_share_<regime> from the batch-view signs
+        (when the frame has them);
         <q>_mean, <q>_q10, <q>_q50, <q>_q90 for q in cosine, ratio, inner, norm2_chosen, norm2_rejected;
-        loss_mean; ranking_accuracy = share with logp_chosen > logp_rejected;
+        loss_mean (when the frame has a loss column); ranking_accuracy = share with logp_chosen > logp_rejected;
         with reference columns: ranking_accuracy_ref_adjusted (share with (s_w - s_w^ref) - (s_l - s_l^ref) > 0)
         and ref_ranking_accuracy (share with s_w^ref > s_l^ref);
         in every ranking accuracy a tie (a zero margin: e.g. every pair's implicit reward while the policy still
@@ -70,17 +71,19 @@ def _summarize_step(g: pd.DataFrame, pref_col: str | None, beta: float | None) -
     ok = np.isfinite(g[check].to_numpy(dtype=float)).all(axis=1)
     f = g[ok]
     row: dict[str, float] = {"n_pairs": len(g), "n_excluded": int((~ok).sum())}
-    batch_regime = regime_of(f["batch_chosen_rises"].to_numpy(bool), f["batch_rejected_falls"].to_numpy(bool))
     for r in REGIMES:
         row[f"share_{r}"] = float((f["regime"] == r).mean()) if len(f) else np.nan
-    for r in REGIMES:
-        row[f"batch_share_{r}"] = float((batch_regime == r).mean()) if len(f) else np.nan
+    if "batch_chosen_rises" in f:        # a training pass's pairs (train_pairs) have no batch view
+        batch_regime = regime_of(f["batch_chosen_rises"].to_numpy(bool), f["batch_rejected_falls"].to_numpy(bool))
+        for r in REGIMES:
+            row[f"batch_share_{r}"] = float((batch_regime == r).mean()) if len(f) else np.nan
     for q in SUMMARY_QUANTITIES:
         x = f[q].to_numpy(dtype=float)
         row[f"{q}_mean"] = float(x.mean()) if len(x) else np.nan
         for p in (10, 50, 90):
             row[f"{q}_q{p}"] = float(np.quantile(x, p / 100)) if len(x) else np.nan
-    row["loss_mean"] = float(f["loss"].mean()) if len(f) else np.nan
+    if "loss" in f:
+        row["loss_mean"] = float(f["loss"].mean()) if len(f) else np.nan
 
     row["ranking_accuracy"] = ranked_share(f["logp_chosen"] - f["logp_rejected"])
     if "ref_logp_chosen" in f:
