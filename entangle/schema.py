@@ -109,9 +109,12 @@ TRAIN_PAIRS = Table("train_pairs", "one (step, micro, pair): a training pair mea
                     ("step", "rank", "micro", "pair"),
                     {"step": "int", "rank": "int", "micro": "int", "pair": "int", "index": "int", **TRAIN_PAIR_DTYPES})
 TRAIN_SUMMARY = _summary("train_summary", "one step: entangle.metrics.summarize of the train_pairs table", batch=False)
+PAIRS_TEXT = Table("pairs_text", "one dataset row: the text of a training pair (index = its row of "
+                   "trainer.train_dataset), shown beside the most entangled pairs in the report", ("index",),
+                   {"index": "int", "prompt": "str", "chosen": "str", "rejected": "str"})
 
 TABLES: dict[str, Table] = {t.name: t for t in (PAIRS, SUMMARY, SUMMARY_ADAM, LAYERS, UPDATES, TOKENS, COVARIATES,
-                                                 TRAIN_PAIRS, TRAIN_SUMMARY)}
+                                                 TRAIN_PAIRS, TRAIN_SUMMARY, PAIRS_TEXT)}
 
 
 def validate(table: str, frame: pd.DataFrame) -> None:
@@ -140,6 +143,6 @@ def group_column(*frames: pd.DataFrame) -> str | None:
     return next((c for c in GROUP_COLUMNS for f in frames if c in f.columns), None)
 
 
-__all__ = ["COVARIATES", "GROUP_COLUMNS", "LAYERS", "PAIRS", "PAIR_COLUMNS", "PAIR_DTYPES", "REGIMES", "SUMMARY", "SUMMARY_ADAM",
+__all__ = ["COVARIATES", "GROUP_COLUMNS", "LAYERS", "PAIRS", "PAIRS_TEXT", "PAIR_COLUMNS", "PAIR_DTYPES", "REGIMES", "SUMMARY", "SUMMARY_ADAM",
            "SUMMARY_QUANTITIES", "TABLES", "TOKENS", "TRAIN_PAIRS", "TRAIN_PAIR_DTYPES", "TRAIN_SUMMARY", "UPDATES", "Table",
            "group_column", "validate"]

@@ -20,7 +20,7 @@ def _layers(**change) -> pd.DataFrame:
 
 def test_every_table_the_toolkit_writes_is_stated():
     assert set(TABLES) == {"pairs", "summary", "summary_adam", "layers", "updates", "tokens", "covariates",
-                           "train_pairs", "train_summary"}
+                           "train_pairs", "train_summary", "pairs_text"}
     for table in TABLES.values():
         assert set(table.keys) <= set(table.columns), table.name
         assert set(table.columns.values()) | set(table.optional.values()) <= {"int", "float", "bool", "str"}
