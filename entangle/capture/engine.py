@@ -124,6 +124,7 @@ class GramEngine:
         self.part_of: dict[str, object] = {}      # param name -> key of the part its uses were recorded in
         self.part = _Part(n)
         self.is_paused = False
+        self.finished = False                       # set by finish(): output gradients arriving later are ignored
         self.handles = []
         self.owners: list[tuple[torch.nn.Module, list[str]]] = []
         seen = set()
@@ -268,6 +269,8 @@ class GramEngine:
 
     def _make_generic_hook(self, use: _Use, j: int):
         def hook(grad):
+            if self.finished:                       # a later backward of a retained graph is not measured
+                return
             use.grads[j] = grad.detach()
         return hook
 
@@ -275,6 +278,8 @@ class GramEngine:
         return torch.float64 if module._parameters[own[0]].dtype == torch.float64 else torch.float32
 
     def _apply_rule(self, part: _Part, rule, module, own, args, grad, use_index):
+        if self.finished:                           # a later backward of a retained graph is not measured
+            return
         g = grad.detach().to(self._dtype(module, own))
         if g.dim() == 2:
             g = g.unsqueeze(1)
@@ -323,18 +328,18 @@ class GramEngine:
             shared[name] = SharedParameter(self.uses[name], self.param_rows[name])
         shared[name].add(use, contrib)
 
-    def backward(self, total: torch.Tensor) -> None:
+    def backward(self, total: torch.Tensor, retain_graph: bool = False) -> None:
         """Backward pass of ``total`` that reaches every hooked output but computes no parameter gradient.
 
         Asking autograd for the gradients of the *source* outputs (e.g. the embedding lookups) makes it
         traverse every path from the log-probs down to them, firing the output hooks on the way, while
-        skipping the weight-gradient products a training step would compute.
+        skipping the weight-gradient products a training step would compute. ``retain_graph`` keeps the graph
+        for a later backward pass of the same forward (a training step), which the hooks ignore once
+        :meth:`finish` has run.
         """
         self._check_all_uses_hooked(total)
-        if self.part.sources:
-            torch.autograd.grad(total, self.part.sources, allow_unused=True)
-        else:
-            torch.autograd.grad(total, [p for _, p in self.named], allow_unused=True)
+        targets = self.part.sources or [p for _, p in self.named]
+        torch.autograd.grad(total, targets, allow_unused=True, retain_graph=retain_graph)
 
     def _check_all_uses_hooked(self, total: torch.Tensor) -> None:
         """Every autograd use of a rule-handled parameter must be one of the hooked module calls.
@@ -379,7 +384,9 @@ class GramEngine:
     def finish(self, logps: torch.Tensor, lengths: torch.Tensor) -> Measurement:
         """The typed result of the pass (call once every output gradient has arrived)."""
         with autocast_off(logps.device):
-            return self._finish(logps, lengths)
+            out = self._finish(logps, lengths)
+        self.finished = True
+        return out
 
     def _finish(self, logps: torch.Tensor, lengths: torch.Tensor) -> Measurement:
         self._flush_generic()

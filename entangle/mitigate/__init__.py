@@ -1,0 +1,6 @@
+"""Mitigations of gradient entanglement that train (THEORY §9): the pairwise normalised gradient
+(:mod:`entangle.mitigate.pairwise`, with its TRL trainer in :mod:`entangle.mitigate.trainer`)."""
+
+from entangle.mitigate.pairwise import pairwise_normalized_backward, pairwise_normalized_loss
+
+__all__ = ["pairwise_normalized_backward", "pairwise_normalized_loss"]
