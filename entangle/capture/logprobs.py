@@ -62,7 +62,8 @@ def model_logits(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> t
 def token_logps(logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Per-token log-probs [N, L] of the response tokens (0 elsewhere), computed in float32 or better.
 
-    Token ``t`` is predicted by the logits at ``t - 1``; ``completion_mask[:, t]`` marks response tokens.
+    Token ``t`` is predicted by the logits at ``t - 1``; ``completion_mask[:, t]`` marks response tokens. A batch
+    with ``token_weights`` [N, L] (``entangle.mitigate.token_mask.mask_batch``) gets each log-prob times its weight.
     """
     ids = batch["input_ids"]
     mask = batch["completion_mask"][:, 1:].to(torch.bool)
@@ -72,6 +73,8 @@ def token_logps(logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torc
         logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
     ).view(ids.shape[0], -1)
     lp = lp.masked_fill(~mask, 0.0)
+    if "token_weights" in batch:
+        lp = lp * batch["token_weights"][:, 1:].to(lp.dtype)
     return torch.nn.functional.pad(lp, (1, 0))
 
 
