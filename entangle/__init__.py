@@ -29,6 +29,9 @@ _EXPORTS = {
     "verify_step": "entangle.verify", "Monitor": "entangle.integrations.monitor",
     "EntanglementCallback": "entangle.integrations.callback", "analyze": "entangle.integrations.checkpoints",
     "read_run": "entangle.runio",
+    # mitigations
+    "pairwise_normalized_backward": "entangle.mitigate",
+    "PairwiseNormalizedDPOTrainer": "entangle.mitigate.trainer",
     # report
     "make_report": "entangle.report",
 }
@@ -36,7 +39,8 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-_SUBMODULES = {"data", "capture", "metrics", "report", "integrations", "verify", "runio", "builtin", "demo", "cli"}
+_SUBMODULES = {"data", "capture", "metrics", "report", "integrations", "verify", "runio", "builtin", "demo", "cli",
+               "mitigate"}
 
 
 def __getattr__(name: str):
