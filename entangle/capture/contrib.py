@@ -42,6 +42,25 @@ def _row_chunks(index: torch.Tensor, n: int, width: int):
     return [index[s:s + step] for s in range(0, index.numel(), step)]
 
 
+def factored_kind(m: int, n: int, a: int, b: int, mode: str = "auto") -> str:
+    """How a :class:`Factored` contribution computes its Gram: ``"ghost"`` or ``"materialised"``.
+
+    ``m`` positions with a gradient over ``n`` examples, factors of widths ``a`` (L) and ``b`` (R); ``"auto"``
+    picks the fewer multiply-adds: ghost ``m^2 (a + b)`` against materialised ``m a b + n^2 a b`` (THEORY §6).
+    """
+    ghost_cost = m * m * (a + b)
+    mat_cost = m * a * b + n * n * a * b
+    return {"auto": "ghost" if ghost_cost < mat_cost else "materialised",
+            "ghost": "ghost", "materialise": "materialised"}[mode]
+
+
+def embedding_dense(n: int, distinct: int, sharing: int) -> bool:
+    """Whether an :class:`EmbeddingRows` Gram goes through its dense [N, ids, d] rows (one matrix product) rather
+    than key pairs: ``n`` examples, ``distinct`` token ids, ``sharing`` = key pairs with the same id (sum of the
+    squared counts of (example, id) keys per id)."""
+    return n * n * distinct <= DENSE_SHARING * sharing
+
+
 class Contribution(Protocol):
     """The per-example gradients of one use of one parameter, N examples, parameter of ``n_rows`` rows.
 
@@ -136,10 +155,7 @@ class Factored:
             self.n, m = first_left.shape[0], sum(max(0, b - a) for a, b in zip(lo, hi, strict=True))
         a, b = first_left.shape[-1], first_right.shape[-1]
         self.width, self.device, self.dtype = b, first_left.device, first_left.dtype    # width: R's columns
-        ghost_cost = m * m * (a + b)
-        mat_cost = m * a * b + self.n * self.n * a * b
-        self.kind = {"auto": "ghost" if ghost_cost < mat_cost else "materialised",
-                     "ghost": "ghost", "materialise": "materialised"}[mode]
+        self.kind = factored_kind(m, self.n, a, b, mode)
 
     @property
     def parts(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -284,7 +300,7 @@ class EmbeddingRows:
         order = torch.argsort(self.key_id, stable=True)
         ids, ex, sums = self.key_id[order], self.key_ex[order], self.sums[order]
         unique, counts = torch.unique_consecutive(ids, return_counts=True)
-        if self.n * self.n * unique.numel() <= DENSE_SHARING * int((counts * counts).sum()):
+        if embedding_dense(self.n, unique.numel(), int((counts * counts).sum())):
             out = torch.zeros(self.n, self.n, dtype=torch.float64, device=sums.device)
             for chunk in _row_chunks(unique, self.n, sums.shape[-1]):
                 out += _gram64(self.rows(chunk).flatten(1))
