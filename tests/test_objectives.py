@@ -289,3 +289,25 @@ def test_errors_are_clear():
     with pytest.raises(ValueError, match="'sigmoid' needs reference"):
         coefficients(["sft", "sigmoid"], x["chosen_logps"], x["rejected_logps"], chosen_lengths=x["chosen_lengths"],
                      rejected_lengths=x["rejected_lengths"])
+
+
+def test_dil_density_ratio_losses_closed_form():
+    """DIL's LSIF, UKL and BCE on r = s̄ - s̄_ref (length-averaged, no β): ∂/∂s carries the 1/|y| factor."""
+    x = _pairs(21)
+    n_w, n_l = x["chosen_lengths"].double(), x["rejected_lengths"].double()
+    r_w = (x["chosen_logps"] - x["ref_chosen_logps"]) / n_w
+    r_l = (x["rejected_logps"] - x["ref_rejected_logps"]) / n_l
+    a_w, a_l, loss = _coef("dil_lsif", x)
+    torch.testing.assert_close(loss, -r_w.exp() + 0.5 * (2 * r_l).exp())
+    torch.testing.assert_close(a_w, r_w.exp() / n_w)
+    torch.testing.assert_close(a_l, -(2 * r_l).exp() / n_l)
+    a_w, a_l, loss = _coef("dil_ukl", x)
+    torch.testing.assert_close(loss, -x["chosen_logps"] / n_w + r_l.exp())
+    torch.testing.assert_close(a_w, 1 / n_w)
+    torch.testing.assert_close(a_l, -r_l.exp() / n_l)
+    a_w, a_l, loss = _coef("dil_bce", x)
+    torch.testing.assert_close(loss, -F.logsigmoid(r_w) - F.logsigmoid(-r_l))
+    torch.testing.assert_close(a_w, torch.sigmoid(-r_w) / n_w)
+    torch.testing.assert_close(a_l, -torch.sigmoid(r_l) / n_l)
+    with pytest.raises(ValueError, match="unknown hyper-parameter"):
+        _coef("dil_bce", x, beta=0.1)                       # no β in DIL

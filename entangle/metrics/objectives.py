@@ -510,3 +510,42 @@ def orpo(chosen_logps, rejected_logps, *, chosen_lengths, rejected_lengths, beta
     avg_w, avg_l = _avg(chosen_logps, chosen_lengths), _avg(rejected_logps, rejected_lengths)
     log_odds = (avg_w - avg_l) - (_log1mexp(avg_w) - _log1mexp(avg_l))
     return _nll(chosen_logps, chosen_lengths, nll_norm) - beta * F.logsigmoid(log_odds)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DIL (Xiao et al., "On a Connection Between Imitation Learning and RLHF", ICLR 2025): density-ratio estimation
+# losses on r = s̄ - s̄_ref (length-averaged log-probs, no β), as in the DIL reference implementation.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _avg_ratios(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths):
+    """(r_w, r_l) = (s̄_w - s̄_w^ref, s̄_l - s̄_l^ref), policy and reference averaged over the same length."""
+    return (_avg(chosen_logps - ref_chosen_logps, chosen_lengths),
+            _avg(rejected_logps - ref_rejected_logps, rejected_lengths))
+
+
+@register_objective("dil_lsif", needs_ref=True, needs_lengths=True, defaults={})
+def dil_lsif(chosen_logps, rejected_logps, *, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths,
+             **_):
+    """DIL, least-squares importance fitting: -e^{r_w} + ½ e^{2 r_l}."""
+    r_w, r_l = _avg_ratios(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths,
+                           rejected_lengths)
+    return -torch.exp(r_w) + 0.5 * torch.exp(2 * r_l)
+
+
+@register_objective("dil_ukl", needs_ref=True, needs_lengths=True, defaults={})
+def dil_ukl(chosen_logps, rejected_logps, *, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths,
+            **_):
+    """DIL, unnormalised KL: -s̄_w + e^{r_l} (-log π(y_w) + e^{r_l}, length-averaged)."""
+    _, r_l = _avg_ratios(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths,
+                         rejected_lengths)
+    return -_avg(chosen_logps, chosen_lengths) + torch.exp(r_l)
+
+
+@register_objective("dil_bce", needs_ref=True, needs_lengths=True, defaults={})
+def dil_bce(chosen_logps, rejected_logps, *, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths,
+            **_):
+    """DIL, binary cross-entropy: -log σ(r_w) - log σ(-r_l)."""
+    r_w, r_l = _avg_ratios(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths,
+                           rejected_lengths)
+    return -F.logsigmoid(r_w) - F.logsigmoid(-r_l)
