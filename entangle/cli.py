@@ -6,7 +6,8 @@ those two functions; :func:`main` builds the parser from :data:`COMMANDS` and tu
 into one line on stderr and a non-zero exit code.
 
     entangle gram --model builtin --data builtin --n-pairs 8 --out gram-out
-    entangle report RUN_DIR [--out DIR]
+    entangle report RUN_DIR [--out DIR] [--data PAIRS]
+    entangle filter RUN_DIR --data PAIRS --out FILE (--drop-top 0.1 | --weight)
     entangle analyze RUN_DIR --data PAIRS --objective sigmoid --beta 0.1 [--out OUT]
     entangle demo [--model NAME_OR_DIR --data PAIRS]
 """
@@ -270,6 +271,9 @@ def _report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="output directory (default RUN_DIR/report)")
     p.add_argument("--format", nargs="+", default=["png"], choices=["png", "pdf", "svg"],
                    help="figure file formats beside report.html (default png)")
+    p.add_argument("--data", default=None,
+                   help="the training dataset (any file load_pairs reads), for the text of the most entangled "
+                        "training pairs of a run with a train_pairs table")
 
 
 @subcommand("report", "write the figures and a self-contained report.html of a run directory", _report_arguments)
@@ -277,7 +281,58 @@ def report(args: argparse.Namespace) -> int:
     """Write the report of a run directory and print the HTML's path."""
     from entangle.report import make_report
 
-    print(make_report(args.run_dir, args.out, formats=args.format))
+    texts = None
+    if args.data is not None:
+        from entangle.filtering import read_dataset
+        from entangle.metrics.dataset import pair_texts
+
+        texts = pair_texts(read_dataset(args.data))
+    print(make_report(args.run_dir, args.out, formats=args.format, texts=texts))
+    return 0
+
+
+# ---- filter ---------------------------------------------------------------------------------------------------
+
+def fraction(text: str) -> float:
+    """argparse type: a fraction above 0 and at most 1."""
+    return _number(float, text, lambda v: 0 < v <= 1, "a fraction above 0 and at most 1")
+
+
+def _filter_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a run directory with a train_pairs table (EntanglementCallback(train_every=k))")
+    p.add_argument("--data", required=True,
+                   help="the dataset the run trained on (.jsonl/.json/.parquet/.csv, as load_pairs reads it): "
+                        "train_pairs' index is the row of trainer.train_dataset, so DATA's rows must be those, in "
+                        "that order (true when you trained on this file and the trainer dropped no row; TRL drops "
+                        "pairs whose prompt alone reaches max_length)")
+    p.add_argument("--out", required=True,
+                   help="the filtered dataset: .jsonl or .parquet, prompt/chosen/rejected as DATA has them")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--drop-top", type=fraction, metavar="FRACTION",
+                     help="drop this fraction of the measured rows, those with the highest mean gradient cosine")
+    how.add_argument("--weight", action="store_true",
+                     help="keep every row and add a column weight = 1 - max(mean cosine, 0) (1 for rows never "
+                          "measured); TRL's DPOTrainer has no per-row loss weight: use it as sampling weights")
+
+
+@subcommand("filter", "write a training dataset without (or down-weighting) its most entangled pairs",
+            _filter_arguments)
+def filter_(args: argparse.Namespace) -> int:
+    """Filter DATA by the entanglement RUN measured on it; print what was kept and the output's path."""
+    from entangle import filtering
+
+    out = filtering.check_output_path(args.out)
+    train_pairs = filtering.read_train_pairs(args.run_dir)
+    rows = filtering.read_dataset(args.data)
+    done = filtering.filter_pairs(rows, train_pairs, drop_top=args.drop_top, weight=args.weight)
+    print(f"{len(rows)} rows in {args.data}: {done.n_measured} measured, {done.n_unmeasured} never measured (kept)")
+    if args.weight:
+        print(f"weight = 1 - max(mean cosine, 0): min {done.weights.min():.3f}, mean {done.weights.mean():.3f}")
+    else:
+        cut = f" (mean cosine >= {done.threshold:.3f})" if done.dropped else ""
+        print(f"dropped {len(done.dropped)} of the {done.n_measured} measured rows{cut}")
+    filtering.write_pairs(done.rows, out)
+    print(f"wrote {len(done.rows)} rows to {out}")
     return 0
 
 

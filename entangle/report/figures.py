@@ -21,8 +21,19 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from entangle.metrics.agreement import sign_agreement as sign_agreement_of
+from entangle.metrics.dataset import dataset_view
 from entangle.report.tokens import token_heatmaps
-from entangle.schema import COVARIATES, LAYERS, PAIRS, REGIMES, SUMMARY, TOKENS, UPDATES, group_column
+from entangle.schema import (
+    COVARIATES,
+    LAYERS,
+    PAIRS,
+    REGIMES,
+    SUMMARY,
+    TOKENS,
+    TRAIN_PAIRS,
+    UPDATES,
+    group_column,
+)
 
 REGIME_COLORS = {
     "ideal": "#2a9d59",
@@ -567,6 +578,47 @@ def ranking_accuracy(summary: pd.DataFrame) -> Figure:
     return fig
 
 
+# ---- 9. the dataset view ----------------------------------------------------------------------------------------
+
+COSINE_BINS = np.linspace(-1.0, 1.0, 41)       # bins of width 0.05 over every possible cosine
+
+
+def dataset_entanglement(train_pairs: pd.DataFrame) -> Figure:
+    """The training dataset's entanglement, from :func:`entangle.metrics.dataset.dataset_view` of ``train_pairs``.
+
+    Left: histogram of each measured dataset row's mean gradient cosine (bins of 0.05), stacked by the regime of
+    its latest measurement. Right: the same scores sorted from the most entangled down, against the share of the
+    measured rows at or above each: the mean cosine above which ``entangle filter --drop-top FRACTION`` drops.
+    """
+    view = dataset_view(train_pairs)
+    measured = view[np.isfinite(view["cosine_mean"].to_numpy(dtype=float))]
+    fig, (ax, bx) = _figure(2)
+    bottom = np.zeros(len(COSINE_BINS) - 1)
+    for regime in REGIMES:
+        counts, _ = np.histogram(measured.loc[measured["regime_latest"] == regime, "cosine_mean"], COSINE_BINS)
+        if counts.any():
+            ax.bar(COSINE_BINS[:-1], counts, width=np.diff(COSINE_BINS), bottom=bottom, align="edge",
+                   color=REGIME_COLORS[regime], label=f"{REGIME_LABELS[regime]} ({int(counts.sum())})",
+                   edgecolor="white", linewidth=0.4)
+            bottom += counts
+    ax.axvline(0, color="0.6", linewidth=0.8)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    unmeasured = len(view) - len(measured)
+    ax.set(xlim=(-1.02, 1.02), xlabel="mean cos(g_w, g_l) over the steps a row was measured at",
+           ylabel="dataset rows", title=f"{len(measured)} training rows measured"
+           + (f" ({unmeasured} more seen, always excluded)" if unmeasured else ""))
+    if len(measured):
+        fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=4, fontsize=9, frameon=False,
+                   title="regime at the latest measurement (rows)", title_fontsize=9)
+    ranked = np.sort(measured["cosine_mean"].to_numpy(dtype=float))[::-1]
+    share = 100 * np.arange(1, len(ranked) + 1) / max(len(ranked), 1)
+    bx.step(share, ranked, where="post", color="#6a3d9a")
+    bx.axhline(0, color="0.6", linewidth=0.8)
+    bx.set(xlim=(0, 100), ylim=(-1.02, 1.02), xlabel="share of measured rows at or above it (%)",
+           ylabel="mean cos(g_w, g_l)", title="Most entangled first: what --drop-top cuts")
+    return fig
+
+
 # ---- registry ----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -581,6 +633,7 @@ class FigureSpec:
     caption: str
     many: bool = False   # ``draw`` returns several figures: a list of (file suffix, label, Figure)
     optional: tuple[str, ...] = ()
+    quiet: bool = False  # a run without its tables did not take that measurement at all: no note, no heading
 
 
 FIGURES: tuple[FigureSpec, ...] = (
@@ -620,4 +673,10 @@ FIGURES: tuple[FigureSpec, ...] = (
                "tokens of one probe pair (red: aligned, blue: opposed). Summed over the cells, the inner products "
                "give the pair's ⟨g_w, g_l⟩: the tokens whose gradients align are where the entanglement comes "
                "from (docs/theory.md §7).", many=True),
+    FigureSpec("dataset_entanglement", "Which training pairs are entangled", (TRAIN_PAIRS.name,),
+               dataset_entanglement,
+               "Each row of the training dataset measured inside the trainer's own pass, by its gradient cosine "
+               "averaged over the steps it was trained on (the entanglement score), coloured by its latest regime; "
+               "right, the same scores ranked: the cut-off of entangle filter --drop-top. The most entangled rows "
+               "are in the table above.", quiet=True),
 )

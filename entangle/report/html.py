@@ -5,6 +5,8 @@
 (and any other requested format) and ``report.html`` beside them. Every number in the summary table is the
 ``summary`` table's value, shown to 3 significant digits, with the exact value in the cell's ``data-value``; with
 pair groups, a second table gives each group's log-prob changes, the numbers the log-prob dynamics figure draws.
+With a ``train_pairs`` table, a third gives the most entangled training pairs with their text, the rows of the
+dataset view (:func:`entangle.metrics.dataset.dataset_view`) the dataset figure draws.
 Table and column names come from :mod:`entangle.schema`; nothing here needs torch.
 """
 
@@ -25,10 +27,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from entangle.metrics.dataset import TEXT_FIELDS, check_rows_cover, dataset_view, most_entangled
 from entangle.metrics.summary import summarize
 from entangle.report.figures import FIGURES, FigureSpec, group_dynamics, logprob_changes
 from entangle.report.verdict import Verdict, verdicts
-from entangle.schema import COVARIATES, LAYERS, PAIRS, SUMMARY, UPDATES
+from entangle.schema import COVARIATES, LAYERS, PAIRS, PAIRS_TEXT, SUMMARY, TRAIN_PAIRS, UPDATES
 
 # (summary column, header) of the HTML summary table, in order
 SUMMARY_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -46,7 +49,7 @@ SUMMARY_COLUMNS: tuple[tuple[str, str], ...] = (
     ("idealized_ranking_accuracy", "idealized ranking accuracy"),
     ("ranking_accuracy_gap", "ranking accuracy gap"),
 )
-TABLES_NEEDED = (PAIRS.name, SUMMARY.name)
+TABLES_NEEDED = (PAIRS.name, SUMMARY.name, TRAIN_PAIRS.name)
 SIGNIFICANT = 3      # significant digits of every non-integer number shown in a table
 
 # (group table column, header) of the per-group table, in order
@@ -60,6 +63,21 @@ GROUP_COLUMNS: tuple[tuple[str, str], ...] = (
     ("chosen_fell", "share with chosen fallen"),
     ("cosine", "median cos(g_w, g_l)"),
 )
+
+# (dataset view column, header) of the table of the most entangled training pairs, in order, then their text
+ENTANGLED_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("index", "dataset row"),
+    ("cosine_mean", "mean cos(g_w, g_l)"),
+    ("cosine_latest", "latest cosine"),
+    ("step_latest", "latest step"),
+    ("regime_latest", "latest regime"),
+    ("share_ideal", "share of steps ideal"),
+    ("ratio_mean", "mean ratio ρ"),
+    ("n_measured", "times measured"),
+    ("n_excluded", "times excluded"),
+)
+MOST_ENTANGLED = 20     # rows of that table
+TEXT_CHARS = 200        # characters of each text shown (the end of a longer one is cut, "…" marks it)
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1100px; margin: 2em auto;
@@ -104,6 +122,8 @@ def draw_figures(
     drawn = []
     for spec in FIGURES:
         missing = [t for t in spec.tables if not _present(tables, t)]
+        if missing and spec.quiet:
+            continue
         if missing:
             drawn.append(DrawnFigure(spec, None, [], f"skipped: the run has no {' or '.join(missing)} table"
                                      + (" (a checkpoint analysis records no updates)" if "updates" in missing else "")))
@@ -198,6 +218,41 @@ def _group_table_html(groups: pd.DataFrame) -> str:
     return f'<table id="groups"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
+def entangled_table(train_pairs: pd.DataFrame, texts: pd.DataFrame | None = None,
+                    k: int = MOST_ENTANGLED) -> pd.DataFrame:
+    """The ``k`` most entangled rows of the training dataset (:func:`entangle.metrics.dataset.most_entangled` of
+    the dataset view of ``train_pairs``), with their ``prompt``, ``chosen`` and ``rejected`` text when ``texts``
+    (a ``pairs_text`` frame) is given.
+
+    Raises:
+        ValueError: ``texts`` lacks a row the run measured.
+    """
+    view = dataset_view(train_pairs)
+    top = most_entangled(view, k)[[c for c, _ in ENTANGLED_COLUMNS]] if len(view) else view
+    if texts is None:
+        return top
+    check_rows_cover(view, len(texts), "the text of the training pairs")
+    return top.merge(texts[["index", *TEXT_FIELDS]], on="index", how="left")
+
+
+def _entangled_table_html(top: pd.DataFrame) -> str:
+    cols = [(c, h) for c, h in ENTANGLED_COLUMNS] + [(f, f) for f in TEXT_FIELDS if f in top]
+    head = "".join(f'<th data-column="{c}">{html.escape(h)}</th>' for c, h in cols)
+    rows = []
+    for _, row in top.iterrows():
+        cells = [_cell(row[c], c, c in ("index", "step_latest", "n_measured", "n_excluded")) for c, _ in cols
+                 if c not in TEXT_FIELDS]
+        cells += [f'<td class="key text" data-column="{f}">{html.escape(_shorten(row[f]))}</td>'
+                  for f in TEXT_FIELDS if f in top]
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return f'<table id="most-entangled"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def _shorten(text: Any) -> str:
+    text = "" if not isinstance(text, str) else " ".join(text.split())
+    return text if len(text) <= TEXT_CHARS else text[:TEXT_CHARS - 1] + "…"
+
+
 def _manifest_table(manifest: dict[str, Any]) -> str:
     if not manifest:
         return "<p>No manifest.json in the run directory.</p>"
@@ -235,8 +290,10 @@ def render_html(
     items: list[Verdict],
     notes: Sequence[str] = (),
     groups: pd.DataFrame | None = None,
+    entangled: pd.DataFrame | None = None,
 ) -> str:
-    """The report page as one string (no external resources); ``groups`` is :func:`group_table`'s frame."""
+    """The report page as one string (no external resources); ``groups`` is :func:`group_table`'s frame,
+    ``entangled`` :func:`entangled_table`'s."""
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
     parts += [f'<p class="note">{html.escape(n)}</p>' for n in notes]
@@ -251,6 +308,16 @@ def render_html(
                      "first measured step (the last points of the log-prob dynamics figure) and the margin, means "
                      "over the group's pairs; the cosine is the median over all steps.</p>")
         parts.append(_group_table_html(groups))
+    if entangled is not None:
+        parts.append(f"<h2>The most entangled training pairs</h2><p>The {MOST_ENTANGLED} rows of the training "
+                     "dataset with the highest gradient cosine cos(g_w, g_l) averaged over the steps they were "
+                     "measured at, inside the trainer's own pass (the dataset figure's scores); the regime is that "
+                     "of the latest measurement. <code>entangle filter RUN --data DATA --out FILE --drop-top "
+                     "FRACTION</code> writes the dataset without the most entangled rows.</p>")
+        if not any(f in entangled for f in TEXT_FIELDS):
+            parts.append('<p class="note">No text: pass the training dataset (entangle report RUN --data DATA, '
+                         'make_report(..., texts=...)) or write a pairs_text table to the run directory.</p>')
+        parts.append(f'<div class="scroll">{_entangled_table_html(entangled)}</div>')
     parts.append("<h2>Figures</h2>")
     parts += [_figure_html(f, i) for i, f in enumerate(figures, start=1)]
     parts.append(f"<h2>Run</h2>{_manifest_table(manifest)}</body></html>")
@@ -261,17 +328,22 @@ def make_report(
     run_dir: str | os.PathLike,
     out_dir: str | os.PathLike | None = None,
     formats: Sequence[str] = ("png",),
+    texts: pd.DataFrame | None = None,
 ) -> Path:
     """Write the figures and one self-contained ``report.html`` for a run directory; return the HTML's path.
 
     Args:
-        run_dir: a run directory (see :mod:`entangle.runio`) with at least a ``pairs`` or ``summary`` table.
+        run_dir: a run directory (see :mod:`entangle.runio`) with at least a ``pairs``, ``summary`` or
+            ``train_pairs`` table.
         out_dir: where to write; default ``RUN_DIR/report``.
         formats: file formats of the figures beside the HTML (``"png"``, ``"pdf"``, ``"svg"``).
+        texts: the text of the training pairs (a ``pairs_text`` frame, e.g.
+            ``entangle.metrics.dataset.pair_texts(rows)``), shown beside the most entangled ones; default: the
+            run's ``pairs_text`` table, if any.
 
     Raises:
         FileNotFoundError: ``run_dir`` does not exist.
-        ValueError: it holds neither a ``pairs`` nor a ``summary`` table.
+        ValueError: it holds none of those tables; ``texts`` lacks a dataset row the run measured.
     """
     from entangle.runio import read_run
 
@@ -279,12 +351,15 @@ def make_report(
     tables = read_run(run_dir)
     if not any(_present(tables, t) for t in TABLES_NEEDED):
         found = sorted(k for k in tables if k != "manifest" and _present(tables, k))
-        raise ValueError(f"no pairs or summary table in {str(run_dir)!r} (found: {', '.join(found) or 'nothing'}); "
-                         "is it a run directory written by entangle?")
+        raise ValueError(f"no pairs or summary table in {str(run_dir)!r}, nor train_pairs (found: "
+                         f"{', '.join(found) or 'nothing'}); is it a run directory written by entangle?")
     notes = []
-    if not _present(tables, SUMMARY.name):
+    if not _present(tables, SUMMARY.name) and _present(tables, PAIRS.name):
         tables[SUMMARY.name] = summarize(tables[PAIRS.name])
         notes.append("The run has no summary table: the summary was computed from the pairs table.")
+    if texts is None and _present(tables, PAIRS_TEXT.name):
+        texts = tables[PAIRS_TEXT.name]
+    entangled = entangled_table(tables[TRAIN_PAIRS.name], texts) if _present(tables, TRAIN_PAIRS.name) else None
     out = Path(out_dir) if out_dir is not None else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     figures = draw_figures(tables, out, formats)
@@ -294,8 +369,8 @@ def make_report(
     groups = group_table(tables[PAIRS.name], covariates) if _present(tables, PAIRS.name) else None
     manifest = tables["manifest"]
     path = out / "report.html"
-    path.write_text(render_html(report_title(manifest, run_dir), manifest, tables[SUMMARY.name], figures, items,
-                                notes, groups), encoding="utf-8")
+    path.write_text(render_html(report_title(manifest, run_dir), manifest, tables.get(SUMMARY.name), figures, items,
+                                notes, groups, entangled), encoding="utf-8")
     return path
 
 
