@@ -399,13 +399,19 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="a local model directory or hub name (default: built-in GPT-2)")
     p.add_argument("--data", default=None, help="preference pairs, any format load_pairs reads (default: built-in)")
     p.add_argument("--n-train", type=positive_int, default=d.n_train, help="DPO training pairs")
-    p.add_argument("--n-probe", type=positive_int, default=d.n_probe, help="probe pairs measured by the callback")
+    p.add_argument("--n-probe", type=positive_int, default=None,
+                   help=f"probe pairs measured by the callback (default {d.n_probe}; 16 with --compare)")
     p.add_argument("--sft-steps", type=non_negative_int, default=d.sft_steps,
                    help="supervised warm-up steps on chosen responses")
-    p.add_argument("--dpo-steps", type=positive_int, default=d.dpo_steps, help="DPO training steps")
+    p.add_argument("--dpo-steps", type=positive_int, default=None,
+                   help=f"DPO training steps (default {d.dpo_steps}; 40 with --compare)")
     p.add_argument("--every", type=positive_int, default=d.every, help="measure the probe every N steps")
     p.add_argument("--beta", type=positive_float, default=d.beta, help="DPO beta")
     p.add_argument("--max-length", type=positive_int, default=None, help="truncate sequences to this many tokens")
+    p.add_argument("--compare", action="store_true",
+                   help="train with DPO, DPO + NLL, DPO-Positive, pairwise normalised and token-masked DPO side by "
+                        "side and write one comparison (entangle.compare; default --out entangle-compare)")
+    p.add_argument("--methods", default=None, help="with --compare: a comma-separated subset of the methods")
 
 
 @subcommand("demo", "train a small model with DPO on a built-in task (or yours) and report its entanglement",
@@ -415,9 +421,19 @@ def demo(args: argparse.Namespace) -> int:
     from entangle.demo import DemoConfig, run_demo
 
     model = args.model and pretrained_source(args.model, "--model")
-    run_demo(DemoConfig(out=args.out, model=model, data=args.data, n_train=args.n_train, n_probe=args.n_probe,
-                        sft_steps=args.sft_steps, dpo_steps=args.dpo_steps, every=args.every, beta=args.beta,
-                        max_length=args.max_length))
+    given = {k: v for k, v in (("n_probe", args.n_probe), ("dpo_steps", args.dpo_steps)) if v is not None}
+    common = dict(model=model, data=args.data, n_train=args.n_train, sft_steps=args.sft_steps, every=args.every,
+                  beta=args.beta, max_length=args.max_length, **given)
+    if args.compare:
+        from entangle.compare import CompareConfig, run_compare
+
+        methods = {"methods": tuple(m.strip() for m in args.methods.split(","))} if args.methods else {}
+        out = {} if args.out == DemoConfig.out else {"out": args.out}
+        run_compare(CompareConfig(**common, **methods, **out))
+        return 0
+    if args.methods:
+        raise ValueError("--methods needs --compare")
+    run_demo(DemoConfig(out=args.out, **common))
     return 0
 
 

@@ -182,7 +182,8 @@ class TokenMaskedDPOTrainer(DPOTrainer):
         check_hyper(self.objective, self.hyper)
         vocab = self.model.get_input_embeddings().num_embeddings
         self.token_mask = TokenMask(vocab).to(self.args.device) if learn_mask else None
-        self.add_callback(_MaskedProbe(self))
+        if shared is not None:
+            self.add_callback(_MaskedProbe(self))
 
     def create_optimizer(self, *args: Any, **kwargs: Any):
         optimizer = super().create_optimizer(*args, **kwargs)
