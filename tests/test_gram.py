@@ -89,7 +89,7 @@ def test_broadcast_position_embedding_is_expanded_per_sequence(monkeypatch):
     exact = sequence_gram(model, batch, method="exact", forward=_forward_without_position_ids)
     auto = sequence_gram(model, batch, forward=_forward_without_position_ids)
     assert rel_err(auto.matrix, exact.matrix) < 1e-10
-    monkeypatch.setattr(GramEngine, "_expand_batch", lambda self, module, args: None)
+    monkeypatch.setattr(GramEngine, "_broadcast", lambda self, args, output: (args, output, False))
     with pytest.raises(RuntimeError, match=r"transformer\.wpe\.weight.*first dimension is not the batch"):
         wrong = sequence_gram(model, batch, forward=_forward_without_position_ids)
         assert rel_err(wrong.matrix, exact.matrix) < 1e-6

@@ -25,6 +25,7 @@ from .logprobs import response_lengths, token_logps
 from .result import GramResult, Measurement, PairStats, stats_of_gram
 from .rules import rule_for, touched_rows
 from .rules.generic import _tensors, generic
+from .sharding import is_sharded, whole
 
 Sink = Callable[[str, Contribution, str], None]
 
@@ -71,8 +72,8 @@ class _Use:
 
     module: torch.nn.Module
     names: list[str]                 # the module's own measured parameters (local names)
-    args: tuple
-    kwargs: dict
+    args: tuple | None               # None: a checkpointed call, whose inputs come from the backward's re-run
+    kwargs: dict | None
     grads: list = field(default_factory=list)
     index: dict = field(default_factory=dict)   # local param name -> index of this use among the param's uses
 
@@ -84,9 +85,10 @@ class _Part:
     n: int
     sink: Sink | None = None
     key: object = None
-    calls: dict[int, int] = field(default_factory=dict)     # id(param) -> hooked calls of rule-handled modules
+    calls: dict[str, int] = field(default_factory=dict)     # param name -> hooked calls of rule-handled modules
+    leaves: dict[int, str] = field(default_factory=dict)    # id of the tensor a hooked call used -> param name
     sources: list[torch.Tensor] = field(default_factory=list)   # hooked outputs whose inputs carry no gradient
-    generic_params: set[int] = field(default_factory=set)   # params with a use through the generic fallback
+    generic_params: set[str] = field(default_factory=set)   # params with a use through the generic fallback
     generic_uses: list[_Use] = field(default_factory=list)
 
 
@@ -118,6 +120,10 @@ class GramEngine:
         self.dots: dict[str, torch.Tensor] = {}   # param name -> <g_i, delta> [N]
         self.named = list(named_params)
         self.name_of = {id(p): name for name, p in self.named}
+        # a hooked call's parameter is found by (module, local name), not by the tensor it holds then: FSDP2
+        # (fully_shard) swaps the registered DTensor for a whole plain tensor during the module's forward
+        self.name_at: dict[tuple[int, str], str] = {}
+        self.sharded = any(is_sharded(p) for _, p in self.named)
         self.param_rows = {name: p.shape[0] if p.dim() else 1 for name, p in self.named}
         self.info: dict[str, str] = {}
         self.uses: dict[str, list] = {}           # param name -> touched rows of each use, in forward order
@@ -125,6 +131,13 @@ class GramEngine:
         self.part = _Part(n)
         self.is_paused = False
         self.finished = False                       # set by finish(): output gradients arriving later are ignored
+        # in-pass capture (capture.inpass): a per-sequence factor applied to every output gradient (the inverse of
+        # the loss coefficient the trainer's backward carries), and the modules re-run by gradient checkpointing,
+        # whose inputs are taken from the re-run instead of being held from the first forward
+        self.row_scale: torch.Tensor | None = None
+        self.checkpointed: set[int] = set()
+        self.rerun_inputs: dict[int, list] = {}
+        self.checkpointed_calls: set[int] = set()
         self.handles = []
         self.owners: list[tuple[torch.nn.Module, list[str]]] = []
         seen = set()
@@ -133,6 +146,7 @@ class GramEngine:
                 continue
             seen.add(id(module))
             own = [k for k, p in module._parameters.items() if p is not None and id(p) in self.name_of]
+            self.name_at.update({(id(module), k): self.name_of[id(module._parameters[k])] for k in own})
             if own:
                 self.owners.append((module, own))
 
@@ -163,7 +177,6 @@ class GramEngine:
 
     def __enter__(self):
         for module, own in self.owners:
-            self.handles.append(module.register_forward_pre_hook(self._expand_batch))
             self.handles.append(module.register_forward_hook(self._make_forward_hook(own), with_kwargs=True))
         return self
 
@@ -217,70 +230,144 @@ class GramEngine:
         self.info[name] = how
 
     # -- hooks -------------------------------------------------------------------------------------------------
-    def _expand_batch(self, module, args):
-        """An input broadcast over the batch (GPT-2 positions [1, T]) would sum its gradient over sequences."""
+    def _broadcast(self, args: tuple, output):
+        """A call on an input broadcast over the batch (GPT-2 positions [1, T]) returns one output for all
+        sequences, whose gradient autograd sums over them. Its output is expanded to the batch (a view: the values
+        the model computes are unchanged, and so is its backward, which sums the expanded gradient back in the same
+        reduction the broadcast would use), so that each sequence's output gradient arrives apart; the rule sees the
+        input expanded likewise. Returns ``(args, output, expanded)``."""
         n = self.part.n
-        if self.is_paused:
-            return None
-        if args and torch.is_tensor(args[0]) and args[0].dim() > 0 and args[0].shape[0] == 1 and n > 1:
-            return (args[0].expand(n, *args[0].shape[1:]), *args[1:])
-        return None
+        if n > 1 and torch.is_tensor(output) and output.dim() > 0 and output.shape[0] == 1 and args \
+                and torch.is_tensor(args[0]) and args[0].dim() > 0 and args[0].shape[0] == 1:
+            return ((args[0].expand(n, *args[0].shape[1:]), *args[1:]),
+                    output.expand(n, *output.shape[1:]), True)
+        return args, output, False
+
+    def _in_rerun(self, module) -> bool:
+        """A call of a checkpointed module while the backward pass recomputes its forward."""
+        return id(module) in self.checkpointed and torch._C._current_graph_task_id() != -1
 
     def _make_forward_hook(self, own: list[str]):
         def hook(module, args, kwargs, output):
             if self.is_paused:
-                return
-            part = self.part
-            rule = rule_for(module)
-            use_index = {}
-            for k in own:
-                name = self.name_of[id(module._parameters[k])]
-                if self.part_of.setdefault(name, part.key) is not part.key:
-                    raise SeparatePartsError(f"parameter {name!r} is used in more than one separately "
-                                             "differentiated part of the model")
-                if part.sink is None:             # uses of the main graph (a sub-pass's go to its sink)
-                    use_index[k] = len(self.uses.setdefault(name, []))
-                    self.uses[name].append(touched_rows(rule, module, args))
-            outs = [o for o in _tensors(output) if o.requires_grad]
-            for o in outs:
-                if o.dim() == 0 or o.shape[0] != part.n:
-                    raise RuntimeError(
-                        f"{type(module).__name__} (parameters {[self.name_of[id(module._parameters[k])] for k in own]}) "
-                        f"returned an output of shape {tuple(o.shape)} whose first dimension is not the batch of "
-                        f"{part.n} sequences (the model flattens or broadcasts the batch there), so per-sequence "
-                        "gradients cannot be separated at this layer; use method='exact' or leave these parameters "
-                        "out (params=...)")
-            if not any(torch.is_tensor(a) and a.requires_grad for a in (*args, *kwargs.values())):
-                part.sources.extend(outs)
-            if rule is None:
-                use = _Use(module, own, args, kwargs, grads=[None] * len(outs), index=use_index)
-                part.generic_params.update(id(module._parameters[k]) for k in own)
-                part.generic_uses.append(use)
-                for j, o in enumerate(outs):
-                    o.register_hook(self._make_generic_hook(use, j))
-                return
-            if len(outs) != 1:
-                raise RuntimeError(f"{type(module).__name__} returned {len(outs)} differentiable outputs; "
-                                   "its rule expects one")
-            for k in own:
-                part.calls[id(module._parameters[k])] = part.calls.get(id(module._parameters[k]), 0) + 1
-            outs[0].register_hook(lambda g: self._apply_rule(part, rule, module, own, args, g, use_index))
+                return None
+            args, output, expanded = self._broadcast(args, output)
+            if self._in_rerun(module):           # keep the re-run's inputs for the first call's output gradient
+                self.rerun_inputs.setdefault(id(module), []).append((args, kwargs))
+                return output if expanded else None
+            self._record(module, own, args, kwargs, output)
+            return output if expanded else None
         return hook
+
+    def external_use(self, module: torch.nn.Module, args: tuple) -> Callable[[torch.Tensor], None]:
+        """Record a call of ``module`` on ``args`` that the model made outside the module's forward (a fused kernel
+        that uses its weight, such as TRL's fused LM head): returns the function to call with that call's output
+        gradient [N, T, d_out] once the backward pass has it. The module must have a rule."""
+        own = next((o for m, o in self.owners if m is module), None)
+        rule = rule_for(module)
+        if own is None or rule is None:
+            raise ValueError(f"{type(module).__name__} has no measured parameter or no rule for an external use")
+        part, use_index = self.part, self._use_index(module, own, rule, args)
+        self._count_calls(part, module, own)
+        return lambda g: self._apply_rule(part, rule, module, own, args, g, use_index)
+
+    def _use_index(self, module, own, rule, args) -> dict:
+        """Record a use of each of ``module``'s measured parameters; local name -> index among the param's uses."""
+        part, use_index = self.part, {}
+        for k in own:
+            name = self.name_at[id(module), k]
+            if self.part_of.setdefault(name, part.key) is not part.key:
+                raise SeparatePartsError(f"parameter {name!r} is used in more than one separately "
+                                         "differentiated part of the model")
+            if part.sink is None:             # uses of the main graph (a sub-pass's go to its sink)
+                use_index[k] = len(self.uses.setdefault(name, []))
+                self.uses[name].append(touched_rows(rule, module, args))
+        return use_index
+
+    def _record(self, module, own: list[str], args: tuple, kwargs: dict, output) -> None:
+        """One hooked call of a module with measured parameters: its uses, and hooks on its outputs.
+
+        A checkpointed module's inputs are not held from here to its output gradient (gradient checkpointing frees
+        them): the hook on its output takes them from the backward pass's re-run of the same call."""
+        part = self.part
+        rule = rule_for(module)
+        use_index = self._use_index(module, own, rule, args)
+        outs = [o for o in _tensors(output) if o.requires_grad]
+        for o in outs:
+            if o.dim() == 0 or o.shape[0] != part.n:
+                raise RuntimeError(
+                    f"{type(module).__name__} (parameters {[self.name_at[id(module), k] for k in own]}) "
+                    f"returned an output of shape {tuple(o.shape)} whose first dimension is not the batch of "
+                    f"{part.n} sequences (the model flattens or broadcasts the batch there), so per-sequence "
+                    "gradients cannot be separated at this layer; use method='exact' or leave these parameters "
+                    "out (params=...)")
+        if not any(torch.is_tensor(a) and a.requires_grad for a in (*args, *kwargs.values())):
+            part.sources.extend(outs)
+        held = None if id(module) in self.checkpointed else (args, kwargs)
+        if held is None and id(module) in self.checkpointed_calls:
+            raise RuntimeError(f"{type(module).__name__} is called more than once inside gradient-checkpointed "
+                               "blocks of one pass; in-pass capture cannot pair its calls with their re-runs")
+        if held is None:
+            self.checkpointed_calls.add(id(module))
+        if rule is None:
+            use = _Use(module, own, *(held or (None, None)), grads=[None] * len(outs), index=use_index)
+            if self.sharded:
+                raise ValueError(f"{type(module).__name__} has no rule, and the generic fallback needs its parameters "
+                                 "whole, which torch.distributed.fsdp.fully_shard shards; register a rule for it "
+                                 "or leave its parameters out (params=...)")
+            part.generic_params.update(self.name_at[id(module), k] for k in own)
+            part.generic_uses.append(use)
+            for j, o in enumerate(outs):
+                o.register_hook(self._make_generic_hook(use, j))
+            return
+        if len(outs) != 1:
+            raise RuntimeError(f"{type(module).__name__} returned {len(outs)} differentiable outputs; "
+                               "its rule expects one")
+        self._count_calls(part, module, own)
+        outs[0].register_hook(lambda g: self._apply_rule(part, rule, module, own, self._inputs(module, held)[0], g,
+                                                         use_index))
+
+    def _inputs(self, module, held: tuple | None) -> tuple:
+        """``(args, kwargs)`` of a call: held from the forward, or taken from the backward's re-run."""
+        if held is not None:
+            return held
+        reruns = self.rerun_inputs.get(id(module))
+        if not reruns:
+            raise RuntimeError(f"{type(module).__name__} is checkpointed but was not re-run before its output "
+                               "gradient arrived (reentrant gradient checkpointing is not supported in-pass)")
+        return reruns.pop()
+
+    def _count_calls(self, part: _Part, module, own: list[str]) -> None:
+        """Count a rule-handled call of ``module``'s parameters ``own``, and the tensors it uses (for
+        :meth:`_check_all_uses_hooked`)."""
+        for k in own:
+            name = self.name_at[id(module), k]
+            part.calls[name] = part.calls.get(name, 0) + 1
+            part.leaves[id(module._parameters[k])] = name
 
     def _make_generic_hook(self, use: _Use, j: int):
         def hook(grad):
             if self.finished:                       # a later backward of a retained graph is not measured
                 return
+            if use.args is None:
+                use.args, use.kwargs = self._inputs(use.module, None)
             use.grads[j] = grad.detach()
         return hook
 
     def _dtype(self, module, own):
         return torch.float64 if module._parameters[own[0]].dtype == torch.float64 else torch.float32
 
+    def _scaled(self, grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """An output gradient in ``dtype``, each sequence's multiplied by ``row_scale`` when it is set."""
+        g = grad.detach().to(dtype)
+        if self.row_scale is not None:
+            g = g * self.row_scale.to(device=g.device, dtype=dtype).view(-1, *[1] * (g.dim() - 1))
+        return g
+
     def _apply_rule(self, part: _Part, rule, module, own, args, grad, use_index):
         if self.finished:                           # a later backward of a retained graph is not measured
             return
-        g = grad.detach().to(self._dtype(module, own))
+        g = self._scaled(grad, self._dtype(module, own))
         if g.dim() == 2:
             g = g.unsqueeze(1)
             args = tuple(a.unsqueeze(1) if torch.is_tensor(a) and a.dim() >= 1 else a for a in args)
@@ -292,20 +379,20 @@ class GramEngine:
             for k in own:
                 if k not in contribs:
                     raise RuntimeError(f"rule {rule.__name__} gave no gradient for {type(module).__name__}.{k}")
-                self._add(part, self.name_of[id(module._parameters[k])], use_index.get(k), contribs[k], rule.__name__)
+                self._add(part, self.name_at[id(module), k], use_index.get(k), contribs[k], rule.__name__)
 
     def _add(self, part: _Part, name: str, use: int | None, contrib: Contribution, how: str) -> None:
         if part.sink is not None:
             part.sink(name, contrib, how)
             return
         self.info[name] = f"{how}:{contrib.kind}"
-        delta = None if self.delta is None else self.delta[name]
+        delta = None if self.delta is None else whole(self.delta[name])     # sharded: gathered, one at a time
         if not self.geometries:                     # the update dots alone: no per-example gradient is formed
             self.info[name] = f"{how}:dot"
             dot = contrib.dot(delta)
         elif len(self.uses[name]) == 1:
             # every view from one materialisation of the per-example gradients
-            scale = None if self.scale is None else self.scale[name]
+            scale = None if self.scale is None else whole(self.scale[name])
             plain, scaled, dot = dual_gram(contrib, scale, delta, self.weights if self.pairs else None)
             for kind, g in (("plain", plain), ("preconditioned", scaled)):
                 if kind in self.geometries:
@@ -314,7 +401,7 @@ class GramEngine:
         else:
             self.info[name] += f" (shared by {len(self.uses[name])} uses)"
             if self.scale is not None:
-                self._accumulate("preconditioned", name, use, Scaled(contrib, self.scale[name]))
+                self._accumulate("preconditioned", name, use, Scaled(contrib, whole(self.scale[name])))
             if "plain" in self.geometries:
                 self._accumulate("plain", name, use, contrib)
             dot = None if delta is None else contrib.dot(delta)
@@ -361,11 +448,14 @@ class GramEngine:
                 if nxt is not None and hasattr(nxt, "variable"):
                     edges[id(nxt.variable)] = edges.get(id(nxt.variable), 0) + 1
                 stack.append(nxt)
-        for name, p in self.named:
-            if id(p) in part.calls and id(p) not in part.generic_params and edges.get(id(p), 0) != part.calls[id(p)]:
+        used: dict[str, int] = {}
+        for leaf, name in part.leaves.items():
+            used[name] = used.get(name, 0) + edges.get(leaf, 0)
+        for name, calls in part.calls.items():
+            if name not in part.generic_params and used[name] != calls:
                 raise RuntimeError(
-                    f"parameter {name!r} is used {edges.get(id(p), 0)} times by autograd but only "
-                    f"{part.calls[id(p)]} times through hooked module calls (used outside its module's "
+                    f"parameter {name!r} is used {used[name]} times by autograd but only "
+                    f"{calls} times through hooked module calls (used outside its module's "
                     "forward?); use method='exact' or register a rule for the module that uses it")
 
     # -- after the backward pass -------------------------------------------------------------------------------
@@ -375,10 +465,10 @@ class GramEngine:
         uses, part.generic_uses = part.generic_uses, []
         for use in uses:
             with autocast_off(use.module._parameters[use.names[0]].device):
-                grads = [None if g is None else g.to(self._dtype(use.module, use.names)) for g in use.grads]
+                grads = [None if g is None else self._scaled(g, self._dtype(use.module, use.names)) for g in use.grads]
                 contribs = generic(use.module, use.args, use.kwargs, grads, use.names, part.n)
                 for k in use.names:
-                    self._add(part, self.name_of[id(use.module._parameters[k])], use.index.get(k), contribs[k],
+                    self._add(part, self.name_at[id(use.module), k], use.index.get(k), contribs[k],
                               "generic")
 
     def finish(self, logps: torch.Tensor, lengths: torch.Tensor) -> Measurement:
