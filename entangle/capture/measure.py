@@ -23,6 +23,7 @@ from .exact import exact_measurement
 from .logprobs import check_batch, model_logits
 from .params import ParamSpec, select_params, unwrap_model
 from .result import GramResult, Measurement, PairStats
+from .sharding import check_supported, check_whole
 
 METHODS = ("auto", "exact", "ghost", "materialise")
 STRUCTURES = ("full", "pairs")
@@ -37,6 +38,7 @@ def measured(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], params: 
     measured parameters ``[(name, parameter)]``, after the batch and the per-parameter maps are checked, with
     the model in measurement mode (eval, gradients on the measured parameters only, RNG forked; all restored)."""
     model = unwrap_model(model)
+    check_supported(model)
     check_batch(model, batch)
     named = select_params(model, params)
     check_metric(named, preconditioner, "preconditioner")
@@ -107,6 +109,7 @@ def measure(
         raise ValueError("nothing to measure: plain=False without a preconditioner or a delta")
     if method == "exact":
         with measured(model, batch, params, preconditioner, delta) as (model, named):
+            check_whole(named, "method='exact'")
             out = exact_measurement(model, batch, named, forward, plain, preconditioner, delta)
         if pairs:
             c = pair_weights(weights, out.logps, n).cpu()
