@@ -51,7 +51,7 @@ def test_group_column_is_found_in_either_frame():
 
 
 @pytest.mark.parametrize("module", ["entangle.report", "entangle.runio", "entangle.schema",
-                                    "entangle.metrics.summary", "entangle.metrics.agreement"])
+                                    "entangle.metrics.summary", "entangle.metrics.agreement", "entangle.filtering"])
 def test_reading_runs_loads_no_torch(module):
     code = f"import {module}, sys; assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
