@@ -32,6 +32,7 @@ _EXPORTS = {
     # mitigations
     "pairwise_normalized_backward": "entangle.mitigate",
     "PairwiseNormalizedDPOTrainer": "entangle.mitigate.trainer",
+    "TokenMaskedDPOTrainer": "entangle.mitigate.token_mask", "mask_batch": "entangle.mitigate.token_mask",
     # report
     "make_report": "entangle.report",
 }

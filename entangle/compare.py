@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ import pandas as pd
 import torch
 
 from ._warnings import filter_known_warnings
-from .data import encode_pairs
+from .data import encode_pairs, load_pairs
 from .demo import DemoConfig, _demo_progress, _pairs, load_model_and_tokenizer, supervised_warmup
 from .metrics.summary import regime_of
 from .runio import RunWriter, read_table
@@ -185,8 +185,10 @@ def _run(cfg: CompareConfig) -> Path:
         raise ValueError(f"{table_dir} already holds a comparison; choose another --out or remove it")
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    warm, train, probe = _pairs(cfg)
     model, tok = load_model_and_tokenizer(cfg.model, cfg.seed)
+    if cfg.data is not None and cfg.max_length is not None:
+        cfg = replace(cfg, data=fitting_pairs(load_pairs(cfg.data), tok, cfg.max_length))
+    warm, train, probe = _pairs(cfg)
     print(f"[entangle compare] model: {cfg.model or 'built-in GPT-2'} ({sum(p.numel() for p in model.parameters()):,}"
           f" parameters); {len(train)} training pairs, {len(probe)} probe pairs; methods: {', '.join(cfg.methods)}")
     losses = supervised_warmup(model, tok, warm, cfg.sft_steps, cfg.sft_lr, max_length=cfg.max_length, seed=cfg.seed)
@@ -220,6 +222,15 @@ def _run(cfg: CompareConfig) -> Path:
     print(comparison_text(tables["methods"]))
     print(f"[entangle compare] done in {time.perf_counter() - t0:.0f} s; report: {report}")
     return report
+
+
+def fitting_pairs(rows: list[dict], tokenizer: Any, max_length: int, room: int = 16) -> list[dict]:
+    """The rows whose prompt leaves at least ``room`` response tokens within ``max_length`` (TRL drops training
+    rows whose prompt reaches ``max_length``; here the probe and warm-up rows are chosen among the same)."""
+    keep = [r for r in rows if len(tokenizer(r["prompt"])["input_ids"]) <= max_length - room]
+    print(f"[entangle compare] {len(keep)} of {len(rows)} pairs have a prompt of at most {max_length - room} tokens "
+          f"(max_length {max_length}); using those")
+    return keep
 
 
 def _callback_objective(name: str, cfg: CompareConfig) -> dict[str, Any]:

@@ -2,5 +2,6 @@
 (:mod:`entangle.mitigate.pairwise`, with its TRL trainer in :mod:`entangle.mitigate.trainer`)."""
 
 from entangle.mitigate.pairwise import pairwise_normalized_backward, pairwise_normalized_loss
+from entangle.mitigate.token_mask import TokenMaskedDPOTrainer, mask_batch, weighted_token_map  # noqa: F401
 
 __all__ = ["pairwise_normalized_backward", "pairwise_normalized_loss"]

@@ -50,8 +50,8 @@ def changes(dynamics: pd.DataFrame) -> pd.DataFrame:
     """Per (method, step): medians over the probe pairs of the chosen and rejected log-prob changes since the
     method's first step, of the reward margin, and the ranking accuracy (share of pairs with margin > 0)."""
     first = dynamics[dynamics.step == dynamics.groupby("method").step.transform("min")]
-    base = first.set_index(["method", "pair"])[["logp_chosen", "logp_rejected"]]
-    d = dynamics.join(base, on=["method", "pair"], rsuffix="_0")
+    base = first[["method", "pair", "logp_chosen", "logp_rejected"]]
+    d = dynamics.merge(base, on=["method", "pair"], suffixes=("", "_0"), sort=False)
     d = d.assign(d_chosen=d.logp_chosen - d.logp_chosen_0, d_rejected=d.logp_rejected - d.logp_rejected_0,
                  ranked=(d.margin > 0).astype(float))
     g = d.groupby(["method", "step"], sort=False)
