@@ -72,3 +72,15 @@ def check_whole(named: list[tuple[str, torch.Tensor]], what: str) -> None:
     if sharded is not None:
         raise ValueError(f"{what} needs every parameter whole, but {sharded!r} is sharded by "
                          "torch.distributed.fsdp.fully_shard; use the default method on a sharded model")
+
+
+def zero_optimizer(optimizer: object) -> str | None:
+    """The class name of a DeepSpeed ZeRO optimizer in ``optimizer``'s ``.optimizer`` chain (accelerate's
+    wrappers), or ``None``. ZeRO-1/2/3 keep Adam's state as flat fp32 partitions, not per parameter."""
+    while optimizer is not None:
+        name = next((c.__name__ for c in type(optimizer).__mro__ if c.__name__.startswith("DeepSpeedZeroOptimizer")),
+                    None)
+        if name is not None:
+            return name
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None

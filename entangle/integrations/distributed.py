@@ -25,6 +25,15 @@ def shard(n: int, rank: int, world: int) -> list[int]:
     return list(range(rank, n, world))
 
 
+def check_every_rank_measures(sharded: bool, n_pairs: int, world: int) -> None:
+    """On a model sharded by ``fully_shard`` every rank must run each measurement's passes (a sharded module's
+    forward all-gathers its parameters, a collective): refuse a probe that leaves a rank without a pair."""
+    if sharded and n_pairs < world:
+        raise ValueError(f"the probe has {n_pairs} pairs for {world} ranks: on a model sharded by "
+                         "torch.distributed.fsdp.fully_shard every rank takes part in every measurement's forward "
+                         f"and backward, so each needs a pair of its own; give the probe at least {world} pairs")
+
+
 def gather_to_main(obj: Any) -> list[Any] | None:
     """Every rank's ``obj`` on rank 0 (a list in rank order), ``None`` on the other ranks."""
     rank, world = rank_and_world()

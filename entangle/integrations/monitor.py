@@ -34,6 +34,11 @@ numbers; ``after_update`` then writes and returns both)::
 Under ``torch.distributed`` (DDP via torchrun / accelerate) each rank measures every ``world``-th probe pair and
 rank 0 gathers the rows and writes the run directory; all ranks return the same scalars. The batch view
 (``batch_dlogp_*``, ``pred_gradient``) then covers the pairs of one rank: the cross-rank Gram blocks are not computed.
+A model sharded by ``torch.distributed.fsdp.fully_shard`` (FSDP2) is measured the same way: the per-example products
+are local to the rank holding the sequences, and the sharded Adam state and update are gathered one parameter at a
+time (every rank calls every method in the same order, as the trainer's events do; each needs a probe pair). Under
+DeepSpeed ZeRO-1/2 the parameters are whole and the measurement is DDP's, without the Adam view (partitioned flat
+state); ``FullyShardedDataParallel`` (FSDP1) and ZeRO-3 are refused at construction.
 """
 
 from __future__ import annotations
@@ -55,7 +60,8 @@ from entangle.capture.measure import STRUCTURES, measure, update_dot
 from entangle.capture.optim import adam_preconditioner
 from entangle.capture.params import ParamSpec, parameters_at, select_params, unwrap_model
 from entangle.capture.result import Measurement, View
-from entangle.integrations.distributed import collective, rank_and_world
+from entangle.capture.sharding import check_supported, model_is_sharded, zero_optimizer
+from entangle.integrations.distributed import check_every_rank_measures, collective, rank_and_world
 from entangle.integrations.probe import Probe
 from entangle.integrations.reference import (
     given_logps,
@@ -175,10 +181,12 @@ class Monitor:
         self.model, self.params, self.strict, self.method, self.adam = model, params, strict, method, adam
         self.structure, self.fixed_reference, self.hyper = structure, fixed_reference, hyper
         select_params(unwrap_model(model), params)                      # a selection that selects nothing raises now
+        check_supported(unwrap_model(model))                             # FSDP1 and DeepSpeed ZeRO-3 raise now
         self.rank, self.world = rank_and_world() if distributed else (0, 1)
         self.probe = Probe(probe, tokenizer, max_length=max_length, truncation=truncation, rank=self.rank,
                            world=self.world)
         self.n_pairs, self.pairs = self.probe.n_pairs, self.probe.pairs
+        check_every_rank_measures(model_is_sharded(model), self.n_pairs, self.world)
         beta = {**self.objective.defaults, **hyper}.get("beta")
         self.pref_col, self._pref = self.probe.preferences(pref_col, beta, self.objective.name)
         self.ref_model = ref_model
@@ -191,6 +199,7 @@ class Monitor:
             self._ref = self._logps(self.model)
         self._last: LastMeasurement | None = None
         self._pending: UpdateCheck | None = None
+        self._warned_zero = False
         if isinstance(out_dir, RunWriter):
             self.writer = out_dir if self.rank == 0 else None
         else:
@@ -274,7 +283,17 @@ class Monitor:
         return summarize(pairs, pref_col=self.pref_col, beta={**self.objective.defaults, **self.hyper}["beta"])
 
     def _preconditioner(self, optimizer: Any) -> dict[str, torch.Tensor] | None:
+        """Adam's preconditioner per measured parameter; on a ``fully_shard`` model each one a ``DTensor`` of the
+        parameter's shards (computed from the sharded state; the engine gathers one parameter at a time)."""
         if optimizer is None or not self.adam:
+            return None
+        zero = zero_optimizer(optimizer)
+        if zero is not None:
+            if not self._warned_zero:
+                logger.warning("entangle: no Adam geometry under DeepSpeed ZeRO (%s keeps Adam's state as flat fp32 "
+                               "partitions, not per parameter); the plain geometry and the realised update are "
+                               "measured, or shard with torch.distributed.fsdp.fully_shard for the Adam view", zero)
+                self._warned_zero = True
             return None
         try:
             return adam_preconditioner(optimizer, self.model, self.params)

@@ -27,6 +27,7 @@ import torch
 
 from ..measure import gram_pass, sequence_gram
 from ..params import ParamSpec
+from ..sharding import model_is_sharded
 from .blockwise import CHUNK_HIDDEN, Blockwise, BlockwiseUnsupported, token_copies
 from .copies import last_position_logits, prefix_copies
 from .head import head_token_gram
@@ -53,6 +54,10 @@ def token_gram(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if model_is_sharded(model):
+        raise ValueError("token maps do not support a model sharded by torch.distributed.fsdp.fully_shard (their "
+                         "passes re-run blocks on one rank, while a sharded block's forward is a collective of "
+                         "every rank); map the pairs from a saved checkpoint in one process instead")
     rows = pair_rows(batch, pair)
     n_w = int(response_positions(batch, rows[0]).numel())
     if method == "head":
