@@ -25,7 +25,8 @@ It translates trainer events into monitor calls and TRL configurations into obje
   measurements in between.
 - The trainer is found on its own when the first event fires (the callback looks for the ``Trainer`` whose
   callback list holds it); ``cb.trainer = trainer`` or ``cb.attach(trainer)`` set it explicitly.
-- FSDP and DeepSpeed ZeRO-3 are refused at train begin (sharded parameters).
+- Sharded training: FSDP2 (accelerate's ``fsdp_version: 2``) and DeepSpeed ZeRO-1/2 are measured; FSDP1 and
+  ZeRO-3 are refused at train begin.
 - Mixed precision: with ``bf16=True`` accelerate wraps the model's ``forward`` in bf16 autocast, so the
   measurement's forward is the one training computes; the callback adds no autocast of its own (the engine's
   products stay float32 / float64 either way; README "Precision").
@@ -246,12 +247,16 @@ class EntanglementCallback(TrainerCallback):
 
 
 def _refuse_sharded(trainer: Trainer) -> None:
-    """Sharded parameters (FSDP, DeepSpeed ZeRO-3) would give wrong numbers silently: refuse them."""
-    if getattr(trainer, "is_fsdp_enabled", False):
-        raise RuntimeError("EntanglementCallback does not support FSDP (sharded parameters); "
-                           "use DDP or a single process, or remove the callback")
-    plugin = getattr(getattr(trainer.accelerator, "state", None), "deepspeed_plugin", None) \
-        if getattr(trainer, "is_deepspeed_enabled", False) else None
-    if plugin is not None and getattr(plugin, "zero_stage", None) == 3:
-        raise RuntimeError("EntanglementCallback does not support DeepSpeed ZeRO-3 (sharded parameters); "
-                           "use ZeRO-1/2, DDP or a single process, or remove the callback")
+    """Refuse the sharding schemes the Monitor cannot read: FSDP1 (accelerate's ``fsdp_version: 1``) and DeepSpeed
+    ZeRO-3. FSDP2 (``fsdp_version: 2``, ``fully_shard``) and ZeRO-1/2 are measured (README "Sharded training")."""
+    state = getattr(trainer.accelerator, "state", None)
+    fsdp = getattr(state, "fsdp_plugin", None) if getattr(trainer, "is_fsdp_enabled", False) else None
+    if fsdp is not None and getattr(fsdp, "fsdp_version", 1) != 2:
+        raise RuntimeError("EntanglementCallback does not support FullyShardedDataParallel (FSDP1: flat parameters); "
+                           "use FSDP2, torch.distributed.fsdp.fully_shard (accelerate: fsdp_version: 2; "
+                           "transformers: fsdp_config={'version': 2}), DDP or a single process")
+    deepspeed = getattr(state, "deepspeed_plugin", None) if getattr(trainer, "is_deepspeed_enabled", False) else None
+    if deepspeed is not None and getattr(deepspeed, "zero_stage", None) == 3:
+        raise RuntimeError("EntanglementCallback does not support DeepSpeed ZeRO-3 (parameters partitioned outside "
+                           "the forward); use ZeRO-1/2, FSDP2 (torch.distributed.fsdp.fully_shard, accelerate: "
+                           "fsdp_version: 2), DDP or a single process")
