@@ -17,7 +17,7 @@ from entangle.data import load_pairs
 from entangle.metrics.dataset import VIEW_COLUMNS, dataset_view, most_entangled, pair_texts
 from entangle.report.figures import FIGURES, REGIME_LABELS, dataset_entanglement
 from entangle.report.html import MOST_ENTANGLED, TEXT_CHARS, draw_figures, make_report
-from entangle.runio import RunWriter
+from entangle.runio import RunWriter, read_table
 from entangle.schema import REGIMES, TRAIN_PAIR_DTYPES, validate
 
 # the signs each regime has (THEORY.md §3): (chosen rises, rejected falls)
@@ -190,7 +190,7 @@ def test_dataset_figure_draws_the_views_numbers():
 
 
 def test_report_of_a_training_run_has_the_figure_and_the_most_entangled_pairs(run_dir, hh_file, tmp_path, capsys):
-    view = dataset_view(pd.concat([p for _, p in synthetic_run(36).groupby("step")]))
+    view = dataset_view(read_table(run_dir, "train_pairs"))
     top = most_entangled(view, MOST_ENTANGLED)
     assert main(["report", str(run_dir), "--out", str(tmp_path / "with-text"), "--data", str(hh_file)]) == 0
     path = Path(capsys.readouterr().out.strip())
