@@ -138,6 +138,11 @@ class GramEngine:
         self.checkpointed: set[int] = set()
         self.rerun_inputs: dict[int, list] = {}
         self.checkpointed_calls: set[int] = set()
+        self.waiting: dict[int, tuple] = {}       # module id -> a checkpointed call's reduction awaiting its re-run
+        self.forward_done = False                 # set after the forward: the hooks then only see the re-runs
+        # a pass whose backward the engine does not own: failures in its hooks go to ``on_error`` (then it stops)
+        self.on_error: Callable[[BaseException], None] | None = None
+        self.failed = False
         self.handles = []
         self.owners: list[tuple[torch.nn.Module, list[str]]] = []
         seen = set()
@@ -177,6 +182,8 @@ class GramEngine:
 
     def __enter__(self):
         for module, own in self.owners:
+            if id(module) in self.checkpointed:
+                self.handles.append(module.register_forward_pre_hook(self._rerun_inputs, with_kwargs=True))
             self.handles.append(module.register_forward_hook(self._make_forward_hook(own), with_kwargs=True))
         return self
 
@@ -243,6 +250,18 @@ class GramEngine:
                     output.expand(n, *output.shape[1:]), True)
         return args, output, False
 
+    def _rerun_inputs(self, module, args, kwargs):
+        """Pre-hook of a checkpointed module: during the backward's re-run, keep its inputs for the first call's
+        output gradient (before the forward: the re-run may stop inside it once the tensors it needs are saved)."""
+        if self.is_paused or not self._in_rerun(module):
+            return
+        if self.part.n > 1 and args and torch.is_tensor(args[0]) and args[0].dim() > 0 and args[0].shape[0] == 1:
+            args = (args[0].expand(self.part.n, *args[0].shape[1:]), *args[1:])
+        self.rerun_inputs.setdefault(id(module), []).append((args, kwargs))
+        waiting = self.waiting.pop(id(module), None)
+        if waiting is not None:                  # the output gradient arrived before the re-run: reduce it now
+            self._apply_rule(*waiting)
+
     def _in_rerun(self, module) -> bool:
         """A call of a checkpointed module while the backward pass recomputes its forward."""
         return id(module) in self.checkpointed and torch._C._current_graph_task_id() != -1
@@ -252,9 +271,9 @@ class GramEngine:
             if self.is_paused:
                 return None
             args, output, expanded = self._broadcast(args, output)
-            if self._in_rerun(module):           # keep the re-run's inputs for the first call's output gradient
-                self.rerun_inputs.setdefault(id(module), []).append((args, kwargs))
-                return output if expanded else None
+            rerun = self._in_rerun(module)
+            if rerun or self.forward_done:       # a re-run's inputs were taken by its pre-hook
+                return output if expanded and rerun else None
             self._record(module, own, args, kwargs, output)
             return output if expanded else None
         return hook
@@ -269,7 +288,7 @@ class GramEngine:
             raise ValueError(f"{type(module).__name__} has no measured parameter or no rule for an external use")
         part, use_index = self.part, self._use_index(module, own, rule, args)
         self._count_calls(part, module, own)
-        return lambda g: self._apply_rule(part, rule, module, own, args, g, use_index)
+        return lambda g: self._apply_rule(part, rule, module, own, (args, {}), g, use_index)
 
     def _use_index(self, module, own, rule, args) -> dict:
         """Record a use of each of ``module``'s measured parameters; local name -> index among the param's uses."""
@@ -324,8 +343,7 @@ class GramEngine:
             raise RuntimeError(f"{type(module).__name__} returned {len(outs)} differentiable outputs; "
                                "its rule expects one")
         self._count_calls(part, module, own)
-        outs[0].register_hook(lambda g: self._apply_rule(part, rule, module, own, self._inputs(module, held)[0], g,
-                                                         use_index))
+        outs[0].register_hook(lambda g: self._apply_rule(part, rule, module, own, held, g, use_index))
 
     def _inputs(self, module, held: tuple | None) -> tuple:
         """``(args, kwargs)`` of a call: held from the forward, or taken from the backward's re-run."""
@@ -349,8 +367,6 @@ class GramEngine:
         def hook(grad):
             if self.finished:                       # a later backward of a retained graph is not measured
                 return
-            if use.args is None:
-                use.args, use.kwargs = self._inputs(use.module, None)
             use.grads[j] = grad.detach()
         return hook
 
@@ -364,9 +380,29 @@ class GramEngine:
             g = g * self.row_scale.to(device=g.device, dtype=dtype).view(-1, *[1] * (g.dim() - 1))
         return g
 
-    def _apply_rule(self, part: _Part, rule, module, own, args, grad, use_index):
+    def _apply_rule(self, part: _Part, rule, module, own, held: tuple | None, grad, use_index):
+        """Reduce one call's output gradient by its rule; ``held`` = the call's ``(args, kwargs)``, or None for a
+        checkpointed call (taken from the re-run)."""
+        if self.failed:
+            return
+        if self.on_error is None:
+            self._reduce(part, rule, module, own, held, grad, use_index)
+            return
+        try:
+            self._reduce(part, rule, module, own, held, grad, use_index)
+        except Exception as err:  # noqa: BLE001 - handed to on_error, never raised into a pass the engine does not own
+            self.failed = True
+            self.on_error(err)
+
+    def _reduce(self, part: _Part, rule, module, own, held, grad, use_index):
         if self.finished:                           # a later backward of a retained graph is not measured
             return
+        if held is None and not self.rerun_inputs.get(id(module)):
+            # a checkpointed call's output gradient can arrive before the backward pass re-runs its layer (it needs
+            # no saved tensor of the layer): reduced when the re-run brings the inputs
+            self.waiting[id(module)] = (part, rule, module, own, None, grad, use_index)
+            return
+        args = self._inputs(module, held)[0]
         g = self._scaled(grad, self._dtype(module, own))
         if g.dim() == 2:
             g = g.unsqueeze(1)
@@ -464,6 +500,8 @@ class GramEngine:
         part = self.part
         uses, part.generic_uses = part.generic_uses, []
         for use in uses:
+            if use.args is None:                    # a checkpointed call: its inputs from the backward's re-run
+                use.args, use.kwargs = self._inputs(use.module, None)
             with autocast_off(use.module._parameters[use.names[0]].device):
                 grads = [None if g is None else self._scaled(g, self._dtype(use.module, use.names)) for g in use.grads]
                 contribs = generic(use.module, use.args, use.kwargs, grads, use.names, part.n)

@@ -45,7 +45,9 @@ from transformers import Trainer, TrainerCallback
 from entangle.capture.params import ParamSpec
 from entangle.integrations.monitor import Monitor
 from entangle.integrations.reference import has_ref_columns
+from entangle.integrations.training_pass import TrainingPass
 from entangle.metrics import resolve_objective
+from entangle.runio import RunWriter
 
 logger = logging.getLogger(__name__)
 
@@ -100,9 +102,13 @@ class EntanglementCallback(TrainerCallback):
     """Measure gradient entanglement on a probe set during ``Trainer``/TRL training (see the module docstring).
 
     Args:
-        probe: preference pairs (any format ``load_pairs`` accepts) or indices into ``trainer.train_dataset``.
+        probe: preference pairs (any format ``load_pairs`` accepts) or indices into ``trainer.train_dataset``;
+            None: no probe (``train_every`` then says what is measured).
         objective: the loss to analyse; ``None`` reads it from a TRL trainer's config.
-        every: measure when ``global_step % every == 0`` (and at the end).
+        every: measure the probe when ``global_step % every == 0`` (and at the end).
+        train_every: also measure, on every ``train_every``-th optimizer step, the training pairs themselves inside
+            the trainer's own forward and backward passes (every micro-batch; no extra pass): the ``train_pairs``
+            and ``train_summary`` tables and the ``entangle_train/*`` scalars (``entangle.capture.inpass``).
         out_dir: run directory; default ``<args.output_dir>/entangle``.
         params: measured parameters (``select_params`` spec); default all trainable (the adapters under PEFT).
         strict: raise exceptions from measurements instead of logging them.
@@ -115,11 +121,18 @@ class EntanglementCallback(TrainerCallback):
             trainer's).
     """
 
-    def __init__(self, probe: Any, objective: Any = None, every: int = 10, out_dir: str | os.PathLike | None = None,
-                 params: ParamSpec = None, strict: bool = False, *, check_updates: bool = True,
-                 trainer: Trainer | None = None, **monitor_kwargs: Any):
+    def __init__(self, probe: Any = None, objective: Any = None, every: int = 10,
+                 out_dir: str | os.PathLike | None = None, params: ParamSpec = None, strict: bool = False, *,
+                 check_updates: bool = True, train_every: int | None = None, trainer: Trainer | None = None,
+                 **monitor_kwargs: Any):
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
+        if train_every is not None and train_every < 1:
+            raise ValueError(f"train_every must be >= 1, got {train_every}")
+        if probe is None and train_every is None:
+            raise ValueError("nothing to measure: pass a probe, or train_every=k to measure the training pairs")
+        self.train_every, self.training_pass = train_every, None
+        self.writer: RunWriter | None = None
         self.probe, self.objective, self.every, self.out_dir = probe, objective, every, out_dir
         self.params, self.strict, self.trainer, self.check_updates = params, strict, trainer, check_updates
         self.monitor_kwargs = monitor_kwargs
@@ -139,13 +152,29 @@ class EntanglementCallback(TrainerCallback):
         trainer = self._find_trainer()
         _refuse_sharded(trainer)
         self.measured.clear()
-        rows = self._probe_rows(trainer)
-        self.monitor = Monitor(model if model is not None else trainer.model,
-                               processing_class if processing_class is not None else trainer.processing_class,
-                               rows, out_dir=self.out_dir or os.path.join(args.output_dir, "entangle"),
-                               params=self.params, strict=self.strict, **self._monitor_settings(trainer, rows))
+        model = model if model is not None else trainer.model
+        out_dir = self.out_dir or os.path.join(args.output_dir, "entangle")
+        if self.probe is not None:
+            rows = self._probe_rows(trainer)
+            self.monitor = Monitor(model, processing_class if processing_class is not None else
+                                   trainer.processing_class, rows, out_dir=out_dir, params=self.params,
+                                   strict=self.strict, **self._monitor_settings(trainer, rows))
+            self.writer = self.monitor.writer
+        elif args.process_index == 0:
+            self.writer = RunWriter(out_dir)
+        if self.train_every is not None:
+            if self.training_pass is not None:
+                self.training_pass.close()
+            self.training_pass = TrainingPass(trainer, model, self.train_every, params=self.params,
+                                              method=self.monitor_kwargs.get("method", "auto"), strict=self.strict)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.training_pass is not None:
+            self.training_pass.begin_step(state.global_step)
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if self.training_pass is not None:       # the step's backward passes are done: before the probe's own pass
+            self._end_training_pass(args, state, control, optimizer)
         if self.monitor is None or state.global_step % self.every:
             return
         step = state.global_step
@@ -169,6 +198,27 @@ class EntanglementCallback(TrainerCallback):
     def on_train_end(self, args, state, control, optimizer=None, **kwargs):
         if self.monitor is not None:
             self._measure_final(args, state, control, optimizer)
+        if self.training_pass is not None:
+            self.training_pass.close()
+            self.training_pass = None
+
+    def _end_training_pass(self, args, state, control, optimizer) -> None:
+        """The in-pass rows of this step: written, summarised and logged at the step they measure."""
+        lr = float(optimizer.param_groups[0]["lr"]) if optimizer is not None else float("nan")
+        try:
+            out = self.training_pass.end_step(lr)
+        except Exception as err:  # noqa: BLE001 - reported, never raised into training unless strict
+            if self.strict:
+                raise
+            logger.warning("entangle: in-pass measurement of step %s failed: %s", state.global_step, err)
+            return
+        if out is None:
+            return
+        frame, summary = out
+        if self.writer is not None:
+            self.writer.write("train_pairs", frame, state.global_step)
+            self.writer.write("train_summary", summary, state.global_step)
+        self._log(args, state, control, TrainingPass.scalars(summary))
 
     # -- helpers -------------------------------------------------------------------------------------------
     def _measure_final(self, args, state, control, optimizer) -> None:

@@ -1,0 +1,150 @@
+"""The callback's in-pass measurement (``EntanglementCallback(train_every=k)``): the trainer's own micro-batches.
+
+:class:`TrainingPass` checks at train begin that the trainer's loss can be measured inside its pass (refusing, with
+the reason, what cannot), arms a :class:`~entangle.capture.inpass.PassRecorder` for every k-th optimizer step, and
+when the step's backward passes are done turns their records into the ``train_pairs`` rows of that step (with each
+pair's row of ``trainer.train_dataset``), a ``train_summary`` row and the scalars logged under ``entangle_train/``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from entangle.capture.inpass import InPassError, PassRecorder, checkpointed_modules
+from entangle.capture.params import ParamSpec, select_params
+from entangle.metrics.summary import summarize
+from entangle.metrics.tables import summary_scalars
+from entangle.metrics.train import train_pair_frame
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "entangle_train/"
+
+
+def refuse_in_pass(trainer: Any, model: torch.nn.Module) -> None:
+    """Raise :class:`InPassError` (saying why) for a training setup whose pass cannot be measured per pair."""
+    args = trainer.args
+    reasons = []
+    if getattr(args, "use_liger_kernel", False):
+        reasons.append("use_liger_kernel (a fused linear cross-entropy bypasses the hooked output layer)")
+    if getattr(args, "padding_free", False):
+        reasons.append("padding_free (packed sequences share one row)")
+    if getattr(args, "ld_alpha", None) is not None:
+        reasons.append("ld_alpha (LD-DPO weights the response tokens unequally)")
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "output_router_logits", False) or getattr(trainer, "aux_loss_enabled", False):
+        reasons.append("a mixture-of-experts router loss (its gradient does not go through the log-probs)")
+    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier", "logits_scaling",
+                 "lm_head_multiplier"):
+        if getattr(text, attr, None) not in (None, 1.0):
+            reasons.append(f"config.{attr} (logits transformed after the output layer)")
+    kwargs = getattr(args, "gradient_checkpointing_kwargs", None) or {}
+    if getattr(args, "gradient_checkpointing", False) and kwargs.get("use_reentrant", False):
+        reasons.append("reentrant gradient checkpointing (use_reentrant=False is supported)")
+    if getattr(getattr(model, "peft_config", {}).get("default", None), "num_virtual_tokens", None):
+        reasons.append("prompt-learning PEFT (virtual tokens)")
+    if reasons:
+        raise InPassError("in-pass capture (train_every) cannot measure this training pass: " + "; ".join(reasons))
+
+
+def dataset_keys(trainer: Any) -> dict[tuple, int]:
+    """(chosen token ids, rejected token ids) as the model sees them -> first row of ``trainer.train_dataset`` with
+    them, by collating each row alone with the trainer's own collator (rows it cannot collate are left out)."""
+    data, collate = trainer.train_dataset, trainer.data_collator
+    keys: dict[tuple, int] = {}
+    if data is None or collate is None:
+        return keys
+    for i in tqdm(range(len(data)), desc="entangle: indexing the training pairs", leave=False,
+                  disable=len(data) < 2000):
+        try:
+            key = pair_key(collate([data[i]]))
+        except Exception:  # noqa: BLE001 - a row the collator needs company for: left unindexed
+            continue
+        if key is not None:
+            keys.setdefault(key, i)
+    return keys
+
+
+def pair_key(batch: dict) -> tuple | None:
+    """The (chosen, rejected) token ids of a one-pair batch from a preference collator (TRL's DPO layout with
+    ``input_ids`` [2, T], or the CPO/ORPO layout with ``chosen_input_ids`` / ``rejected_input_ids``)."""
+    def ids(t, m):
+        return tuple(t[0][m[0].bool()].tolist()) if m is not None else tuple(t[0].tolist())
+    if "input_ids" in batch and batch["input_ids"].shape[0] == 2:
+        t, m = batch["input_ids"], batch.get("attention_mask")
+        return ids(t[:1], None if m is None else m[:1]), ids(t[1:], None if m is None else m[1:])
+    if "chosen_input_ids" in batch and "rejected_input_ids" in batch:
+        return (ids(batch["chosen_input_ids"], batch.get("chosen_attention_mask")),
+                ids(batch["rejected_input_ids"], batch.get("rejected_attention_mask")))
+    return None
+
+
+class TrainingPass:
+    """In-pass measurement of every ``every``-th optimizer step of ``trainer`` (see the module docstring)."""
+
+    def __init__(self, trainer: Any, model: torch.nn.Module, every: int, *, params: ParamSpec = None,
+                 method: str = "auto", strict: bool = False):
+        refuse_in_pass(trainer, model)
+        self.trainer, self.every, self.strict = trainer, every, strict
+        named = select_params(model, params)
+        self.recorder = PassRecorder(model, named, mode=method, checkpointed=checkpointed_modules(model),
+                                     strict=strict)
+        self.keys = dataset_keys(trainer)
+        self.rank = torch.distributed.get_rank() if torch.distributed.is_available() and \
+            torch.distributed.is_initialized() else 0
+        self.step: int | None = None
+        self._recording = None
+
+    def close(self) -> None:
+        self.recorder.close()
+
+    def begin_step(self, step: int) -> None:
+        """Arm the recorder if ``step`` is measured (called at the step's beginning)."""
+        if step % self.every == 0 and self._recording is None:
+            self.step = step
+            self._recording = self.recorder.recording()
+            self._recording.__enter__()
+
+    def end_step(self, lr: float) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+        """Disarm; the step's (train_pairs, train_summary) frames, None if nothing was recorded."""
+        if self._recording is None:
+            return None
+        records = self.recorder.records
+        self._recording.__exit__(None, None, None)
+        self._recording = None
+        for err in self.recorder.errors:
+            logger.warning("entangle: in-pass measurement of step %s failed: %s", self.step, err)
+        self.recorder.errors.clear()
+        if not records:
+            return None
+        pairs = sum(len(r.inner) for r in records)
+        frames = [train_pair_frame(step=self.step, micro=j, rank=self.rank,
+                                   index=[self.keys.get(key, -1) for key in r.keys], logps=r.logps.numpy(),
+                                   lengths=r.lengths.numpy(), coef=r.coef.numpy(), norm2=r.norm2.numpy(),
+                                   inner=r.inner.numpy(), excluded=r.excluded.numpy(), lr=lr, pairs_in_step=pairs)
+                  for j, r in enumerate(records)]
+        frame = pd.concat(frames, ignore_index=True)
+        frame = gather_frames(frame)
+        summary = summarize(frame)
+        summary["n_excluded"] = summary["n_excluded"].astype(int)
+        return frame, summary
+
+    @staticmethod
+    def scalars(summary: pd.DataFrame) -> dict[str, float]:
+        return summary_scalars(summary, PREFIX)
+
+
+def gather_frames(frame: pd.DataFrame) -> pd.DataFrame:
+    """Under torch.distributed, every rank's rows (each rank measures its own micro-batches); else ``frame``."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+            torch.distributed.get_world_size() == 1:
+        return frame
+    parts: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, frame)
+    return pd.concat(parts, ignore_index=True)
