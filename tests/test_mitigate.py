@@ -198,3 +198,21 @@ def test_trainer_refuses_a_loss_it_cannot_reproduce(tmp_path):
     with pytest.raises(ValueError, match="PairwiseNormalizedDPOTrainer cannot train this loss: .*aot"):
         model = builtin_model(builtin_tokenizer())
         _trainer(tmp_path, model, copy.deepcopy(model), loss_type="aot", per_device_train_batch_size=4)
+
+
+def test_erlhf_reference_conditions_on_the_transformed_prompt():
+    """reference_logps with a prompt prefix = the reference's log-probs of the same responses after prefix + prompt."""
+    from entangle.integrations.reference import reference_logps
+
+    tok = builtin_tokenizer()
+    model, rows = builtin_model(tok), _rows(3)
+    plain = probe_logps(model, encode_pairs(tok, rows))
+    torch.testing.assert_close(reference_logps(model, tok, rows), plain, rtol=0, atol=0)
+    prefixed = [{**r, "prompt": "this is a review of a movie . " + r["prompt"]} for r in rows]
+    expected = probe_logps(model, encode_pairs(tok, prefixed))
+    got = reference_logps(model, tok, rows, prompt_transform="this is a review of a movie . ")
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert (got - plain).abs().min() > 1e-3                              # the prefix changes every reference log-prob
+    chat = reference_logps(model, tok, [{**r, "prompt": [{"role": "user", "content": r["prompt"]}]} for r in rows[:1]],
+                           prompt_transform=lambda messages: messages[0]["content"])     # a callable transform
+    torch.testing.assert_close(chat, reference_logps(model, tok, rows[:1]), rtol=0, atol=0)

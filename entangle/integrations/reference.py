@@ -14,12 +14,15 @@ analysis.
 
 An objective that needs a reference and has none of these raises :class:`ReferenceError`; checkpoint analysis
 catches it and falls back to the first checkpoint of the series.
+
+:func:`reference_logps` computes given log-probs for pairs under a reference model, optionally on transformed
+prompts: E-RLHF's safety-prefixed reference is DPO with ``ref_logps=reference_logps(..., prompt_transform=prefix)``.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -27,6 +30,9 @@ import torch
 from entangle.capture.engine import measurement_mode
 from entangle.capture.logprobs import on_device, sequence_logps
 from entangle.capture.params import unwrap_model
+from entangle.data import encode_pairs
+
+PromptTransform = str | Callable[[Any], Any]
 
 REF_FIELDS = ("ref_chosen_logps", "ref_rejected_logps")
 SOURCES = ("given", "initial", "model", "peft", "none")
@@ -105,6 +111,35 @@ def probe_logps(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> to
     model = unwrap_model(model)
     with preserved_rng(), measurement_mode(model, []), torch.no_grad():
         return sequence_logps(model, on_device(batch, model)).detach().to(torch.float64).cpu()
+
+
+def transformed_prompt(prompt: Any, transform: PromptTransform) -> Any:
+    """``transform(prompt)``, or for a string ``transform`` that prefix prepended to the prompt (to a standard prompt's
+    text, or to the content of a conversational prompt's first user message)."""
+    if callable(transform):
+        return transform(prompt)
+    if isinstance(prompt, str):
+        return transform + prompt
+    user = next((i for i, m in enumerate(prompt) if m.get("role") == "user"), None)
+    if user is None:
+        raise ValueError("a conversational prompt without a user message: pass a callable prompt transform")
+    return [{**m, "content": transform + m["content"]} if i == user else m for i, m in enumerate(prompt)]
+
+
+def reference_logps(ref_model: torch.nn.Module, tokenizer: Any, rows: Sequence[Mapping], *,
+                    prompt_transform: PromptTransform | None = None, **encode_kwargs: Any) -> torch.Tensor:
+    """Reference log-probs [2B] (chosen, then rejected; float64, CPU) of the rows' responses under ``ref_model``,
+    each prompt first passed through ``prompt_transform``.
+
+    With a safety prefix this is E-RLHF's reference π_ref(y | prefix + x): DPO whose reference conditions on a
+    safety-prefixed prompt is plain DPO with these reference log-probs, so pass them as ``ref_logps=`` (to
+    ``Monitor``/``EntanglementCallback``, ``pair_frame``, ``pairwise_normalized_backward``). ``rows`` are
+    ``{"prompt", "chosen", "rejected"}`` pairs (``load_pairs``); ``encode_kwargs`` go to ``encode_pairs``
+    (``max_length``, ...). A PEFT policy's own reference: call inside ``peft_reference(model)``.
+    """
+    if prompt_transform is not None:
+        rows = [{**row, "prompt": transformed_prompt(row["prompt"], prompt_transform)} for row in rows]
+    return probe_logps(ref_model, encode_pairs(tokenizer, rows, **encode_kwargs))
 
 
 @contextlib.contextmanager
