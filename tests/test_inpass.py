@@ -1,0 +1,190 @@
+"""In-pass capture (``EntanglementCallback(train_every=k)``): the training pairs measured inside the trainer's own
+forward and backward, against the exact twin (one backward per sequence at the same parameters)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from helpers import random_batch, tiny_llama
+
+pytest.importorskip("trl")
+from datasets import Dataset  # noqa: E402
+from transformers import AutoModelForCausalLM, TrainerCallback  # noqa: E402
+from trl import DPOConfig, DPOTrainer  # noqa: E402
+
+from entangle import EntanglementCallback, sequence_gram  # noqa: E402
+from entangle.builtin import builtin_model, builtin_pairs, builtin_tokenizer  # noqa: E402
+from entangle.capture.inpass import InPassError, PassRecorder  # noqa: E402
+from entangle.capture.logprobs import token_logps  # noqa: E402
+from entangle.capture.params import select_params  # noqa: E402
+from entangle.runio import read_run  # noqa: E402
+from entangle.schema import validate  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+COMMON = dict(report_to=[], save_strategy="no", use_cpu=True, bf16=False, logging_steps=1, seed=0,
+              learning_rate=1e-3, disable_tqdm=True)
+
+
+class Snapshots(TrainerCallback):
+    """The parameters θ_t at the beginning of every optimizer step (a fresh copy of the model class)."""
+
+    def __init__(self, make):
+        self.make, self.at = make, {}
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        m = self.make()
+        m.load_state_dict(model.state_dict())      # not deepcopy: TRL's fused head is bound to the trained model
+        self.at[state.global_step] = m.eval()
+
+
+def _check_rows_against_twin(rows, snapshots, batch_of, tol=1e-5):
+    """Every measured row equals the exact twin of its dataset row at its step's parameters (its index is right)."""
+    assert len(rows) and not rows["excluded"].any()
+    for _, r in rows.iterrows():
+        twin = sequence_gram(snapshots.at[int(r["step"])], batch_of(int(r["index"])), method="exact")
+        k, scale = twin.matrix, float(twin.matrix.abs().max())
+        for got, want in ((r.norm2_chosen, k[0, 0]), (r.norm2_rejected, k[1, 1]), (r.inner, k[0, 1])):
+            assert abs(got - float(want)) <= tol * scale, (r["step"], r["index"], got, float(want))
+        np.testing.assert_allclose([r.logp_chosen, r.logp_rejected], twin.logps.numpy(), rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_dpo_rows_equal_the_exact_twin_on_stories_hh(tmp_path, stories_dir, stories_tokenizer, hh_rows,
+                                                     checkpointing):
+    """TRL DPO (fused LM head) on stories260k with real HH pairs, gradient accumulation 2, shuffled sampler."""
+    from entangle.data import load_pairs
+
+    rows = [r for r in load_pairs(hh_rows[:300]) if len(r["prompt"]) < 150 and len(r["chosen"]) < 120
+            and len(r["rejected"]) < 120][:12]
+    model = AutoModelForCausalLM.from_pretrained(stories_dir)
+    snaps = Snapshots(lambda: AutoModelForCausalLM.from_pretrained(stories_dir))
+    args = DPOConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2,
+                     gradient_accumulation_steps=2, max_length=128, gradient_checkpointing=checkpointing, **COMMON)
+    trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=stories_tokenizer,
+                         callbacks=[snaps, EntanglementCallback(train_every=1, strict=True)])
+    trainer.train()
+    run = read_run(tmp_path / "out" / "entangle")
+    tp = run["train_pairs"]
+    validate("train_pairs", tp)
+    assert tp.groupby("step")["micro"].nunique().tolist() == [2, 2] and len(tp) == 8
+    # the sampler shuffles: the measured rows are not the dataset's first ones in order
+    assert tp["index"].tolist() != list(range(8)) and tp.groupby("step")["index"].nunique().tolist() == [4, 4]
+    _check_rows_against_twin(tp, snaps, lambda i: trainer.data_collator([trainer.train_dataset[i]]))
+    step0 = tp[tp["step"] == 0]           # policy = reference: the sigmoid loss's coefficient is β σ(0)
+    np.testing.assert_allclose(step0["a_chosen"], 0.05, rtol=1e-6)
+    np.testing.assert_allclose(tp["a_chosen"], -tp["a_rejected"], rtol=1e-6)
+    logged = [h for h in trainer.state.log_history if "entangle_train/cosine_q50" in h]
+    assert [h["step"] for h in logged] == [0, 1]
+    assert [h["entangle_train/cosine_q50"] for h in logged] == run["train_summary"]["cosine_q50"].tolist()
+
+
+def _dpo_builtin(tmp_path, callbacks, **kw):
+    tok = builtin_tokenizer()
+    model = builtin_model(tok)
+    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in builtin_pairs(32, seed=1)]
+    args = DPOConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2,
+                     gradient_accumulation_steps=2, **{**COMMON, **kw})
+    trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=tok, callbacks=callbacks)
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_in_pass_capture_does_not_change_training(tmp_path, checkpointing):
+    """GPT-2 (position ids broadcast over the batch, tied embeddings): weights and losses bit-identical."""
+    without = _dpo_builtin(tmp_path / "a", None, gradient_checkpointing=checkpointing)
+    cb = EntanglementCallback(train_every=1, strict=True)
+    with_cb = _dpo_builtin(tmp_path / "b", [cb], gradient_checkpointing=checkpointing)
+    a, b = without.model.state_dict(), with_cb.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["loss"] for h in without.state.log_history if "loss" in h] == \
+        [h["loss"] for h in with_cb.state.log_history if "loss" in h]
+    tp = read_run(tmp_path / "b" / "entangle")["train_pairs"]
+    assert len(tp) == 3 * 4 and (tp["index"] >= 0).all() and np.isfinite(tp["cosine"]).all()
+
+
+def test_cpo_simpo_logits_path_equals_the_exact_twin(tmp_path):
+    """CPO/SimPO computes logits (no fused head) and adds an NLL term on the chosen response."""
+    cpo = pytest.importorskip("trl.experimental.cpo")
+    tok = builtin_tokenizer()
+    model = builtin_model(tok)
+    snaps = Snapshots(lambda: builtin_model(tok))
+    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in builtin_pairs(16, seed=2)]
+    args = cpo.CPOConfig(output_dir=str(tmp_path / "out"), max_steps=2, loss_type="simpo", cpo_alpha=0.5,
+                         max_length=64, per_device_train_batch_size=4, **COMMON)
+    trainer = cpo.CPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                             callbacks=[snaps, EntanglementCallback(train_every=1, strict=True)])
+    trainer.train()
+    tp = read_run(tmp_path / "out" / "entangle")["train_pairs"]
+
+    def batch_of(i):
+        b = trainer.data_collator([trainer.train_dataset[i]])
+        seqs = [(b[f"{s}_input_ids"][0], b[f"{s}_attention_mask"][0], b[f"{s}_labels"][0] != -100)
+                for s in ("chosen", "rejected")]
+        width = max(len(x[0]) for x in seqs)
+
+        def pad(t):
+            return torch.nn.functional.pad(t.long(), (0, width - len(t)))
+        return {"input_ids": torch.stack([pad(x[0]) for x in seqs]),
+                "attention_mask": torch.stack([pad(x[1]) for x in seqs]),
+                "completion_mask": torch.stack([pad(x[2]) for x in seqs])}
+
+    _check_rows_against_twin(tp, snaps, batch_of)
+    assert (tp["a_chosen"] > 0).all() and (tp["a_rejected"] < 0).all()
+
+
+def test_refused_at_train_begin_with_the_reason(tmp_path):
+    with pytest.raises(InPassError, match="ld_alpha"):
+        _dpo_builtin(tmp_path, [EntanglementCallback(train_every=1)], ld_alpha=0.5)
+    with pytest.raises(ValueError, match="nothing to measure"):
+        EntanglementCallback()
+
+
+def _loop(model, batch, weights, recorder):
+    """One hand-written training pass: loss = Σ_i w_i s_i (or per-token weights [N, L])."""
+    with recorder.recording() as records:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        lp = token_logps(out.logits, batch)
+        loss = (lp * weights).sum() if weights.dim() == 2 else (lp.sum(-1) * weights).sum()
+        loss.backward()
+    return records
+
+
+def test_hand_written_loop_vanished_coefficient_and_token_weights():
+    """A pair whose coefficient is exactly 0 is excluded (NaN, not divided by zero); the others equal the twin. A loss
+    weighting tokens unequally is detected; without strict it is reported and training is untouched."""
+    model = tiny_llama(dtype=torch.float32).train()
+    batch = random_batch(3, 101, seed=4)
+    recorder = PassRecorder(model, select_params(model), strict=True)
+    weights = torch.tensor([0.7, 0.0, -0.2, -0.5, 0.3, 1.1])
+    (record,) = _loop(model, batch, weights, recorder)
+    model.zero_grad()
+    twin = sequence_gram(model.eval(), batch, method="exact").matrix
+    model.train()
+    assert record.excluded.tolist() == [False, True, False, False, False, False]
+    assert torch.isnan(record.norm2[[1, 4]]).all() and torch.isnan(record.inner[1])
+    for k in (0, 2):
+        want = torch.stack([twin[k, k], twin[3 + k, 3 + k], twin[k, 3 + k]])
+        got = torch.stack([record.norm2[k], record.norm2[3 + k], record.inner[k]])
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    np.testing.assert_allclose(record.coef, weights, rtol=1e-6)
+
+    token_weights = torch.rand(batch["input_ids"].shape, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(InPassError, match="unequally"):
+        _loop(model, batch, token_weights, recorder)
+    model.zero_grad()
+    lenient = PassRecorder(model, select_params(model))
+    assert _loop(model, batch, token_weights, lenient) == [] and "unequally" in str(lenient.errors[0])
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    lenient.close()
+    recorder.close()
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    (token_logps(out.logits, batch) * token_weights).sum().backward()
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters(), strict=True))
