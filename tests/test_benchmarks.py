@@ -77,3 +77,11 @@ def test_gpu_script_parses_and_refuses_a_missing_output_folder(tmp_path):
     assert done.returncode == 2 and "--budget must be whole seconds" in done.stderr
     done = subprocess.run(["bash", script, "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "bash benchmarks/gpu.sh OUTDIR" in done.stdout
+
+
+@pytest.mark.slow
+def test_bench_mitigate_prints_each_method_against_the_plain_step():
+    out = _run("bench_mitigate.py", "--shapes", "tiny", "--repeat", "1", "--methods", "pairwise_normalized")
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| tiny |")]
+    assert [r[1].strip() for r in rows] == ["plain_dpo_step", "pairwise_normalized"]
+    assert rows[0][3].strip() == "1.00" and float(rows[1][2]) > 0 and float(rows[1][3]) > 0

@@ -1,0 +1,115 @@
+"""Time and peak memory of one training step of each mitigation against the plain DPO step, side by side.
+
+    python benchmarks/bench_mitigate.py                       # CPU: the GPT-2-shaped model, shape "long"
+    python benchmarks/bench_mitigate.py --shapes long short --device cuda
+
+A step is the forward and backward pass that fills ``.grad`` for one batch (the optimizer's update is the same for
+every method and left out), on bench_gram's GPT-2-shaped model and batch, all with the plain-logits forward:
+
+* ``plain_dpo_step``: DPO (``sigmoid``, β = 0.1), ``loss.backward()``;
+* ``dpo_nll``: DPO + NLL of the chosen response (TRL's ``loss_type=["sigmoid", "sft"]``, weights [1, 1]);
+* ``dpo_positive``: DPO-Positive (``dpop``, λ = 50);
+* ``token_masked``: DPO on token-weighted log-probs (``mask_batch``'s alignment weights, computed once outside the
+  timed step as a collator would);
+* ``pairwise_normalized``: ``entangle.pairwise_normalized_backward`` (the engine's norm pass, then the surrogate's
+  backward through the kept graph). Target: at most 1.8x the plain step.
+
+Each (shape, method) runs in a fresh child process (bench_gram's ``run_child``), so its peak resident memory
+(VmHWM) is its own; on CUDA the peak is torch.cuda.max_memory_allocated. Reported: median wall time over --repeat
+runs after one warm-up, the peak, the peak above the model+batch baseline, and ratios to the plain step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+from bench_gram import SHAPES, _setup, _vmhwm_mb, add_model_options, model_options, print_table, run_child
+
+OBJECTIVES = {  # method -> (objective, loss_weights, hyper)
+    "plain_dpo_step": ("sigmoid", None, {"beta": 0.1}),
+    "dpo_nll": (["sigmoid", "sft"], [1.0, 1.0], {"beta": 0.1}),
+    "dpo_positive": ("dpop", None, {"beta": 0.1, "dpop_lambda": 50.0}),
+    "token_masked": ("sigmoid", None, {"beta": 0.1}),
+}
+METHODS = [*OBJECTIVES, "pairwise_normalized"]
+
+
+def make_step(method: str, model, batch):
+    """The method's step: a function that zeroes ``.grad`` and fills it for ``batch``."""
+    import torch
+
+    from entangle.capture.logprobs import response_lengths, sequence_logps
+    from entangle.metrics.objectives import resolve_objective
+    from entangle.mitigate import pairwise_normalized_backward
+
+    with torch.no_grad():
+        ref = sequence_logps(model, batch).double() - 0.1             # a reference model's log-probs
+    if method == "pairwise_normalized":
+        def step():
+            model.zero_grad(set_to_none=True)
+            pairwise_normalized_backward(model, batch, "sigmoid", ref, beta=0.1)
+        return step
+    objective, weights, hyper = OBJECTIVES[method]
+    obj = resolve_objective(objective, weights)
+    data = batch
+    if method == "token_masked":
+        from entangle.mitigate.token_mask import mask_batch  # imports TRL: only where it is used
+
+        data = mask_batch(batch)
+    n = response_lengths(batch).to(ref.device)
+    b = n.shape[0] // 2
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        s = sequence_logps(model, data)
+        r = ref.to(s.dtype)
+        loss = obj(s[:b], s[b:], ref_chosen_logps=r[:b], ref_rejected_logps=r[b:], chosen_lengths=n[:b],
+                   rejected_lengths=n[b:], **hyper)
+        loss.mean().backward()
+    return step
+
+
+def child(shape: str, method: str, device: str, repeat: int, model_config: str | None = None,
+          dtype: str = "float32") -> dict:
+    import torch
+
+    model, batch = _setup(shape, device, model_config, dtype)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    base = torch.cuda.memory_allocated() / 2**20 if device.startswith("cuda") else _vmhwm_mb()
+    step = make_step(method, model, batch)
+    step()                                                            # warm-up
+    times = []
+    for _ in range(repeat):
+        sync()
+        t = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else _vmhwm_mb()
+    return {"shape": shape, "method": method, "seconds": statistics.median(times), "peak_mb": peak,
+            "above_base_mb": peak - base}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=["long"], choices=list(SHAPES))
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeat", type=int, default=3)
+    add_model_options(ap)
+    ap.add_argument("--child", nargs=2, metavar=("SHAPE", "METHOD"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(*args.child, args.device, args.repeat, args.model_config, args.dtype)))
+        return
+    methods = ["plain_dpo_step", *(m for m in args.methods if m != "plain_dpo_step")]   # the ratios' baseline
+    rows = [run_child(__file__, [shape, method], args.device, args.repeat, {"shape": shape, "method": method},
+                      model_options(args)) for shape in args.shapes for method in methods]
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
