@@ -37,7 +37,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from .capture.contrib import CHUNK_ELEMS, embedding_dense, factored_kind
+from .capture.contrib import CHUNK_ELEMS, PARTIAL_SUM, embedding_dense, factored_kind
 from .capture.logprobs import model_logits, token_logps
 from .capture.rules import rule_for
 
@@ -128,16 +128,18 @@ class _Call:
     in_shape: tuple                 # the first input's shape ([N, T] ids, or [N, T, d_in])
     out_width: int                  # the output's last dimension
     started: int                    # ops of the pass before the call (the call is after the forward's last
-    token_ids: bool                 # attention: a gradient only where response tokens are predicted); an
-                                    # embedding fed the input ids (else positions)
+    token_ids: bool                 # attention: a gradient only where response tokens are predicted); the
+                                    # input embedding (token ids; another embedding: positions)
     live: int = 0                   # live bytes of the pass when the output gradient arrives
 
 
 @dataclass
 class _Pass:
-    """FLOPs per module name (FlopCounterMode's, ``"Global"``: all), peak live bytes, hooked calls in backward order."""
+    """FLOPs of the forward pass(es) per module name (FlopCounterMode's), of the whole pass, peak live bytes,
+    hooked calls in backward order."""
 
-    flops: dict[str, int]
+    forward: dict[str, int]
+    flops: int
     peak: int
     calls: list[_Call]
     last_attention: int             # ops of the pass before its forward's last attention
@@ -169,9 +171,9 @@ class _Engine(torch.utils._python_dispatch.TorchDispatchMode):
     (the engine's closure holds them), when the live bytes are read; outputs whose inputs carry no gradient are the
     sources the engine's backward asks for. Ops are counted to find the last attention of the forward."""
 
-    def __init__(self, model, batch, tracker: LiveBytes):
+    def __init__(self, model, tracker: LiveBytes):
         super().__init__()
-        self.batch, self.tracker = batch, tracker
+        self.tracker, self.embeddings = tracker, model.get_input_embeddings()
         self.calls: list[_Call] = []
         self.sources: list[torch.Tensor] = []
         self.ops, self.last_attention, self.started = 0, -1, {}
@@ -200,7 +202,7 @@ class _Engine(torch.utils._python_dispatch.TorchDispatchMode):
                 self.sources.append(outs[0])
             call = _Call(name, module, tuple(args[0].shape), outs[0].shape[-1],
                          started=self.started[module],
-                         token_ids=args[0] is self.batch["input_ids"])
+                         token_ids=module is self.embeddings)
 
             def on_grad(grad, call=call, held=args):
                 call.live = self.tracker.live
@@ -243,15 +245,15 @@ def fake_batch(n: int, prompt: int, response: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": comp}
 
 
-def dpo_step(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], beta: float = 0.1) -> None:
-    """The forward and backward passes of one DPO step: the reference's forward (the same weights, no gradient),
-    the policy's forward, the sigmoid loss and its backward."""
+def dpo_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], beta: float = 0.1) -> torch.Tensor:
+    """The forward passes of one DPO step: the reference's (the same weights, no gradient), the policy's, and the
+    sigmoid loss to differentiate."""
     with torch.no_grad():
         ref = token_logps(model_logits(model, batch), batch).sum(-1)
     logps = token_logps(model_logits(model, batch), batch).sum(-1)
     b = logps.shape[0] // 2
     margin = (logps[:b] - ref[:b]) - (logps[b:] - ref[b:])
-    torch.nn.functional.logsigmoid(beta * margin).neg().mean().backward()
+    return torch.nn.functional.logsigmoid(beta * margin).neg().mean()
 
 
 def _run(model, n: int, prompt: int, response: int, *, training: bool, hooked: bool) -> _Pass:
@@ -265,22 +267,22 @@ def _run(model, n: int, prompt: int, response: int, *, training: bool, hooked: b
     with mode:
         batch = fake_batch(n, prompt, response)
         tracker, counter = LiveBytes(), flop_counter()
-        engine = _Engine(model, batch, tracker) if hooked else None
+        engine = _Engine(model, tracker) if hooked else None
         try:
             with counter, tracker, engine or contextlib.nullcontext(), torch.enable_grad():
+                total = dpo_loss(model, batch) if training else token_logps(model_logits(model, batch), batch).sum()
+                forward = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
                 if training:
-                    dpo_step(model, batch)
+                    total.backward()
                 else:
-                    total = token_logps(model_logits(model, batch), batch).sum()
                     torch.autograd.grad(total, engine.sources, allow_unused=True)
-                    del total
+                del total
         finally:
             for h in frees:
                 h.remove()
             if engine is not None:
                 engine.close()
-    flops = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
-    return _Pass(flops, tracker.peak, engine.calls if engine else [], engine.last_attention if engine else -1)
+    return _Pass(forward, counter.get_total_flops(), tracker.peak, engine.calls if engine else [], engine.last_attention if engine else -1)
 
 
 # ---- the engine's per-example products at one call -------------------------------------------------------------
@@ -302,10 +304,10 @@ def _factored(n: int, span: int, a: int, b: int, full: bool) -> _Cost:
     if kind == "ghost":
         step = max(1, CHUNK_ELEMS // m)
         flops = 2 * m * m * (a + b) + 2 * n * m * m + 2 * n * n * m * math.ceil(m / step)
-        return _Cost(kind, flops, 4 * m * (a + b) + 16 * n * m + 20 * step * m)
-    step = max(1, CHUNK_ELEMS // (n * b))
+        return _Cost(kind, flops, 4 * m * (a + b) + 16 * n * m + 20 * min(step, m) * m)
+    rows = min(a, max(1, CHUNK_ELEMS // (n * b)))          # a chunk of per-example rows [n, rows, b]
     flops = 2 * n * span * a * b + (2 * n * n * a * b if full else 4 * n * a * b)
-    return _Cost(kind, flops, 8 * n * min(step, a) * b)
+    return _Cost(kind, flops, 4 * n * rows * b + 8 * n * min(PARTIAL_SUM, rows * b))
 
 
 def _dense(n: int, size: int, full: bool) -> int:
@@ -324,9 +326,12 @@ def _embedding(call: _Call, n: int, span: int) -> tuple[_Cost, int]:
     else:
         keys, distinct, sharing = n * span, span, n * n * span
     kept = 4 * keys * d + 4 * n * span * d + 32 * n * span
-    if embedding_dense(n, round(distinct), round(sharing)):
-        return _Cost("sparse", 2 * n * n * round(distinct) * d, kept + 8 * CHUNK_ELEMS, kept), round(distinct)
-    return _Cost("sparse", 0, kept + 40 * round(sharing) + 8 * CHUNK_ELEMS, kept), round(distinct)
+    distinct, sharing = round(distinct), round(sharing)
+    if embedding_dense(n, distinct, sharing):             # [n, ids, d] rows, chunked
+        rows = min(distinct, max(1, CHUNK_ELEMS // (n * d)))
+        return _Cost("sparse", 2 * n * n * distinct * d, kept + 8 * n * rows * d, kept), distinct
+    step = min(sharing, max(1, CHUNK_ELEMS // d))         # key pairs sharing an id, chunked
+    return _Cost("sparse", 0, kept + 40 * sharing + 8 * step * d, kept), distinct
 
 
 def _use_cost(call: _Call, n: int, span: int, wide_copy: bool, full: bool, pass_flops: int
@@ -449,7 +454,7 @@ def plan(config_or_dir: str | Path | Mapping[str, Any], *, pairs: int, prompt: i
     for call in meas.calls:
         is_shared = any(n_uses[id(p)] > 1 for p in call.module._parameters.values() if p is not None)
         costs, distinct = _use_cost(call, n, span(call), wide_copy, full or is_shared,
-                                    meas.flops.get(prefix + call.name, 0))
+                                    meas.forward.get(prefix + call.name, 0) // (2 if in_pass else 1))
         row = rows.setdefault(type(call.module).__name__, {"uses": 0, "methods": {}, "product_flops": 0,
                                                            "product_bytes": 0, "modules": set()})
         row["uses"] += 1
@@ -476,13 +481,15 @@ def plan(config_or_dir: str | Path | Mapping[str, Any], *, pairs: int, prompt: i
     # per layer type, next to the training step's FLOPs in the same modules
     frame = []
     for label, row in rows.items():
-        train_f = sum(train.flops.get(prefix + m, 0) for m in row["modules"])
-        pass_f = 0 if in_pass else sum(meas.flops.get(prefix + m, 0) for m in row["modules"])
+        # a parameterised layer's backward is twice its forward (input and weight gradients; the engine's: the
+        # input gradients alone): the training step's reference and policy forwards, backward = 2 x both forwards
+        train_f = 2 * sum(train.forward.get(prefix + m, 0) for m in row["modules"])
+        pass_f = 0 if in_pass else 2 * sum(meas.forward.get(prefix + m, 0) for m in row["modules"])
         frame.append({"layer_type": label, "uses": row["uses"],
                       "method": ", ".join(f"{k} ×{v}" for k, v in sorted(row["methods"].items())),
                       "train_flops": train_f, "measure_flops": pass_f + row["product_flops"],
                       "product_flops": row["product_flops"], "product_bytes": row["product_bytes"]})
-    train_total, pass_total = train.flops.get("Global", 0), 0 if in_pass else meas.flops.get("Global", 0)
+    train_total, pass_total = train.flops, 0 if in_pass else meas.flops
     frame.append({"layer_type": "no parameters (attention, loss)", "uses": 0, "method": "",
                   "train_flops": train_total - sum(r["train_flops"] for r in frame),
                   "measure_flops": pass_total - sum(r["measure_flops"] - r["product_flops"] for r in frame),
