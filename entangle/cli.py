@@ -437,6 +437,72 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- plan -----------------------------------------------------------------------------------------------------
+
+def _plan_arguments(p: argparse.ArgumentParser) -> None:
+    from entangle.plan import BUNDLED
+
+    p.add_argument("--model", required=True,
+                   help=f"a config.json, a model directory, or a bundled config: {', '.join(BUNDLED)}")
+    p.add_argument("--pairs", type=positive_int, required=True, help="preference pairs per optimizer step (all GPUs)")
+    p.add_argument("--prompt", type=positive_int, required=True, help="prompt tokens per sequence")
+    p.add_argument("--response", type=positive_int, required=True, help="response tokens per sequence")
+    p.add_argument("--probe", type=positive_int, default=None, help="probe pairs measured (default: --pairs)")
+    p.add_argument("--world-size", type=positive_int, default=1, help="GPUs under FSDP (default 1)")
+    p.add_argument("--dtype", choices=["bf16", "float32"], default="bf16", help="the weights' dtype (default bf16)")
+    p.add_argument("--structure", choices=["pairs", "full"], default="pairs",
+                   help="per-pair statistics (the callback's; default) or the whole Gram matrix")
+    p.add_argument("--in-pass", action="store_true", help="capture inside the trainer's own pass (no probe pass)")
+    p.add_argument("--out", default=None, help="also write the per-layer-type table to this CSV file")
+
+
+def _si(value: float, unit: str) -> str:
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f} {prefix}{unit}"
+    return f"{value:.0f} {unit}"
+
+
+def _gib(value: float) -> str:
+    return f"{value / 2**30:.2f} GiB" if value >= 2**30 else f"{value / 2**20:.1f} MiB"
+
+
+@subcommand("plan", "FLOPs and memory of one measurement next to one training step, from a model's config alone",
+            _plan_arguments)
+def plan(args: argparse.Namespace) -> int:
+    """Print the per-layer-type cost table and the totals per GPU; write the table as CSV with ``--out``."""
+    import pandas as pd
+
+    from entangle.plan import plan as cost_plan
+
+    frame = cost_plan(args.model, pairs=args.pairs, prompt=args.prompt, response=args.response,
+                      world_size=args.world_size, dtype=args.dtype, structure=args.structure,
+                      in_pass=args.in_pass, probe=args.probe)
+    t = frame.attrs["totals"]
+    shown = frame.assign(train=frame["train_flops"].map(lambda v: _si(v, "FLOP")),
+                         measurement=frame["measure_flops"].map(lambda v: _si(v, "FLOP")),
+                         products=frame["product_flops"].map(lambda v: _si(v, "FLOP")),
+                         largest_buffers=frame["product_bytes"].map(_gib))
+    with pd.option_context("display.width", 160, "display.max_colwidth", 60):
+        print(shown[["layer_type", "uses", "method", "train", "measurement", "products", "largest_buffers"]]
+              .to_string(index=False))
+    what = "in-pass capture" if t["in_pass"] else f"measurement of {t['probe']} probe pairs"
+    print(f"\n{t['parameters']:,} parameters, {t['dtype']}, {t['world_size']} GPU(s); per GPU: "
+          f"{t['train_sequences_per_gpu']} training sequences, {t['measure_sequences_per_gpu']} measured, "
+          f"{t['prompt']} + {t['response']} tokens each")
+    print(f"one {what}: {_si(t['measure_flops'], 'FLOP')} = {t['flop_ratio']:.3f} x a training step "
+          f"({_si(t['train_flops'], 'FLOP')})")
+    print(f"memory per GPU: training step peak {_gib(t['train_peak_bytes'])} (weights {_gib(t['weights_bytes'])}, "
+          f"reference {_gib(t['reference_bytes'])}, gradients {_gib(t['gradients_bytes'])}, "
+          f"Adam {_gib(t['adam_bytes'])}, unsharded FSDP units {_gib(t['fsdp_unsharded_bytes'])}, "
+          f"activations {_gib(t['activation_bytes'])}); measurement +{_gib(t['measure_extra_bytes'])} -> peak "
+          f"{_gib(t['measure_peak_bytes'])} = {t['memory_ratio']:.2f} x the training step's")
+    if args.out:
+        frame.to_csv(args.out, index=False)
+        print(f"\nwrote {args.out}")
+    return 0
+
+
 # ---- entry point ------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
