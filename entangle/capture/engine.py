@@ -25,7 +25,7 @@ from .logprobs import response_lengths, token_logps
 from .result import GramResult, Measurement, PairStats, stats_of_gram
 from .rules import rule_for, touched_rows
 from .rules.generic import _tensors, generic
-from .sharding import is_sharded, whole
+from .sharding import is_sharded, reshard, whole
 
 Sink = Callable[[str, Contribution, str], None]
 
@@ -48,7 +48,11 @@ def autocast_off(device: torch.device | None) -> contextlib.AbstractContextManag
 
 @contextlib.contextmanager
 def measurement_mode(model: torch.nn.Module, named_params):
-    """Eval mode (no dropout), gradients on the measured parameters only, RNG forked; all restored after."""
+    """Eval mode (no dropout), gradients on the measured parameters only, RNG forked; all restored after.
+
+    A ``fully_shard`` model is resharded on the way in and out: a forward without a backward leaves the root's
+    whole parameters in place, with the ``requires_grad`` of the moment, which the next training step would use."""
+    reshard(model)
     modes = [(m, m.training) for m in model.modules()]
     selected = {id(p) for _, p in named_params}
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -60,6 +64,7 @@ def measurement_mode(model: torch.nn.Module, named_params):
                 p.requires_grad_(id(p) in selected)
             yield
     finally:
+        reshard(model)
         for m, was in modes:
             m.training = was
         for p, was in flags:

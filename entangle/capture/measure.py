@@ -23,7 +23,7 @@ from .exact import exact_measurement
 from .logprobs import check_batch, model_logits
 from .params import ParamSpec, select_params, unwrap_model
 from .result import GramResult, Measurement, PairStats
-from .sharding import check_supported, check_whole
+from .sharding import check_supported, check_whole, reshard
 
 METHODS = ("auto", "exact", "ghost", "materialise")
 STRUCTURES = ("full", "pairs")
@@ -39,6 +39,7 @@ def measured(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], params: 
     the model in measurement mode (eval, gradients on the measured parameters only, RNG forked; all restored)."""
     model = unwrap_model(model)
     check_supported(model)
+    reshard(model)                   # fully_shard: the parameters the caller's maps are keyed and shaped by
     check_batch(model, batch)
     named = select_params(model, params)
     check_metric(named, preconditioner, "preconditioner")

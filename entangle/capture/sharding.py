@@ -42,6 +42,18 @@ def model_is_sharded(model: torch.nn.Module) -> bool:
     return any(is_sharded(p) for p in model.parameters())
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """Free the whole parameters ``fully_shard`` modules still hold after a forward without a backward (the root
+    keeps them by default): ``named_parameters()`` then gives the sharded ``DTensor`` parameters again, the ones the
+    optimizer holds, and a value written into them is what the next forward gathers. Not a collective."""
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
+
 def check_supported(model: torch.nn.Module) -> None:
     """Refuse the sharding schemes a measurement cannot read: FSDP1 and DeepSpeed ZeRO-3.
 

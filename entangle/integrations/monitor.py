@@ -60,7 +60,7 @@ from entangle.capture.measure import STRUCTURES, measure, update_dot
 from entangle.capture.optim import adam_preconditioner
 from entangle.capture.params import ParamSpec, parameters_at, select_params, unwrap_model
 from entangle.capture.result import Measurement, View
-from entangle.capture.sharding import check_supported, model_is_sharded, zero_optimizer
+from entangle.capture.sharding import check_supported, model_is_sharded, reshard, zero_optimizer
 from entangle.integrations.distributed import check_every_rank_measures, collective, rank_and_world
 from entangle.integrations.probe import Probe
 from entangle.integrations.reference import (
@@ -296,6 +296,7 @@ class Monitor:
                 self._warned_zero = True
             return None
         try:
+            reshard(unwrap_model(self.model))       # fully_shard: the parameters the optimizer's state is keyed by
             return adam_preconditioner(optimizer, self.model, self.params)
         except (TypeError, ValueError) as e:  # not Adam, or no state before the first step: no Adam view
             logger.debug("entangle: no Adam geometry: %s", e)
@@ -333,7 +334,9 @@ class Monitor:
         """
         self._pending = None
         try:
-            named = select_params(unwrap_model(self.model), self.params)
+            model = unwrap_model(self.model)
+            reshard(model)                          # fully_shard: snapshot the shards the optimizer updates
+            named = select_params(model, self.params)
             check = UpdateCheck(step, {n: p.detach().clone() for n, p in named}, measure)
             if measure:
                 check.preconditioner = self._preconditioner(optimizer)
@@ -371,6 +374,7 @@ class Monitor:
         if self.probe.batch is None:
             return None, None
         model = unwrap_model(self.model)
+        reshard(model)
         named = select_params(model, self.params)
         tables = None
         with preserved_rng():
