@@ -79,9 +79,19 @@ def test_gpu_script_parses_and_refuses_a_missing_output_folder(tmp_path):
     assert done.returncode == 0 and "bash benchmarks/gpu.sh OUTDIR" in done.stdout
 
 
-@pytest.mark.slow
-def test_bench_mitigate_prints_each_method_against_the_plain_step():
-    out = _run("bench_mitigate.py", "--shapes", "tiny", "--repeat", "1", "--methods", "pairwise_normalized")
-    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| tiny |")]
-    assert [r[1].strip() for r in rows] == ["plain_dpo_step", "pairwise_normalized"]
-    assert rows[0][3].strip() == "1.00" and float(rows[1][2]) > 0 and float(rows[1][3]) > 0
+def test_bench_mitigate_rows_and_table(monkeypatch, capsys, one_thread):
+    """Each method's step fills .grad; the child rows (run in-process here: the child processes are bench_gram's
+    run_child, tested above) print against the plain step."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench_gram
+    import bench_mitigate
+
+    model, batch = bench_gram._setup("tiny", "cpu")
+    for method in bench_mitigate.METHODS:
+        bench_mitigate.make_step(method, model, batch)()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters()), method
+    rows = [bench_mitigate.child("tiny", m, "cpu", 1) for m in ("plain_dpo_step", "pairwise_normalized")]
+    bench_gram.print_table(rows)
+    table = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny |")]
+    assert [r[1].strip() for r in table] == ["plain_dpo_step", "pairwise_normalized"]
+    assert table[0][3].strip() == "1.00" and float(table[1][2]) > 0 and float(table[1][3]) > 0
