@@ -1,0 +1,155 @@
+"""torchrun script of tests/test_fsdp.py: two CPU processes (gloo) measure models sharded by ``fully_shard``.
+
+For a tiny GPT-2 (tied embeddings), a tiny Llama and the pretrained stories260k (tied), each process builds the
+model twice from the same seed: one copy is sharded (each block, then the root) and trained with AdamW, the other
+stays whole and is trained the same way (every rank trains on the same batch, so the reduce-scattered gradient is
+the whole model's). Then, on HH-RLHF pairs:
+
+* the Monitor (probe split across the ranks) measures the sharded model at an update with the Adam view and the
+  update dots (``before_update(measure=True)`` / ``after_update``), and rank 0 measures the whole twin alone;
+  their run directories are compared by the test;
+* each rank measures its own pairs with ``measure`` (``structure="full"`` and ``"pairs"``) in both geometries and
+  along the update, on the sharded model and on the twin; the largest relative differences go to ``result.json``.
+
+Usage: ``torchrun --nproc-per-node 2 tests/fsdp_worker.py OUT_DIR``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from helpers import tiny_gpt2, tiny_llama  # noqa: E402
+
+from entangle.capture.logprobs import sequence_logps  # noqa: E402
+from entangle.capture.measure import measure  # noqa: E402
+from entangle.capture.optim import adam_preconditioner  # noqa: E402
+from entangle.capture.sharding import whole as whole_tensor  # noqa: E402
+from entangle.capture.tokens import token_map  # noqa: E402
+from entangle.data import encode_pairs, load_pairs  # noqa: E402
+from entangle.integrations.distributed import gather_to_main  # noqa: E402
+from entangle.integrations.monitor import Monitor  # noqa: E402
+
+N_PROBE = 3          # uneven: rank 0 measures pairs 0 and 2, rank 1 pair 1
+MAX_LENGTH = 64     # the tiny models' positions
+
+
+def hh_pairs(tok, n: int) -> list[dict]:
+    """The first ``n`` HH-RLHF pairs whose prompt and longer response fit in ``MAX_LENGTH`` tokens."""
+    with gzip.open(HERE / "data" / "hh-rlhf-harmless-test.jsonl.gz", "rt", encoding="utf-8") as f:
+        rows = load_pairs([json.loads(line) for _, line in zip(range(250), f, strict=False)])
+
+    def length(text: str) -> int:
+        return len(tok(text)["input_ids"])
+
+    short = [r for r in rows if length(r["prompt"]) + max(length(r["chosen"]), length(r["rejected"])) <= MAX_LENGTH]
+    return short[:n]
+
+
+def stories():
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(HERE / "data" / "stories260k").eval()
+
+
+MODELS = {"gpt2": lambda: tiny_gpt2(vocab=512), "llama": lambda: tiny_llama(vocab=512), "stories260k": stories}
+
+
+def blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    return model.transformer.h if hasattr(model, "transformer") else model.model.layers
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict, monitor: Monitor | None = None,
+               step: int = 0) -> None:
+    """One AdamW step on the batch's summed log-likelihood; a ``monitor`` measures it as the callback does."""
+    opt.zero_grad()
+    (-sequence_logps(model, batch).sum()).backward()
+    if monitor is not None:
+        monitor.before_update(step, optimizer=opt, measure=True)
+    opt.step()
+    if monitor is not None:
+        monitor.after_update(step)
+
+
+def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest difference relative to the largest magnitude of ``want``."""
+    return float((got - want).abs().max() / want.abs().max())
+
+
+def check_model(name: str, out: Path, tok, probe: list[dict], train: dict) -> dict:
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    sharded, whole = MODELS[name](), MODELS[name]()
+    for block in blocks(sharded):
+        fully_shard(block)
+    fully_shard(sharded)
+    opts = {m: torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (sharded, whole)}
+    kw = {"objective": "sigmoid", "beta": 0.1, "ref_logps": "initial", "max_length": MAX_LENGTH, "strict": True}
+    monitor = Monitor(sharded, tok, probe, out_dir=out / name / "sharded", **kw)
+    twin = Monitor(whole, tok, probe, out_dir=out / name / "whole", distributed=False, **kw) if rank == 0 else None
+    for m in (sharded, whole):              # Adam has state after one step
+        train_step(m, opts[m], train)
+    # the Monitor at update 2: measurement with the Adam view, and the update's first-order prediction
+    for mon, m in ((monitor, sharded), (twin, whole)):
+        train_step(m, opts[m], train, mon, 2)
+    # measure() on this rank's pairs: both geometries and the update dots, full and pairs structure
+    local = encode_pairs(tok, probe[rank::2], max_length=MAX_LENGTH)
+    pre = {m: adam_preconditioner(opts[m], m) for m in (sharded, whole)}
+    before = {m: {n: p.detach().clone() for n, p in m.named_parameters()} for m in (sharded, whole)}
+    for m in (sharded, whole):
+        train_step(m, opts[m], train)
+    delta = {m: {n: p.detach() - before[m][n] for n, p in m.named_parameters()} for m in (sharded, whole)}
+    errors, sizes = {}, {}
+    weights = torch.linspace(-1.0, 1.0, local["input_ids"].shape[0], dtype=torch.float64)
+    for structure in ("full", "pairs"):
+        extra = {"structure": "pairs", "weights": weights} if structure == "pairs" else {}
+        got, want = (measure(m, local, preconditioner=pre[m], delta=delta[m], **extra) for m in (sharded, whole))
+        for view in ("plain", "preconditioned"):
+            value = "matrix" if structure == "full" else "stats"
+            a, b = getattr(getattr(got, view), value), getattr(getattr(want, view), value)
+            errors[f"{structure}/{view}"], sizes[f"{structure}/{view}"] = rel(a, b), float(b.abs().max())
+        errors[f"{structure}/update"], sizes[f"{structure}/update"] = rel(got.update, want.update), \
+            float(want.update.abs().max())
+    # training under the Monitor is the whole twin's training
+    drift = max(float((whole_tensor(p.detach()) - q).abs().max()) for p, q in zip(sharded.parameters(),
+                                                                                  whole.parameters(), strict=True))
+    refused = {}
+    for what, call in (("exact", lambda: measure(sharded, local, method="exact")),
+                       ("token_map", lambda: token_map(sharded, local))):
+        try:
+            call()
+        except ValueError as e:
+            refused[what] = str(e)
+    return {"errors": errors, "sizes": sizes, "drift": drift, "sharded": type(next(sharded.parameters())).__name__,
+            "refused": refused}
+
+
+def main(out: Path) -> None:
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    tok = AutoTokenizer.from_pretrained(HERE / "data" / "stories260k")
+    tok.pad_token = tok.eos_token
+    rows = hh_pairs(tok, N_PROBE + 2)
+    probe, train = rows[:N_PROBE], encode_pairs(tok, rows[N_PROBE:], max_length=MAX_LENGTH)
+    results = {name: check_model(name, out, tok, probe, train) for name in MODELS}
+    gathered = gather_to_main(results)
+    if dist.get_rank() == 0:
+        (out / "result.json").write_text(json.dumps(gathered))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
+    # tear the gloo group down before the interpreter exits (see tests/test_ddp.py)
+    dist.barrier()
+    dist.destroy_process_group()
