@@ -114,7 +114,7 @@ class Monitor:
     """Measures gradient entanglement on a fixed probe set of pairs at chosen training steps.
 
     Args:
-        model: the trained causal LM (plain, PEFT, or DDP-wrapped).
+        model: the trained causal LM (plain, PEFT, DDP-wrapped, or sharded by ``fully_shard``).
         tokenizer: its tokenizer (needs a pad token); the probe is tokenised as TRL's DPOTrainer does.
         probe: preference pairs in any format :func:`entangle.data.load_pairs` accepts, or TRL-tokenised rows.
             Rows carrying ``ref_chosen_logps``/``ref_rejected_logps`` (TRL's precomputed columns) give the
