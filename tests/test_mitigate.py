@@ -194,10 +194,15 @@ def test_trainer_with_lora_and_the_callback(tmp_path):
     assert sorted(run["pairs"]["step"].unique()) == [0, 1]
 
 
-def test_trainer_refuses_a_loss_it_cannot_reproduce(tmp_path):
+def test_trainer_refuses_a_loss_it_cannot_reproduce_and_a_distributed_run(tmp_path, monkeypatch):
+    model = builtin_model(builtin_tokenizer())
     with pytest.raises(ValueError, match="PairwiseNormalizedDPOTrainer cannot train this loss: .*aot"):
-        model = builtin_model(builtin_tokenizer())
         _trainer(tmp_path, model, copy.deepcopy(model), loss_type="aot", per_device_train_batch_size=4)
+    import accelerate
+
+    monkeypatch.setattr(accelerate.Accelerator, "num_processes", property(lambda self: 2))
+    with pytest.raises(ValueError, match="runs in one process"):
+        _trainer(tmp_path, model, copy.deepcopy(model), per_device_train_batch_size=4)
 
 
 def test_erlhf_reference_conditions_on_the_transformed_prompt():

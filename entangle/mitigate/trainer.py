@@ -42,11 +42,14 @@ class PairwiseNormalizedDPOTrainer(DPOTrainer):
 
     Raises:
         ValueError: at construction, for a config whose loss is not a per-pair function of the summed log-probs
-            (``aot``, WPO ``use_weighting``, f-divergences, ``ld_alpha``).
+            (``aot``, WPO ``use_weighting``, f-divergences, ``ld_alpha``), or in a distributed run.
     """
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        if self.accelerator.num_processes > 1:
+            raise ValueError("PairwiseNormalizedDPOTrainer runs in one process: its forward pass bypasses the "
+                             "distributed wrapper (DDP/FSDP/DeepSpeed), which would not synchronise the gradients")
         try:
             objective, weights, hyper = trl_objective(self)
         except ValueError as exc:
