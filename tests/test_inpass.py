@@ -20,6 +20,8 @@ from entangle.builtin import builtin_model, builtin_pairs, builtin_tokenizer  # 
 from entangle.capture.inpass import InPassError, PassRecorder  # noqa: E402
 from entangle.capture.logprobs import token_logps  # noqa: E402
 from entangle.capture.params import select_params  # noqa: E402
+from entangle.metrics.dataset import dataset_view, most_entangled  # noqa: E402
+from entangle.report import make_report  # noqa: E402
 from entangle.runio import read_run  # noqa: E402
 from entangle.schema import validate  # noqa: E402
 
@@ -105,8 +107,15 @@ def test_in_pass_capture_does_not_change_training(tmp_path, checkpointing):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [h["loss"] for h in without.state.log_history if "loss" in h] == \
         [h["loss"] for h in with_cb.state.log_history if "loss" in h]
-    tp = read_run(tmp_path / "b" / "entangle")["train_pairs"]
+    run = read_run(tmp_path / "b" / "entangle")
+    tp = run["train_pairs"]
     assert len(tp) == 3 * 4 and (tp["index"] >= 0).all() and np.isfinite(tp["cosine"]).all()
+    # the dataset view and its report: the text of the measured rows comes from the run's pairs_text table
+    assert len(run["pairs_text"]) == len(with_cb.train_dataset)
+    assert run["pairs_text"].loc[tp["index"], "prompt"].tolist() == with_cb.train_dataset[tp["index"].tolist()]["prompt"]
+    html = make_report(tmp_path / "b" / "entangle").read_text()
+    assert (tmp_path / "b" / "entangle" / "report" / "dataset_entanglement.png").exists()
+    assert with_cb.train_dataset[int(most_entangled(dataset_view(tp), 1)["index"].iloc[0])]["prompt"][:40] in html
 
 
 def test_cpo_simpo_logits_path_equals_the_exact_twin(tmp_path):

@@ -167,6 +167,9 @@ class EntanglementCallback(TrainerCallback):
                 self.training_pass.close()
             self.training_pass = TrainingPass(trainer, model, self.train_every, params=self.params,
                                               method=self.monitor_kwargs.get("method", "auto"), strict=self.strict)
+            texts = self.training_pass.texts()
+            if self.writer is not None and texts is not None:    # the report shows the entangled pairs' text
+                self.writer.write("pairs_text", texts, 0)
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.training_pass is not None:

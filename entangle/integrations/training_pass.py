@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from entangle.capture.inpass import InPassError, PassRecorder, checkpointed_modules
 from entangle.capture.params import ParamSpec, select_params
+from entangle.metrics.dataset import TEXT_FIELDS, pair_texts
 from entangle.metrics.summary import summarize
 from entangle.metrics.tables import summary_scalars
 from entangle.metrics.train import train_pair_frame
@@ -103,6 +104,14 @@ class TrainingPass:
 
     def close(self) -> None:
         self.recorder.close()
+
+    def texts(self) -> pd.DataFrame | None:
+        """The ``pairs_text`` table of the training dataset (None if it has no prompt/chosen/rejected text)."""
+        data = self.trainer.train_dataset
+        names = getattr(data, "column_names", None) or []
+        if not all(f in names for f in TEXT_FIELDS):
+            return None
+        return pair_texts(data.select_columns(list(TEXT_FIELDS)))
 
     def begin_step(self, step: int) -> None:
         """Arm the recorder if ``step`` is measured (called at the step's beginning)."""
