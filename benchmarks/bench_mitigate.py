@@ -14,9 +14,11 @@ every method and left out), on bench_gram's GPT-2-shaped model and batch, all wi
 * ``pairwise_normalized``: ``entangle.pairwise_normalized_backward`` (the engine's norm pass, then the surrogate's
   backward through the kept graph). Target: at most 1.8x the plain step.
 
-Each (shape, method) runs in a fresh child process (bench_gram's ``run_child``), so its peak resident memory
-(VmHWM) is its own; on CUDA the peak is torch.cuda.max_memory_allocated. Reported: median wall time over --repeat
-runs after one warm-up, the peak, the peak above the model+batch baseline, and ratios to the plain step.
+Peak memory: each (shape, method) runs one warm-up and one step in a fresh child process (bench_gram's
+``run_child``), so its peak resident memory (VmHWM) is its own; on CUDA the peak is torch.cuda.max_memory_allocated.
+Time: one more child per shape builds the model once and runs --repeat rounds, each round one step of every method
+back to back, so that a busy machine's drifting load hits all methods alike; reported are each method's median
+time and the median over rounds of its ratio to the plain step of the same round.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import json
 import statistics
 import time
 
-from bench_gram import SHAPES, _setup, _vmhwm_mb, add_model_options, model_options, print_table, run_child
+from bench_gram import SHAPES, _setup, _vmhwm_mb, add_model_options, model_options, run_child
 
 OBJECTIVES = {  # method -> (objective, loss_weights, hyper)
     "plain_dpo_step": ("sigmoid", None, {"beta": 0.1}),
@@ -74,23 +76,50 @@ def make_step(method: str, model, batch):
 
 def child(shape: str, method: str, device: str, repeat: int, model_config: str | None = None,
           dtype: str = "float32") -> dict:
+    """Peak memory of ``method`` (warm-up and one step), or with ``method="interleaved:m1,m2,..."`` the times of
+    those methods (plain_dpo_step first) over ``repeat`` rounds of back-to-back steps: per method, the median
+    seconds and the median ratio to the same round's plain step."""
     import torch
 
     model, batch = _setup(shape, device, model_config, dtype)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    if method.startswith("interleaved:"):
+        steps = {m: make_step(m, model, batch) for m in method.split(":")[1].split(",")}
+        for step in steps.values():                                   # warm-up
+            step()
+        times: dict[str, list[float]] = {m: [] for m in steps}
+        for _ in range(repeat):
+            for m, step in steps.items():
+                sync()
+                t = time.perf_counter()
+                step()
+                sync()
+                times[m].append(time.perf_counter() - t)
+        return {m: {"seconds": statistics.median(ts),
+                    "ratio": statistics.median(t / p for t, p in zip(ts, times["plain_dpo_step"], strict=True))}
+                for m, ts in times.items()}
     base = torch.cuda.memory_allocated() / 2**20 if device.startswith("cuda") else _vmhwm_mb()
     step = make_step(method, model, batch)
-    step()                                                            # warm-up
-    times = []
-    for _ in range(repeat):
-        sync()
-        t = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t)
+    step()
+    step()
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else _vmhwm_mb()
-    return {"shape": shape, "method": method, "seconds": statistics.median(times), "peak_mb": peak,
-            "above_base_mb": peak - base}
+    return {"shape": shape, "method": method, "peak_mb": peak, "above_base_mb": peak - base}
+
+
+def print_rows(rows: list[dict]) -> None:
+    """The markdown table: time and its ratio from the interleaved rounds, peaks and their ratios per process."""
+    base = {r["shape"]: r for r in rows if r["method"] == "plain_dpo_step" and "peak_mb" in r}
+    print("| shape | method | time (s) | × plain step | peak RSS (MB) | × plain | above model+batch (MB) | × plain |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['shape']} | {r['method']} | n/a: {r['error']} | | | | | |")
+            continue
+        b = base.get(r["shape"])
+        rp = f"{r['peak_mb'] / b['peak_mb']:.2f}" if b else ""
+        ra = f"{r['above_base_mb'] / b['above_base_mb']:.2f}" if b and b["above_base_mb"] > 0 else ""
+        print(f"| {r['shape']} | {r['method']} | {r['seconds']:.3f} | {r['ratio']:.2f} | {r['peak_mb']:.0f} | {rp} | "
+              f"{r['above_base_mb']:.0f} | {ra} |")
 
 
 def main() -> None:
@@ -106,10 +135,15 @@ def main() -> None:
         print(json.dumps(child(*args.child, args.device, args.repeat, args.model_config, args.dtype)))
         return
     methods = ["plain_dpo_step", *(m for m in args.methods if m != "plain_dpo_step")]   # the ratios' baseline
-    rows = [run_child(__file__, [shape, method], args.device, args.repeat, {"shape": shape, "method": method},
-                      model_options(args)) for shape in args.shapes for method in methods]
-    print_table(rows)
-
+    rows = []
+    for shape in args.shapes:
+        timed = run_child(__file__, [shape, "interleaved:" + ",".join(methods)], args.device, args.repeat, {},
+                          model_options(args))
+        for method in methods:
+            row = run_child(__file__, [shape, method], args.device, 1, {"shape": shape, "method": method},
+                            model_options(args))
+            rows.append({**row, **timed.get(method, {"error": timed.get("error", "not timed")})})
+    print_rows(rows)
 
 if __name__ == "__main__":
     main()

@@ -81,7 +81,7 @@ def test_gpu_script_parses_and_refuses_a_missing_output_folder(tmp_path):
 
 def test_bench_mitigate_rows_and_table(monkeypatch, capsys, one_thread):
     """Each method's step fills .grad; the child rows (run in-process here: the child processes are bench_gram's
-    run_child, tested above) print against the plain step."""
+    run_child) print against the plain step."""
     monkeypatch.syspath_prepend(str(BENCH))
     import bench_gram
     import bench_mitigate
@@ -90,8 +90,9 @@ def test_bench_mitigate_rows_and_table(monkeypatch, capsys, one_thread):
     for method in bench_mitigate.METHODS:
         bench_mitigate.make_step(method, model, batch)()
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters()), method
-    rows = [bench_mitigate.child("tiny", m, "cpu", 1) for m in ("plain_dpo_step", "pairwise_normalized")]
-    bench_gram.print_table(rows)
+    timed = bench_mitigate.child("tiny", "interleaved:plain_dpo_step,pairwise_normalized", "cpu", 2)
+    assert timed["plain_dpo_step"]["ratio"] == 1.0
+    bench_mitigate.print_rows([{**bench_mitigate.child("tiny", m, "cpu", 1), **timed[m]} for m in timed])
     table = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny |")]
     assert [r[1].strip() for r in table] == ["plain_dpo_step", "pairwise_normalized"]
     assert table[0][3].strip() == "1.00" and float(table[1][2]) > 0 and float(table[1][3]) > 0
