@@ -89,8 +89,8 @@ def _dpo_builtin(tmp_path, callbacks, **kw):
     tok = builtin_tokenizer()
     model = builtin_model(tok)
     rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in builtin_pairs(32, seed=1)]
-    args = DPOConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2,
-                     gradient_accumulation_steps=2, **{**COMMON, **kw})
+    args = DPOConfig(output_dir=str(tmp_path), **{"max_steps": 3, "per_device_train_batch_size": 2,
+                                                  "gradient_accumulation_steps": 2, **COMMON, **kw})
     trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=tok, callbacks=callbacks)
     trainer.train()
@@ -197,3 +197,24 @@ def test_hand_written_loop_vanished_coefficient_and_token_weights():
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     (token_logps(out.logits, batch) * token_weights).sum().backward()
     assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "bco_pair"])
+def test_coefficients_recovered_from_the_backward_equal_the_registry(tmp_path, loss_type):
+    """At step 0 the policy is its reference: every pair's a_w, a_l read from the trainer's backward equal the
+    registry's coefficients of the same loss at those log-probs (length-normalised and asymmetric losses too)."""
+    from entangle.metrics.objectives import coefficients
+
+    trainer = _dpo_builtin(tmp_path, [EntanglementCallback(train_every=1, strict=True)], loss_type=loss_type,
+                           max_steps=1)
+    tp = read_run(tmp_path / "entangle")["train_pairs"]
+    assert len(tp) == 4 and trainer.state.global_step == 1
+
+    def col(c):
+        return torch.tensor(tp[c].to_numpy(), dtype=torch.float64)
+
+    a_w, a_l, _ = coefficients(loss_type, col("logp_chosen"), col("logp_rejected"), ref_chosen_logps=col("logp_chosen"),
+                               ref_rejected_logps=col("logp_rejected"), chosen_lengths=col("len_chosen"),
+                               rejected_lengths=col("len_rejected"), beta=0.1)
+    np.testing.assert_allclose(tp["a_chosen"], a_w.numpy(), rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(tp["a_rejected"], a_l.numpy(), rtol=1e-5, atol=1e-9)
