@@ -189,7 +189,10 @@ class GramEngine:
         for module, own in self.owners:
             if id(module) in self.checkpointed:
                 self.handles.append(module.register_forward_pre_hook(self._rerun_inputs, with_kwargs=True))
-            self.handles.append(module.register_forward_hook(self._make_forward_hook(own), with_kwargs=True))
+            # first among the module's forward hooks: a module sharded by fully_shard on its own is resharded by
+            # FSDP's hook, after which it no longer holds the tensor its call used
+            self.handles.append(module.register_forward_hook(self._make_forward_hook(own), with_kwargs=True,
+                                                             prepend=True))
         return self
 
     def __exit__(self, *exc):

@@ -34,11 +34,15 @@ from dataclasses import dataclass
 import torch
 
 from .engine import GramEngine
+from .sharding import is_sharded, whole
 
 # a coefficient at or below this magnitude has (nearly) underflowed: the sequence's gradients cannot be recovered
 TINY_COEFFICIENT = 1e-30
 # relative spread allowed between the per-token coefficients of one sequence (float32 round-off of the backward)
 TOKEN_TOLERANCE = 1e-3
+# and the absolute round-off, relative to |c_i|, of a float32 logits gradient c_i (1 - p_y) (computed as c_i - c_i p_y:
+# a confident token, 1 - p_y ~ 1e-5 in a pretrained model, keeps only a few correct digits of it)
+ROUNDING = 8 * torch.finfo(torch.float32).eps
 
 
 class InPassError(RuntimeError):
@@ -80,7 +84,10 @@ class _Pass:
         self.token_logps: torch.Tensor | None = None     # logits path, per position [n, T-1]: ℓ_t,
         self.one_minus: torch.Tensor | None = None       # 1 - p_{y_t} and Σ_{v != y_t} p_v²
         self.sum_sq: torch.Tensor | None = None
+        self.fused = False                               # called with TRL's fused_lm_head=True
         self.head_use: Callable | None = None
+        self.head_params: tuple | None = None            # the head's (weight, bias) gathered in the forward
+        self.head_grad: torch.Tensor | None = None       # fused head: ∂L/∂ℓ_t on the scored positions
         self.coef: torch.Tensor | None = None
         self.logps: torch.Tensor | None = None
         self.lengths: torch.Tensor | None = None
@@ -105,6 +112,14 @@ class PassRecorder:
         self.backbone, self.head = backbone_and_head(model)
         ids = {id(p) for _, p in self.named}
         self.head_measured = any(id(p) in ids for p in self.head.parameters())
+        # each measured parameter's (module, local name): fully_shard swaps what a module holds (its DTensor shard,
+        # or the whole tensor from its forward until it reshards), so each pass takes the tensors held then
+        where = {id(p): name for name, p in self.named}
+        self.slots: dict[str, tuple[torch.nn.Module, str]] = {}
+        for module in model.modules():
+            for key, p in module._parameters.items():
+                if p is not None and id(p) in where:
+                    self.slots.setdefault(where[id(p)], (module, key))
         self.records: list[MicroBatch] = []
         self.errors: list[BaseException] = []
         self.armed = False
@@ -178,18 +193,32 @@ class PassRecorder:
             raise InPassError("a forward on inputs_embeds is not supported in-pass (the token ids are needed)")
         attention = kwargs.get("attention_mask")
         attention = torch.ones_like(ids) if attention is None else attention
-        engine = GramEngine(self.model, self.named, ids.shape[0], self.mode, plain=True, pairs=True)
+        named = [(name, self.slots[name][0]._parameters[self.slots[name][1]]) for name, _ in self.named]
+        engine = GramEngine(self.model, named, ids.shape[0], self.mode, plain=True, pairs=True)
         engine.checkpointed, engine.on_error = self.checkpointed, self._failed
         p = _Pass(engine, ids.detach(), attention.detach(), kwargs.get("labels"))
-        # the coefficient hooks go on before the engine's, so they fire first in the backward pass
-        p.handles.append(self.head.register_forward_hook(lambda m, a, out: self._guard(self._on_logits, p, a, out)))
-        p.handles.append(self.backbone.register_forward_hook(lambda m, a, out: self._guard(self._on_hidden, p, out)))
+        p.fused = bool(kwargs.get("fused_lm_head", False))
         engine.__enter__()
+        # the coefficient hooks go first, before the engine's, so that their tensor hooks fire first in the backward
+        p.handles.append(self.head.register_forward_hook(lambda m, a, out: self._guard(self._on_logits, p, a, out),
+                                                         prepend=True))
+        p.handles.append(self.backbone.register_forward_hook(lambda m, a, out: self._guard(self._on_hidden, p, out),
+                                                             prepend=True))
         self.current = p
 
     def _on_hidden(self, p: _Pass, out) -> None:
         h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         p.hidden = h
+        if not (p.fused and self.head_measured):
+            return
+        # the fused kernel's use of the head weight, recorded inside the model's forward: there a fully_shard head
+        # holds the whole tensor autograd sees (a root that reshards after its forward holds its shard at its end)
+        p.head_use = p.engine.external_use(self.head, (h[:, :-1].detach(),))
+        if is_sharded(self.head.weight):     # a head sharded on its own, never called: gathered by TRL and by us
+            p.head_params = (whole(self.head.weight).detach(), None if self.head.bias is None else
+                             whole(self.head.bias).detach())
+        if h.requires_grad:                  # its gradient comes after the kernel's backward, head gathered again
+            h.register_hook(lambda g: self._guard(self._head_grad, p))
 
     def _on_logits(self, p: _Pass, args, logits: torch.Tensor) -> None:
         """Logits path: ℓ_t and Σ_v p_v² per position, and the hook that finds the coefficients."""
@@ -224,6 +253,8 @@ class PassRecorder:
         if fused is not None and getattr(output, "logits", None) is None:
             self._fused_forward(p, fused, output)
             root = fused
+        elif p.fused:
+            raise InPassError("the model was called with fused_lm_head=True but returned logits")
         else:
             logits = output.logits if hasattr(output, "logits") else output[0]
             if p.token_logps is None:
@@ -242,26 +273,33 @@ class PassRecorder:
         mask = p.labels[:, 1:] != -100
         p.logps = log_probs.detach().double().sum(-1).cpu()
         p.lengths = mask.sum(-1).cpu()
-        if self.head_measured:
-            if p.hidden is None:
-                raise InPassError(f"the backbone ({type(self.backbone).__name__}) output was not seen")
-            p.head_use = p.engine.external_use(self.head, (p.hidden[:, :-1].detach(),))
+        if not p.fused:
+            raise InPassError("the model returned fused-head log-probs without being called with fused_lm_head=True")
+        if self.head_measured and p.head_use is None:
+            raise InPassError(f"the backbone ({type(self.backbone).__name__}) output was not seen")
         log_probs.register_hook(lambda g: self._guard(self._fused_grad, p, g, mask))
 
     # -- backward ------------------------------------------------------------------------------------------------
     def _fused_grad(self, p: _Pass, g: torch.Tensor, mask: torch.Tensor) -> None:
         self._set_coefficients(p, g.detach().double(), torch.ones_like(g, dtype=torch.float64), mask)
-        if p.head_use is not None:
-            h = p.hidden[:, :-1].detach()
-            weight, bias = self.head.weight, self.head.bias
-            with torch.no_grad():
-                z = h.float() @ weight.float().T + (0 if bias is None else bias.float())
-                out_grad = -torch.softmax(z, -1)
-                out_grad.scatter_add_(-1, p.labels[:, 1:].clamp(min=0)[..., None],
-                                      torch.ones_like(out_grad[..., :1]))
-                out_grad *= (g.detach().float() * mask)[..., None]
-            p.head_use(out_grad)
+        p.head_grad = g.detach().float() * mask
+        if p.head_use is not None and not p.hidden.requires_grad:
+            self._head_grad(p)
         torch.autograd.Variable._execution_engine.queue_callback(lambda: self._guard(self._finish, p))
+
+    def _head_grad(self, p: _Pass) -> None:
+        """The fused head's output gradient ``Σ_t ∂L/∂ℓ_t (e_{y_t} - p_t)``, from the final hidden states and the head
+        as it is now (after the kernel's backward: fully_shard has gathered it again), to its external use."""
+        if p.head_grad is None:              # the coefficients failed (reported): nothing to scale by
+            return
+        h = p.hidden[:, :-1].detach()
+        weight, bias = p.head_params or (self.head.weight, self.head.bias)
+        with torch.no_grad():
+            z = h.float() @ weight.float().T + (0 if bias is None else bias.float())
+            out_grad = -torch.softmax(z, -1)
+            out_grad.scatter_add_(-1, p.labels[:, 1:].clamp(min=0)[..., None], torch.ones_like(out_grad[..., :1]))
+            out_grad *= p.head_grad[..., None]
+        p.head_use(out_grad)
 
     def _logits_grad(self, p: _Pass, g: torch.Tensor) -> None:
         g = g.detach()
@@ -293,7 +331,8 @@ class PassRecorder:
         row scale (1 / c_i; 0 for a vanished c_i) and pair weights; returns c [2B]."""
         b = basis * mask
         coef = (value * b).sum(-1) / (b * b).sum(-1).clamp(min=1e-300)
-        off = mask & ((value - coef[:, None] * basis).abs() > TOKEN_TOLERANCE * coef.abs()[:, None] * basis + 1e-300)
+        off = mask & ((value - coef[:, None] * basis).abs() > coef.abs()[:, None] * (TOKEN_TOLERANCE * basis + ROUNDING)
+                      + 1e-300)
         excluded = coef.abs() <= TINY_COEFFICIENT
         off &= ~excluded[:, None]
         if off.any():
