@@ -9,13 +9,18 @@ the whole model's). Then, on HH-RLHF pairs:
   update dots (``before_update(measure=True)`` / ``after_update``), and rank 0 measures the whole twin alone;
   their run directories are compared by the test;
 * each rank measures its own pairs with ``measure`` (``structure="full"`` and ``"pairs"``) in both geometries and
-  along the update, on the sharded model and on the twin; the largest relative differences go to ``result.json``.
+  along the update, on the sharded model and on the twin; the largest relative differences go to ``result.json``;
+* in-pass capture: each rank runs one hand-written DPO step on its own pairs (the loss from the logits, or from TRL's
+  fused LM head) on a sharded copy under a ``PassRecorder`` and on one without it, in several ``fully_shard``
+  layouts; the records are compared with the same pass recorded on the whole model and with its exact twin, the
+  gradients and the weights after the step with those of the copy without the recorder.
 
 Usage: ``torchrun --nproc-per-node 2 tests/fsdp_worker.py OUT_DIR``.
 """
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 import sys
@@ -30,9 +35,12 @@ sys.path.insert(0, str(HERE))
 
 from helpers import tiny_gpt2, tiny_llama  # noqa: E402
 
-from entangle.capture.logprobs import sequence_logps  # noqa: E402
-from entangle.capture.measure import measure  # noqa: E402
+from entangle.capture.inpass import MicroBatch, PassRecorder  # noqa: E402
+from entangle.capture.logprobs import sequence_logps, token_logps  # noqa: E402
+from entangle.capture.measure import measure, sequence_gram  # noqa: E402
 from entangle.capture.optim import adam_preconditioner  # noqa: E402
+from entangle.capture.params import select_params  # noqa: E402
+from entangle.capture.sharding import local as local_tensor  # noqa: E402
 from entangle.capture.sharding import whole as whole_tensor  # noqa: E402
 from entangle.capture.tokens import token_map  # noqa: E402
 from entangle.data import encode_pairs, load_pairs  # noqa: E402
@@ -133,6 +141,105 @@ def check_model(name: str, out: Path, tok, probe: list[dict], train: dict) -> di
             "refused": refused}
 
 
+# in-pass cases: model -> (fully_shard layout, loss path). Layouts: "blocks": each block, then the root;
+# "accelerate": accelerate's FSDP2 layout (blocks; the final norm, the head and a tied input embedding as one group
+# that stays gathered after its forward; then the root); "alone": the untied embedding and head each sharded alone
+# (TRL gathers the head, whose forward never runs), the root resharding after its forward. Loss paths: "logits"
+# (the loss from the logits), "fused" (from TRL's fused LM head: per-token log-probs, no logits).
+IN_PASS = {"gpt2": (("blocks", "logits"),), "stories260k": (("blocks", "fused"), ("accelerate", "logits")),
+           "llama": (("alone", "fused"),)}
+
+
+def shard(model: torch.nn.Module, layout: str) -> None:
+    for block in blocks(model):
+        fully_shard(block)
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = embed.weight is head.weight
+    if layout == "accelerate":
+        norm = model.transformer.ln_f if hasattr(model, "transformer") else model.model.norm
+        if not tied:
+            fully_shard(embed)
+        fully_shard([norm, embed, head] if tied else [norm, head], reshard_after_forward=False)
+    elif layout == "alone":
+        fully_shard(embed)
+        fully_shard(head)
+    fully_shard(model, reshard_after_forward=True if layout == "alone" else None)
+
+
+def dpo_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict, fused: bool,
+             recorder: PassRecorder | None = None) -> list[MicroBatch]:
+    """One step of a hand-written DPO-like loss Σ_i -log σ(β (s_w - s_l)) of the summed response log-probs
+    (computed from the logits, or by TRL's fused head), recorded by ``recorder`` if given (then the step's record)."""
+    def pass_():
+        if fused:
+            labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+            s = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                      fused_lm_head=True).log_probs.sum(-1)
+        else:
+            s = token_logps(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                            batch).sum(-1)
+        b = s.shape[0] // 2
+        (-torch.nn.functional.logsigmoid(0.5 * (s[:b] - s[b:]))).sum().backward()
+
+    opt.zero_grad()
+    if recorder is None:
+        pass_()
+        return []
+    with recorder.recording() as records:
+        pass_()
+    return list(records)
+
+
+def check_in_pass(name: str, batch: dict) -> dict:
+    """Per case of ``IN_PASS[name]``: PassRecorder on a sharded copy against the whole model's in-pass record and
+    the exact twin; the step (gradients, weights) against a sharded copy trained without the recorder."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    torch.manual_seed(0)
+    fresh = MODELS[name]().train()
+    for module in fresh.modules():          # train mode (the recorder measures training passes), no dropout
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    twin = sequence_gram(copy.deepcopy(fresh).eval(), batch, method="exact").matrix
+    b = twin.shape[0] // 2
+    exact = {"norm2": twin.diagonal(), "inner": twin.diagonal(b)}
+    out = {}
+    for layout, path in IN_PASS[name]:
+        fused = path == "fused"
+        recorded, plain, whole = (copy.deepcopy(fresh) for _ in range(3))
+        for m in (recorded, plain, whole):
+            if fused:
+                add_fused_lm_head(m)
+        for m in (recorded, plain):
+            shard(m, layout)
+        opts = {m: torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (recorded, plain)}
+        ours = dpo_step(recorded, opts[recorded], batch, fused,
+                        PassRecorder(recorded, select_params(recorded), strict=True))
+        dpo_step(plain, opts[plain], batch, fused)
+        grads = all(torch.equal(local_tensor(p.grad), local_tensor(q.grad))
+                    for p, q in zip(recorded.parameters(), plain.parameters(), strict=True))
+        for m in (recorded, plain):
+            opts[m].step()
+        weights = all(torch.equal(local_tensor(p.detach()), local_tensor(q.detach()))
+                      for p, q in zip(recorded.parameters(), plain.parameters(), strict=True))
+        theirs = dpo_step(whole, torch.optim.SGD(whole.parameters()), batch, fused,
+                          PassRecorder(whole, select_params(whole), strict=True))
+        errors, sizes = {}, {}
+        if len(ours) == len(theirs) == 1:
+            for key in ("norm2", "inner", "logps", "coef"):
+                want = getattr(theirs[0], key)
+                errors[f"whole/{key}"], sizes[f"whole/{key}"] = rel(getattr(ours[0], key), want), \
+                    float(want.abs().max())
+            for key, want in exact.items():         # relative to the largest entry of the twin's Gram matrix
+                errors[f"exact/{key}"] = float((getattr(ours[0], key) - want).abs().max() / twin.abs().max())
+                sizes[f"exact/{key}"] = float(want.abs().max())
+        out[f"{name}/{layout}/{path}"] = {
+            "records": [len(ours), len(theirs)], "pairs": len(ours[0].inner) if ours else 0,
+            "excluded": int(ours[0].excluded.sum()) if ours else -1, "errors": errors, "sizes": sizes,
+            "grads_identical": grads, "weights_identical": weights}
+    return out
+
+
 def main(out: Path) -> None:
     from transformers import AutoTokenizer
 
@@ -143,6 +250,8 @@ def main(out: Path) -> None:
     rows = hh_pairs(tok, N_PROBE + 2)
     probe, train = rows[:N_PROBE], encode_pairs(tok, rows[N_PROBE:], max_length=MAX_LENGTH)
     results = {name: check_model(name, out, tok, probe, train) for name in MODELS}
+    mine = encode_pairs(tok, probe[dist.get_rank()::2], max_length=MAX_LENGTH)
+    results["in_pass"] = {case: got for name in IN_PASS for case, got in check_in_pass(name, mine).items()}
     gathered = gather_to_main(results)
     if dist.get_rank() == 0:
         (out / "result.json").write_text(json.dumps(gathered))

@@ -22,20 +22,31 @@ from entangle.runio import read_run
 
 WORKER = Path(__file__).resolve().parent / "fsdp_worker.py"
 MODELS = ("gpt2", "llama", "stories260k")
+# in-pass cases of the worker (model/fully_shard layout/loss path), see IN_PASS in fsdp_worker.py
+IN_PASS = ("gpt2/blocks/logits", "stories260k/blocks/fused", "stories260k/accelerate/logits", "llama/alone/fused")
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 def test_fully_shard_two_processes(tmp_path):
     """GPT-2 (tied), Llama and stories260k sharded over 2 ranks: Gram / pair statistics in both geometries and the
-    update dots equal the whole model's (float32, <= 1e-5 relative); so do the Monitor's tables."""
+    update dots equal the whole model's (float32, <= 1e-5 relative); so do the Monitor's tables. In-pass capture of a
+    hand-written DPO step on each rank's own pairs (logits or TRL's fused head; several fully_shard layouts) equals
+    the whole model's in-pass record and its exact twin, and leaves the step's gradients and weights unchanged."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
            "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", str(WORKER), str(tmp_path)]
     run_torchrun(cmd, tmp_path / "result.json", env)
     ranks = json.loads((tmp_path / "result.json").read_text())
     assert len(ranks) == 2
-    for rank in ranks:
+    for r, rank in enumerate(ranks):
+        assert sorted(rank["in_pass"]) == sorted(IN_PASS)
+        for case, got in rank["in_pass"].items():
+            assert got["records"] == [1, 1] and got["pairs"] == 2 - r and got["excluded"] == 0, (r, case, got)
+            assert got["grads_identical"] and got["weights_identical"], (r, case)
+            assert len(got["errors"]) == 6, (r, case, got["errors"])
+            for key, err in got["errors"].items():
+                assert got["sizes"][key] > 0 and err <= 1e-5, (r, case, key, err)
         for name in MODELS:
             got = rank[name]
             assert got["sharded"] == "DTensor"
