@@ -1,5 +1,6 @@
-"""Sharded training: FSDP2 (``fully_shard``) measured in two CPU processes against the whole model; FSDP1, DeepSpeed
-ZeRO-3 refused, ZeRO-1/2 measured without the Adam view (fakes of the attributes DeepSpeed and accelerate set)."""
+"""Sharded training: FSDP2 (``fully_shard``) measured in two CPU processes against the whole model (``measure``, the
+Monitor, in-pass capture); FSDP1, DeepSpeed ZeRO-3 refused (also in-pass), ZeRO-1/2 measured without the Adam view
+(fakes of the attributes DeepSpeed and accelerate set)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,12 @@ import pytest
 import torch
 from helpers import random_batch, run_torchrun, tiny_gpt2
 
+from entangle.capture.inpass import InPassError, PassRecorder
 from entangle.capture.measure import measure
+from entangle.capture.params import select_params
 from entangle.integrations.callback import _refuse_sharded
 from entangle.integrations.distributed import check_every_rank_measures
+from entangle.integrations.training_pass import refuse_in_pass
 from entangle.runio import read_run
 
 WORKER = Path(__file__).resolve().parent / "fsdp_worker.py"
@@ -90,6 +94,24 @@ def test_fsdp1_and_zero3_refused():
     model.transformer.h[1].mlp.c_fc.weight.ds_id = 7       # what deepspeed.zero.Init sets on partitioned params
     with pytest.raises(ValueError, match=r"'transformer.h.1.mlp.c_fc.weight' is partitioned by DeepSpeed ZeRO-3"):
         measure(model, batch)
+
+
+def test_in_pass_refuses_fsdp1_and_zero3():
+    """The callback's in-pass check at train begin and a hand-written loop's PassRecorder refuse them as the
+    Monitor does, naming the module or parameter."""
+    trainer = SimpleNamespace(args=SimpleNamespace())
+    model = tiny_gpt2()
+    refuse_in_pass(trainer, model)
+    model.transformer.h[0].add_module("wrapped", FullyShardedDataParallel())
+    with pytest.raises(InPassError, match=r"cannot measure this training pass: module 'transformer.h.0.wrapped' is "
+                                          r"wrapped in FullyShardedDataParallel.*fully_shard"):
+        refuse_in_pass(trainer, model)
+    with pytest.raises(ValueError, match=r"'transformer.h.0.wrapped' is wrapped in FullyShardedDataParallel"):
+        PassRecorder(model, select_params(model))
+    model = tiny_gpt2()
+    model.transformer.h[1].mlp.c_fc.weight.ds_id = 7
+    with pytest.raises(InPassError, match=r"'transformer.h.1.mlp.c_fc.weight' is partitioned by DeepSpeed ZeRO-3"):
+        refuse_in_pass(trainer, model)
 
 
 def _trainer(fsdp_version=None, zero_stage=None):

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from .engine import GramEngine
-from .sharding import is_sharded, whole
+from .sharding import check_supported, is_sharded, whole
 
 # a coefficient at or below this magnitude has (nearly) underflowed: the sequence's gradients cannot be recovered
 TINY_COEFFICIENT = 1e-30
@@ -97,6 +97,9 @@ class _Pass:
 class PassRecorder:
     """Records per-pair gradient statistics of the training micro-batches that run while it is armed.
 
+    A model sharded by ``fully_shard`` (FSDP2) is measured on each rank's own micro-batches, whatever the layout of
+    its FSDP units; FSDP1 and DeepSpeed ZeRO-3 raise ``ValueError`` (:func:`~entangle.capture.sharding.check_supported`).
+
     Args:
         model: the (unwrapped) model the trainer calls; a PEFT model is fine.
         named_params: the measured parameters ``[(name, parameter)]``.
@@ -107,6 +110,7 @@ class PassRecorder:
 
     def __init__(self, model: torch.nn.Module, named_params, *, mode: str = "auto",
                  checkpointed: set[int] | None = None, strict: bool = False):
+        check_supported(model)                   # FSDP1 and DeepSpeed ZeRO-3 raise ValueError; fully_shard works
         self.model, self.named, self.mode, self.strict = model, list(named_params), mode, strict
         self.checkpointed = checkpointed or set()
         self.backbone, self.head = backbone_and_head(model)

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from entangle.capture.inpass import InPassError, PassRecorder, checkpointed_modules
 from entangle.capture.params import ParamSpec, select_params
+from entangle.capture.sharding import check_supported
 from entangle.metrics.dataset import TEXT_FIELDS, pair_texts
 from entangle.metrics.summary import summarize
 from entangle.metrics.tables import summary_scalars
@@ -31,6 +32,10 @@ def refuse_in_pass(trainer: Any, model: torch.nn.Module) -> None:
     """Raise :class:`InPassError` (saying why) for a training setup whose pass cannot be measured per pair."""
     args = trainer.args
     reasons = []
+    try:
+        check_supported(model)              # FSDP1 and DeepSpeed ZeRO-3, refused as for the Monitor
+    except ValueError as err:
+        reasons.append(str(err))
     if getattr(args, "use_liger_kernel", False):
         reasons.append("use_liger_kernel (a fused linear cross-entropy bypasses the hooked output layer)")
     if getattr(args, "padding_free", False):
