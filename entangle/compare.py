@@ -173,7 +173,7 @@ def run_compare(cfg: CompareConfig | None = None) -> Path:
 
 def _run(cfg: CompareConfig) -> Path:
     from datasets import Dataset
-    from transformers.trainer_callback import ProgressCallback
+    from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
 
     from .integrations.callback import EntanglementCallback
     from .integrations.reference import probe_logps
@@ -205,7 +205,7 @@ def _run(cfg: CompareConfig) -> Path:
                                         **_callback_objective(name, cfg))
         torch.manual_seed(cfg.seed)
         trainer = _trainer(name, cfg, copy.deepcopy(model), copy.deepcopy(model), tok, dataset, [callback, recorder])
-        trainer.remove_callback(ProgressCallback)
+        trainer.remove_callback(DEFAULT_PROGRESS_CALLBACK)     # in a notebook: a table of ~100 scalars per log
         trainer.add_callback(_demo_progress())
         trainer.train()
         dynamics.append(dynamics_frame(name, recorder.logps, ref_logps))
