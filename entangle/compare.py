@@ -44,7 +44,14 @@ import torch
 
 from ._warnings import filter_known_warnings
 from .data import encode_pairs, load_pairs
-from .demo import DemoConfig, _demo_progress, _pairs, load_model_and_tokenizer, supervised_warmup
+from .demo import (
+    DemoConfig,
+    _demo_progress,
+    _pairs,
+    load_model_and_tokenizer,
+    on_one_thread_if_builtin,
+    supervised_warmup,
+)
 from .metrics.summary import regime_of
 from .runio import RunWriter, read_table
 from .schema import REGIMES
@@ -161,14 +168,7 @@ def run_compare(cfg: CompareConfig | None = None) -> Path:
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown or not cfg.methods:
         raise ValueError(f"unknown or no methods {unknown}; choose from {', '.join(METHODS)}")
-    if cfg.model is None:       # the built-in model is tiny: one thread is faster (see entangle.demo)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return _run(cfg)
-        finally:
-            torch.set_num_threads(threads)
-    return _run(cfg)
+    return on_one_thread_if_builtin(_run, cfg)
 
 
 def _run(cfg: CompareConfig) -> Path:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,15 +127,20 @@ def run_demo(cfg: DemoConfig | None = None) -> Path:
     """Run the demo; returns the path of ``report.html``."""
     filter_known_warnings()
     cfg = cfg or DemoConfig()
-    if cfg.model is None:
-        # the built-in model is tiny: thread synchronisation costs more than it saves (10x on a busy machine)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return _run(cfg)
-        finally:
-            torch.set_num_threads(threads)
-    return _run(cfg)
+    return on_one_thread_if_builtin(_run, cfg)
+
+
+def on_one_thread_if_builtin(run: Callable[[Any], Path], cfg: Any) -> Path:
+    """``run(cfg)``, on one thread when ``cfg.model`` is None (the built-in model is tiny: thread synchronisation
+    costs more than it saves, 10x on a busy machine)."""
+    if cfg.model is not None:
+        return run(cfg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run(cfg)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _run(cfg: DemoConfig) -> Path:
