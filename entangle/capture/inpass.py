@@ -219,8 +219,8 @@ class PassRecorder:
         # holds the whole tensor autograd sees (a root that reshards after its forward holds its shard at its end)
         p.head_use = p.engine.external_use(self.head, (h[:, :-1].detach(),))
         if is_sharded(self.head.weight):     # a head sharded on its own, never called: gathered by TRL and by us
-            p.head_params = (whole(self.head.weight).detach(), None if self.head.bias is None else
-                             whole(self.head.bias).detach())
+            p.head_params = (whole(self.head.weight.detach()), None if self.head.bias is None else
+                             whole(self.head.bias.detach()))
         if h.requires_grad:                  # its gradient comes after the kernel's backward, head gathered again
             h.register_hook(lambda g: self._guard(self._head_grad, p))
 
