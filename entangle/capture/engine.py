@@ -522,7 +522,20 @@ class GramEngine:
         with autocast_off(logps.device):
             out = self._finish(logps, lengths)
         self.finished = True
+        self._release()
         return out
+
+    def _release(self) -> None:
+        """Drop the pass's references to its tensors. The hooks on the pass's outputs hold the engine, and the engine
+        held some of those outputs (``sources``): a cycle through autograd's hooks, which Python's collector cannot
+        see, so every engine of a training run and the activations its hooks hold would stay alive."""
+        self.part.sources.clear()                 # the hooks hold this part object itself, too
+        self.part.generic_uses.clear()
+        self.part = _Part(self.part.n)
+        self.rerun_inputs.clear()
+        self.waiting.clear()
+        self.geometries = {k: {"blocks": {}, "shared": {}} for k in self.geometries}
+        self.dots = {}
 
     def _finish(self, logps: torch.Tensor, lengths: torch.Tensor) -> Measurement:
         self._flush_generic()

@@ -150,10 +150,9 @@ class PassRecorder:
             self._close_open()
 
     def _close_open(self) -> None:
-        """Remove the engine hooks of passes whose backward never ended (or ended)."""
-        for p in self.open:
-            p.engine.__exit__(None, None, None)
-        self.open.clear()
+        """Release the passes whose backward never ended (an evaluation with gradients, an error)."""
+        for p in list(self.open):
+            self._forget(p)
 
     # -- failures never reach the trainer unless asked -----------------------------------------------------------
     def _guard(self, fn: Callable, *args):
@@ -168,10 +167,10 @@ class PassRecorder:
             return None
 
     def _drop(self, p: _Pass) -> None:
-        p.engine.__exit__(None, None, None)
         for h in p.handles:
             h.remove()
         p.engine.failed = True
+        self._forget(p)
         if self.current is p:
             self.current = None
 
@@ -350,9 +349,21 @@ class PassRecorder:
         return coef
 
     def _finish(self, p: _Pass) -> None:
+        try:
+            self._record(p)
+        finally:
+            self._forget(p)
+
+    def _forget(self, p: _Pass) -> None:
+        """Release a pass: its hooks, and every reference to its tensors (the hooks autograd keeps on them hold the
+        pass, so a reference back would keep each micro-batch's activations alive)."""
         p.engine.__exit__(None, None, None)
+        p.engine._release()
+        p.hidden = p.head_use = None
         if p in self.open:
             self.open.remove(p)
+
+    def _record(self, p: _Pass) -> None:
         if p.engine.failed or p.coef is None:
             return
         m = p.engine.finish(p.logps.double(), p.lengths)
