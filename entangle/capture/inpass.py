@@ -197,7 +197,8 @@ class PassRecorder:
         attention = kwargs.get("attention_mask")
         attention = torch.ones_like(ids) if attention is None else attention
         named = [(name, self.slots[name][0]._parameters[self.slots[name][1]]) for name, _ in self.named]
-        engine = GramEngine(self.model, named, ids.shape[0], self.mode, plain=True, pairs=True)
+        # a micro-batch is small: its whole Gram matrix costs less than the pair statistics' three reductions
+        engine = GramEngine(self.model, named, ids.shape[0], self.mode, plain=True)
         engine.checkpointed, engine.on_error = self.checkpointed, self._failed
         p = _Pass(engine, ids.detach(), attention.detach(), kwargs.get("labels"))
         p.fused = bool(kwargs.get("fused_lm_head", False))
@@ -331,7 +332,7 @@ class PassRecorder:
     def _set_coefficients(self, p: _Pass, value: torch.Tensor, basis: torch.Tensor, mask: torch.Tensor
                           ) -> torch.Tensor:
         """c_i fitted to ``value_t = c_i basis_t`` over the response tokens (which must agree), set as the engine's
-        row scale (1 / c_i; 0 for a vanished c_i) and pair weights; returns c [2B]."""
+        row scale (1 / c_i; 0 for a vanished c_i); returns c [2B]."""
         b = basis * mask
         coef = (value * b).sum(-1) / (b * b).sum(-1).clamp(min=1e-300)
         off = mask & ((value - coef[:, None] * basis).abs() > coef.abs()[:, None] * (TOKEN_TOLERANCE * basis + ROUNDING)
@@ -345,7 +346,6 @@ class PassRecorder:
                               "token weights?), so its per-sequence gradients cannot be recovered")
         p.coef = coef
         p.engine.row_scale = torch.where(excluded, torch.zeros_like(coef), 1 / coef.where(~excluded, torch.ones_like(coef)))
-        p.engine.weights = coef
         return coef
 
     def _finish(self, p: _Pass) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
@@ -137,13 +138,18 @@ class TrainingPass:
         self.recorder.errors.clear()
         if not records:
             return None
-        pairs = sum(len(r.inner) for r in records)
-        frames = [train_pair_frame(step=self.step, micro=j, rank=self.rank,
-                                   index=[self.keys.get(key, -1) for key in r.keys], logps=r.logps.numpy(),
-                                   lengths=r.lengths.numpy(), coef=r.coef.numpy(), norm2=r.norm2.numpy(),
-                                   inner=r.inner.numpy(), excluded=r.excluded.numpy(), lr=lr, pairs_in_step=pairs)
-                  for j, r in enumerate(records)]
-        frame = pd.concat(frames, ignore_index=True)
+        def halves(get):         # per pair: (chosen, rejected) of every micro-batch, in order
+            parts = [get(r).numpy() for r in records]
+            return (np.concatenate([x[:len(x) // 2] for x in parts]), np.concatenate([x[len(x) // 2:] for x in parts]))
+        sizes = [len(r.inner) for r in records]
+        excluded = halves(lambda r: r.excluded)
+        frame = train_pair_frame(
+            step=self.step, rank=self.rank, micro=np.repeat(np.arange(len(records)), sizes),
+            pair=np.concatenate([np.arange(b) for b in sizes]),
+            index=[self.keys.get(key, -1) for r in records for key in r.keys],
+            logps=halves(lambda r: r.logps), lengths=halves(lambda r: r.lengths), coef=halves(lambda r: r.coef),
+            norm2=halves(lambda r: r.norm2), inner=np.concatenate([r.inner.numpy() for r in records]),
+            excluded=excluded[0] | excluded[1], lr=lr, pairs_in_step=sum(sizes))
         frame = gather_frames(frame)
         summary = summarize(frame)
         summary["n_excluded"] = summary["n_excluded"].astype(int)

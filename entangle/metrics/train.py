@@ -16,38 +16,41 @@ from entangle.metrics.summary import regime_of
 from entangle.schema import TRAIN_PAIRS
 
 
-def train_pair_frame(*, step: int, micro: int, rank: int, index: ArrayLike, logps: ArrayLike, lengths: ArrayLike,
-                     coef: ArrayLike, norm2: ArrayLike, inner: ArrayLike, excluded: ArrayLike, lr: float,
-                     pairs_in_step: int) -> pd.DataFrame:
-    """One row per pair of one recorded micro-batch (2B sequences: chosen, then rejected).
+def train_pair_frame(*, step: int, rank: int, micro: ArrayLike, pair: ArrayLike, index: ArrayLike,
+                     logps: tuple[ArrayLike, ArrayLike], lengths: tuple[ArrayLike, ArrayLike],
+                     coef: tuple[ArrayLike, ArrayLike], norm2: tuple[ArrayLike, ArrayLike], inner: ArrayLike,
+                     excluded: ArrayLike, lr: float, pairs_in_step: int) -> pd.DataFrame:
+    """One row per measured pair of one optimizer step (all its micro-batches at once).
 
     Args:
-        index: [B] the pairs' rows of the training dataset (-1: not found).
-        logps, lengths, coef, norm2: [2B] per sequence; inner: [B] per pair; excluded: [2B] bool (a vanished
-            coefficient: its pair's measured columns are NaN and its directions False, with no regime).
+        micro, pair, index: [P] per pair: its micro-batch, its place in it, its row of the training dataset (-1: not
+            found).
+        logps, lengths, coef, norm2: (chosen [P], rejected [P]) per sequence; inner: [P] per pair.
+        excluded: [P] bool, a pair with a vanished coefficient (its measured columns are NaN, its directions False,
+            with no regime).
         lr: the learning rate of the step (η of the predicted changes, as in ``pair_frame``).
         pairs_in_step: pairs of the optimizer step on this process (all its micro-batches).
     """
-    s, n = np.asarray(logps, float), np.asarray(lengths, np.int64)
-    c, k, kwl = np.asarray(coef, float), np.asarray(norm2, float), np.asarray(inner, float)
-    b = len(kwl)
-    out = np.asarray(excluded, bool)
-    gone = out[:b] | out[b:]
-    a_w, a_l = -c[:b] * pairs_in_step, -c[b:] * pairs_in_step
-    unit_w = a_w * k[:b] + a_l * kwl
-    unit_l = a_w * kwl + a_l * k[b:]
+    (s_w, s_l), (n_w, n_l) = (np.asarray(x, float) for x in logps), (np.asarray(x, np.int64) for x in lengths)
+    c_w, c_l = (np.asarray(x, float) for x in coef)
+    k_w, k_l = (np.asarray(x, float) for x in norm2)
+    kwl, gone = np.asarray(inner, float), np.asarray(excluded, bool)
+    a_w, a_l = -c_w * pairs_in_step, -c_l * pairs_in_step
+    unit_w = a_w * k_w + a_l * kwl
+    unit_l = a_w * kwl + a_l * k_l
     with np.errstate(invalid="ignore", divide="ignore"):
-        cosine = kwl / np.sqrt(k[:b] * k[b:])
-        ratio = kwl / np.minimum(k[:b], k[b:])
+        cosine = kwl / np.sqrt(k_w * k_l)
+        ratio = kwl / np.minimum(k_w, k_l)
     rises, falls = (unit_w > 0) & ~gone, (unit_l < 0) & ~gone
     regime = regime_of(rises, falls)
     regime[gone] = None
+    p = len(kwl)
     frame = pd.DataFrame({
-        "step": np.full(b, step), "rank": np.full(b, rank), "micro": np.full(b, micro), "pair": np.arange(b),
-        "index": np.asarray(index, np.int64),
-        "logp_chosen": s[:b], "logp_rejected": s[b:], "len_chosen": n[:b], "len_rejected": n[b:],
-        "norm2_chosen": k[:b], "norm2_rejected": k[b:], "inner": kwl, "cosine": cosine, "ratio": ratio,
+        "step": np.full(p, step), "rank": np.full(p, rank), "micro": np.asarray(micro, np.int64),
+        "pair": np.asarray(pair, np.int64), "index": np.asarray(index, np.int64),
+        "logp_chosen": s_w, "logp_rejected": s_l, "len_chosen": n_w, "len_rejected": n_l,
+        "norm2_chosen": k_w, "norm2_rejected": k_l, "inner": kwl, "cosine": cosine, "ratio": ratio,
         "a_chosen": a_w, "a_rejected": a_l, "pred_dlogp_chosen": lr * unit_w, "pred_dlogp_rejected": lr * unit_l,
-        "chosen_rises": rises, "rejected_falls": falls, "regime": regime, "margin": s[:b] - s[b:], "excluded": gone,
+        "chosen_rises": rises, "rejected_falls": falls, "regime": regime, "margin": s_w - s_l, "excluded": gone,
     })
     return frame[list(TRAIN_PAIRS.columns)]
