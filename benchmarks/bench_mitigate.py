@@ -28,7 +28,7 @@ import json
 import statistics
 import time
 
-from bench_gram import SHAPES, _setup, _vmhwm_mb, add_model_options, model_options, run_child
+from bench_gram import SHAPES, _setup, _vmhwm_mb, add_model_options, model_options, print_table, run_child
 
 OBJECTIVES = {  # method -> (objective, loss_weights, hyper)
     "plain_dpo_step": ("sigmoid", None, {"beta": 0.1}),
@@ -108,18 +108,7 @@ def child(shape: str, method: str, device: str, repeat: int, model_config: str |
 
 def print_rows(rows: list[dict]) -> None:
     """The markdown table: time and its ratio from the interleaved rounds, peaks and their ratios per process."""
-    base = {r["shape"]: r for r in rows if r["method"] == "plain_dpo_step" and "peak_mb" in r}
-    print("| shape | method | time (s) | × plain step | peak RSS (MB) | × plain | above model+batch (MB) | × plain |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['shape']} | {r['method']} | n/a: {r['error']} | | | | | |")
-            continue
-        b = base.get(r["shape"])
-        rp = f"{r['peak_mb'] / b['peak_mb']:.2f}" if b else ""
-        ra = f"{r['above_base_mb'] / b['above_base_mb']:.2f}" if b and b["above_base_mb"] > 0 else ""
-        print(f"| {r['shape']} | {r['method']} | {r['seconds']:.3f} | {r['ratio']:.2f} | {r['peak_mb']:.0f} | {rp} | "
-              f"{r['above_base_mb']:.0f} | {ra} |")
+    print_table(rows)
 
 
 def main() -> None:
