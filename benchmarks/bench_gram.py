@@ -169,14 +169,7 @@ def run_child(script: str, child_args: list[str], device: str, repeat: int, row:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", nargs="+", default=["long", "short"], choices=list(SHAPES))
-    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--repeat", type=int, default=3)
-    add_model_options(ap)
-    ap.add_argument("--child", nargs=2, metavar=("SHAPE", "METHOD"), help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = parse_args(__doc__, ["long", "short"], METHODS)
     if args.child:
         print(json.dumps(child(*args.child, args.device, args.repeat, args.model_config, args.dtype)))
         return
@@ -188,6 +181,19 @@ def main() -> None:
             rows.append(run_child(__file__, [shape, method], args.device, args.repeat,
                                   {"shape": shape, "method": method}, model_options(args)))
     print_table(rows)
+
+
+def parse_args(doc: str, shapes: list[str], methods: list[str]) -> argparse.Namespace:
+    """The options a benchmark of (shape, method) rows shares: shapes, methods, device, repeats, the model, and the
+    hidden ``--child SHAPE METHOD`` of its child processes."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=shapes, choices=list(SHAPES))
+    ap.add_argument("--methods", nargs="+", default=methods, choices=methods)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeat", type=int, default=3)
+    add_model_options(ap)
+    ap.add_argument("--child", nargs=2, metavar=("SHAPE", "METHOD"), help=argparse.SUPPRESS)
+    return ap.parse_args()
 
 
 def add_model_options(ap: argparse.ArgumentParser) -> None:

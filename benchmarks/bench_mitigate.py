@@ -23,12 +23,11 @@ time and the median over rounds of its ratio to the plain step of the same round
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 
-from bench_gram import SHAPES, _setup, _vmhwm_mb, add_model_options, model_options, print_table, run_child
+from bench_gram import _setup, _vmhwm_mb, model_options, parse_args, print_table, run_child
 
 OBJECTIVES = {  # method -> (objective, loss_weights, hyper)
     "plain_dpo_step": ("sigmoid", None, {"beta": 0.1}),
@@ -112,14 +111,7 @@ def print_rows(rows: list[dict]) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", nargs="+", default=["long"], choices=list(SHAPES))
-    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--repeat", type=int, default=3)
-    add_model_options(ap)
-    ap.add_argument("--child", nargs=2, metavar=("SHAPE", "METHOD"), help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = parse_args(__doc__, ["long"], METHODS)
     if args.child:
         print(json.dumps(child(*args.child, args.device, args.repeat, args.model_config, args.dtype)))
         return
