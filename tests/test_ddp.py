@@ -1,4 +1,5 @@
-"""Two CPU processes (gloo) under torchrun: TRL DPO with DDP, each rank measures its share of the probe.
+"""Two CPU processes (gloo) under torchrun: TRL DPO with DDP, each rank measures its share of the probe, and its own
+training micro-batches in-pass (``train_every``).
 
 The test launches this file as a torchrun script; the ``__main__`` part is the training script.
 """
@@ -31,7 +32,7 @@ def _train(out_dir: str) -> None:
     args = DPOConfig(output_dir=out_dir, max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3,
                      report_to=[], save_strategy="no", use_cpu=True, bf16=False, logging_steps=1, seed=0,
                      ddp_backend="gloo", disable_tqdm=True)
-    cb = EntanglementCallback(builtin_pairs(N_PROBE, seed=2), every=2, strict=True)
+    cb = EntanglementCallback(builtin_pairs(N_PROBE, seed=2), every=2, strict=True, train_every=1)
     trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=tok, callbacks=[cb])
     assert torch.distributed.get_world_size() == 2
@@ -68,6 +69,18 @@ def test_two_process_ddp(tmp_path):
     theirs = read_run(tmp_path / "one")["pairs"]
     for col in ("logp_chosen", "logp_rejected", "norm2_chosen", "norm2_rejected", "inner", "pred_dlogp_chosen"):
         np.testing.assert_allclose(ours[col], theirs[col], rtol=1e-5, err_msg=col)
+    # in-pass: every rank's own micro-batch of each step, gathered on rank 0; at step 0 each row equals the exact twin
+    # of the dataset row its index names (the initial model)
+    from entangle import encode_pairs, sequence_gram
+
+    tp = run["train_pairs"]
+    assert sorted(set(zip(tp["step"], tp["rank"], strict=True))) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert len(tp) == 8 and (tp["index"] >= 0).all() and not tp["excluded"].any()
+    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in builtin_pairs(32, seed=1)]
+    for _, r in tp[tp["step"] == 0].iterrows():
+        k = sequence_gram(model, encode_pairs(tok, [rows[int(r["index"])]]), method="exact").matrix
+        got = np.array([r.norm2_chosen, r.norm2_rejected, r.inner])
+        np.testing.assert_allclose(got, [float(k[0, 0]), float(k[1, 1]), float(k[0, 1])], atol=1e-5 * float(k.max()))
 
 
 if __name__ == "__main__":

@@ -136,35 +136,42 @@ class TrainingPass:
         for err in self.recorder.errors:
             logger.warning("entangle: in-pass measurement of step %s failed: %s", self.step, err)
         self.recorder.errors.clear()
-        if not records:
+        # every rank takes part in the gathering, even one that recorded nothing (a collective)
+        frame = gather_frames(self._frame(records, lr) if records else None)
+        if frame is None:
             return None
+        summary = summarize(frame)
+        summary["n_excluded"] = summary["n_excluded"].astype(int)
+        return frame, summary
+
+    def _frame(self, records: list, lr: float) -> pd.DataFrame:
+        """The ``train_pairs`` rows of one step's records (micro-batches in order)."""
         def halves(get):         # per pair: (chosen, rejected) of every micro-batch, in order
             parts = [get(r).numpy() for r in records]
             return (np.concatenate([x[:len(x) // 2] for x in parts]), np.concatenate([x[len(x) // 2:] for x in parts]))
+
         sizes = [len(r.inner) for r in records]
         excluded = halves(lambda r: r.excluded)
-        frame = train_pair_frame(
+        return train_pair_frame(
             step=self.step, rank=self.rank, micro=np.repeat(np.arange(len(records)), sizes),
             pair=np.concatenate([np.arange(b) for b in sizes]),
             index=[self.keys.get(key, -1) for r in records for key in r.keys],
             logps=halves(lambda r: r.logps), lengths=halves(lambda r: r.lengths), coef=halves(lambda r: r.coef),
             norm2=halves(lambda r: r.norm2), inner=np.concatenate([r.inner.numpy() for r in records]),
             excluded=excluded[0] | excluded[1], lr=lr, pairs_in_step=sum(sizes))
-        frame = gather_frames(frame)
-        summary = summarize(frame)
-        summary["n_excluded"] = summary["n_excluded"].astype(int)
-        return frame, summary
 
     @staticmethod
     def scalars(summary: pd.DataFrame) -> dict[str, float]:
         return summary_scalars(summary, PREFIX)
 
 
-def gather_frames(frame: pd.DataFrame) -> pd.DataFrame:
-    """Under torch.distributed, every rank's rows (each rank measures its own micro-batches); else ``frame``."""
+def gather_frames(frame: pd.DataFrame | None) -> pd.DataFrame | None:
+    """Under torch.distributed, every rank's rows (each rank measures its own micro-batches; a rank without rows
+    gives None); else ``frame``. None if no rank has rows."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
             torch.distributed.get_world_size() == 1:
         return frame
     parts: list = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(parts, frame)
-    return pd.concat(parts, ignore_index=True)
+    parts = [p for p in parts if p is not None]
+    return pd.concat(parts, ignore_index=True) if parts else None
