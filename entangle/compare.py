@@ -52,7 +52,7 @@ from .demo import (
     on_one_thread_if_builtin,
     supervised_warmup,
 )
-from .metrics.summary import regime_of
+from .metrics.summary import pair_changes, regime_of
 from .runio import RunWriter, read_table
 from .schema import REGIMES
 
@@ -260,9 +260,8 @@ def band_frame(method: str, pairs: pd.DataFrame) -> pd.DataFrame:
         a_w, a_l = m / norm_w, -m / norm_l
     rho = pairs.cosine.astype(float)
     r_star = norm_l / norm_w
-    pred_w = a_w * pairs.norm2_chosen + a_l * pairs.inner
-    pred_l = a_w * pairs.inner + a_l * pairs.norm2_rejected
-    regime = regime_of((pred_w > 0).to_numpy(), (pred_l < 0).to_numpy())
+    pred_w, pred_l = pair_changes(a_w, a_l, pairs.norm2_chosen, pairs.norm2_rejected, pairs.inner)
+    regime = regime_of(pred_w > 0, pred_l < 0)
     positive = rho > 0
     return pd.DataFrame({
         "method": method, "step": pairs.step, "pair": pairs.pair, "a_chosen": a_w, "a_rejected": a_l,

@@ -19,7 +19,7 @@ import torch
 
 from entangle.capture.result import View
 from entangle.metrics.objectives import ObjectiveSpec, coefficients, resolve_objective
-from entangle.metrics.summary import regime_of, summarize
+from entangle.metrics.summary import pair_changes, pair_geometry, regime_of, summarize
 from entangle.schema import PAIR_COLUMNS, REGIMES
 
 __all__ = ["PAIR_COLUMNS", "REGIMES", "batch_weights", "pair_frame", "regime_of", "summarize"]
@@ -77,8 +77,7 @@ def pair_frame(
     # §3: one pair alone, Δs ≈ η [[K_ww, K_wl], [K_wl, K_ll]] (a_w, a_l)
     if not (math.isfinite(lr) and lr >= 0):
         raise ValueError(f"lr must be a finite learning rate >= 0, got {lr}")
-    unit_w = a_w * k_ww + a_l * k_wl
-    unit_l = a_w * k_wl + a_l * k_ll
+    unit_w, unit_l = pair_changes(a_w, a_l, k_ww, k_ll, k_wl)
     # §4: the whole minibatch, Δs ≈ η K c with c the coefficients of the batch-mean loss
     c = torch.cat([a_w, a_l]) / B
     unit_batch = gram.batch_view(c)
@@ -87,13 +86,12 @@ def pair_frame(
         raise ValueError(f"non-finite Gram entries involving pair(s) {_pairs_of_rows(bad, B)} (rows {bad.tolist()})")
     pred_w, pred_l, batch = lr * unit_w, lr * unit_l, lr * unit_batch
 
-    cosine = k_wl / (k_ww * k_ll).sqrt()  # NaN/inf for a zero gradient: counted by summarize
-    ratio = k_wl / torch.minimum(k_ww, k_ll)
+    cosine, ratio = pair_geometry(k_ww, k_ll, k_wl)  # NaN/inf for a zero gradient: counted by summarize
 
     cols: dict[str, Any] = {}
     if step is not None:
         cols["step"] = np.full(B, step)
-    chosen_rises, rejected_falls = (unit_w > 0).numpy(), (unit_l < 0).numpy()
+    chosen_rises, rejected_falls = unit_w > 0, unit_l < 0
     cols |= {
         "pair": np.arange(B),
         "logp_chosen": s[:B], "logp_rejected": s[B:],

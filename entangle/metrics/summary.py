@@ -21,6 +21,22 @@ _STAT_COLUMNS = (
 )
 
 
+def pair_changes(a_w: ArrayLike, a_l: ArrayLike, norm2_w: ArrayLike, norm2_l: ArrayLike, inner: ArrayLike
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Per pair, the first-order change of its chosen and rejected log-probs under a unit step on its own loss
+    (THEORY.md §3): ``a_w ||g_w||² + a_l <g_w, g_l>`` and ``a_w <g_w, g_l> + a_l ||g_l||²``."""
+    a_w, a_l, k_ww, k_ll, k_wl = (np.asarray(x, dtype=float) for x in (a_w, a_l, norm2_w, norm2_l, inner))
+    return a_w * k_ww + a_l * k_wl, a_w * k_wl + a_l * k_ll
+
+
+def pair_geometry(norm2_w: ArrayLike, norm2_l: ArrayLike, inner: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Per pair, ``cosine = <g_w, g_l> / (||g_w|| ||g_l||)`` and the entanglement ratio
+    ``<g_w, g_l> / min(||g_w||², ||g_l||²)`` (THEORY.md §3, both norms); NaN/inf for a zero gradient."""
+    k_ww, k_ll, k_wl = (np.asarray(x, dtype=float) for x in (norm2_w, norm2_l, inner))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return k_wl / np.sqrt(k_ww * k_ll), k_wl / np.minimum(k_ww, k_ll)
+
+
 def regime_of(chosen_rises: np.ndarray, rejected_falls: np.ndarray) -> np.ndarray:
     """Regime name per pair from the signs of the predicted changes (THEORY.md §3)."""
     names = np.array(["chosen_falls_rejected_rises", "both_fall", "both_rise", "ideal"], dtype=object)

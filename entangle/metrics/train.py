@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
 
-from entangle.metrics.summary import regime_of
+from entangle.metrics.summary import pair_changes, pair_geometry, regime_of
 from entangle.schema import TRAIN_PAIRS
 
 
@@ -36,11 +36,8 @@ def train_pair_frame(*, step: int, rank: int, micro: ArrayLike, pair: ArrayLike,
     k_w, k_l = (np.asarray(x, float) for x in norm2)
     kwl, gone = np.asarray(inner, float), np.asarray(excluded, bool)
     a_w, a_l = -c_w * pairs_in_step, -c_l * pairs_in_step
-    unit_w = a_w * k_w + a_l * kwl
-    unit_l = a_w * kwl + a_l * k_l
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cosine = kwl / np.sqrt(k_w * k_l)
-        ratio = kwl / np.minimum(k_w, k_l)
+    unit_w, unit_l = pair_changes(a_w, a_l, k_w, k_l, kwl)
+    cosine, ratio = pair_geometry(k_w, k_l, kwl)
     rises, falls = (unit_w > 0) & ~gone, (unit_l < 0) & ~gone
     regime = regime_of(rises, falls)
     regime[gone] = None
