@@ -251,21 +251,25 @@ class GramEngine:
         the model computes are unchanged, and so is its backward, which sums the expanded gradient back in the same
         reduction the broadcast would use), so that each sequence's output gradient arrives apart; the rule sees the
         input expanded likewise. Returns ``(args, output, expanded)``."""
-        n = self.part.n
-        if n > 1 and torch.is_tensor(output) and output.dim() > 0 and output.shape[0] == 1 and args \
-                and torch.is_tensor(args[0]) and args[0].dim() > 0 and args[0].shape[0] == 1:
-            return ((args[0].expand(n, *args[0].shape[1:]), *args[1:]),
-                    output.expand(n, *output.shape[1:]), True)
+        if torch.is_tensor(output) and output.dim() > 0 and output.shape[0] == 1:
+            expanded = self._batch_args(args)
+            if expanded is not args:
+                return expanded, output.expand(self.part.n, *output.shape[1:]), True
         return args, output, False
+
+    def _batch_args(self, args: tuple) -> tuple:
+        """``args`` with a first input of batch 1 expanded to the pass's batch (``args`` itself otherwise)."""
+        n = self.part.n
+        if n > 1 and args and torch.is_tensor(args[0]) and args[0].dim() > 0 and args[0].shape[0] == 1:
+            return (args[0].expand(n, *args[0].shape[1:]), *args[1:])
+        return args
 
     def _rerun_inputs(self, module, args, kwargs):
         """Pre-hook of a checkpointed module: during the backward's re-run, keep its inputs for the first call's
         output gradient (before the forward: the re-run may stop inside it once the tensors it needs are saved)."""
         if self.is_paused or not self._in_rerun(module):
             return
-        if self.part.n > 1 and args and torch.is_tensor(args[0]) and args[0].dim() > 0 and args[0].shape[0] == 1:
-            args = (args[0].expand(self.part.n, *args[0].shape[1:]), *args[1:])
-        self.rerun_inputs.setdefault(id(module), []).append((args, kwargs))
+        self.rerun_inputs.setdefault(id(module), []).append((self._batch_args(args), kwargs))
         waiting = self.waiting.pop(id(module), None)
         if waiting is not None:                  # the output gradient arrived before the re-run: reduce it now
             self._apply_rule(*waiting)
