@@ -78,8 +78,7 @@ class _Pass:
 
     def __init__(self, engine: GramEngine, ids: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor | None):
         self.engine, self.ids, self.labels = engine, ids, labels
-        n = ids.shape[0]
-        self.keys = [tuple(ids[i][attention[i].bool()].tolist()) for i in range(n)]
+        self.keys = [token_key(row, mask) for row, mask in zip(ids, attention, strict=True)]
         self.hidden: torch.Tensor | None = None          # fused head: the final hidden states
         self.token_logps: torch.Tensor | None = None     # logits path, per position [n, T-1]: ℓ_t,
         self.one_minus: torch.Tensor | None = None       # 1 - p_{y_t} and Σ_{v != y_t} p_v²
@@ -89,6 +88,7 @@ class _Pass:
         self.head_params: tuple | None = None            # the head's (weight, bias) gathered in the forward
         self.head_grad: torch.Tensor | None = None       # fused head: ∂L/∂ℓ_t on the scored positions
         self.coef: torch.Tensor | None = None
+        self.excluded: torch.Tensor | None = None        # coefficients too small to divide by
         self.logps: torch.Tensor | None = None
         self.lengths: torch.Tensor | None = None
         self.handles: list = []
@@ -274,11 +274,11 @@ class PassRecorder:
         if log_probs.shape[1] != p.ids.shape[1] - 1:
             raise InPassError("the fused head scored more positions than the input has (prompt-learning PEFT "
                               "prepends virtual tokens): not supported in-pass")
+        if not p.fused:
+            raise InPassError("the model returned fused-head log-probs without being called with fused_lm_head=True")
         mask = p.labels[:, 1:] != -100
         p.logps = log_probs.detach().double().sum(-1).cpu()
         p.lengths = mask.sum(-1).cpu()
-        if not p.fused:
-            raise InPassError("the model returned fused-head log-probs without being called with fused_lm_head=True")
         if self.head_measured and p.head_use is None:
             raise InPassError(f"the backbone ({type(self.backbone).__name__}) output was not seen")
         log_probs.register_hook(lambda g: self._guard(self._fused_grad, p, g, mask))
@@ -344,7 +344,7 @@ class PassRecorder:
             raise InPassError(f"the loss weights the response tokens of sequence {seq} (pair {seq % (len(coef) // 2)}) "
                               "unequally: it is not a function of the summed response log-probs (LD-DPO's ld_alpha, "
                               "token weights?), so its per-sequence gradients cannot be recovered")
-        p.coef = coef
+        p.coef, p.excluded = coef, excluded
         p.engine.row_scale = torch.where(excluded, torch.zeros_like(coef), 1 / coef.where(~excluded, torch.ones_like(coef)))
         return coef
 
@@ -368,7 +368,7 @@ class PassRecorder:
             return
         m = p.engine.finish(p.logps.double(), p.lengths)
         norm2, inner = (t.detach().double().cpu() for t in m.plain.within_pair())
-        excluded = (p.coef.abs() <= TINY_COEFFICIENT).cpu()
+        excluded = p.excluded.cpu()
         b = len(excluded) // 2
         pair_out = excluded[:b] | excluded[b:]
         norm2 = norm2.masked_fill(torch.cat([pair_out, pair_out]), float("nan"))
@@ -376,6 +376,12 @@ class PassRecorder:
         keys = [(p.keys[k], p.keys[b + k]) for k in range(b)]
         self.records.append(MicroBatch(p.logps.double(), p.lengths.long(), p.coef.double().cpu(), norm2, inner,
                                        excluded, keys, dict(p.engine.info)))
+
+
+def token_key(ids: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[int, ...]:
+    """The token ids of one sequence that its attention mask keeps: what identifies a training row in-pass (the
+    recorder keys each micro-batch's sequences by it; ``training_pass.dataset_keys`` each dataset row)."""
+    return tuple((ids if mask is None else ids[mask.bool()]).tolist())
 
 
 def checkpointed_modules(model: torch.nn.Module) -> set[int]:

@@ -16,9 +16,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from entangle.capture.inpass import InPassError, PassRecorder, checkpointed_modules
+from entangle.capture.inpass import InPassError, PassRecorder, checkpointed_modules, token_key
 from entangle.capture.params import ParamSpec, select_params
 from entangle.capture.sharding import check_supported
+from entangle.integrations.distributed import rank_and_world
 from entangle.metrics.dataset import TEXT_FIELDS, pair_texts
 from entangle.metrics.summary import summarize
 from entangle.metrics.tables import summary_scalars
@@ -81,14 +82,14 @@ def dataset_keys(trainer: Any) -> dict[tuple, int]:
 def pair_key(batch: dict) -> tuple | None:
     """The (chosen, rejected) token ids of a one-pair batch from a preference collator (TRL's DPO layout with
     ``input_ids`` [2, T], or the CPO/ORPO layout with ``chosen_input_ids`` / ``rejected_input_ids``)."""
-    def ids(t, m):
-        return tuple(t[0][m[0].bool()].tolist()) if m is not None else tuple(t[0].tolist())
     if "input_ids" in batch and batch["input_ids"].shape[0] == 2:
         t, m = batch["input_ids"], batch.get("attention_mask")
-        return ids(t[:1], None if m is None else m[:1]), ids(t[1:], None if m is None else m[1:])
+        return token_key(t[0], None if m is None else m[0]), token_key(t[1], None if m is None else m[1])
     if "chosen_input_ids" in batch and "rejected_input_ids" in batch:
-        return (ids(batch["chosen_input_ids"], batch.get("chosen_attention_mask")),
-                ids(batch["rejected_input_ids"], batch.get("rejected_attention_mask")))
+        def side(name: str) -> tuple[int, ...]:
+            mask = batch.get(f"{name}_attention_mask")
+            return token_key(batch[f"{name}_input_ids"][0], None if mask is None else mask[0])
+        return side("chosen"), side("rejected")
     return None
 
 
@@ -103,8 +104,7 @@ class TrainingPass:
         self.recorder = PassRecorder(model, named, mode=method, checkpointed=checkpointed_modules(model),
                                      strict=strict)
         self.keys = dataset_keys(trainer)
-        self.rank = torch.distributed.get_rank() if torch.distributed.is_available() and \
-            torch.distributed.is_initialized() else 0
+        self.rank = rank_and_world()[0]
         self.step: int | None = None
         self._recording = None
 
@@ -140,9 +140,7 @@ class TrainingPass:
         frame = gather_frames(self._frame(records, lr) if records else None)
         if frame is None:
             return None
-        summary = summarize(frame)
-        summary["n_excluded"] = summary["n_excluded"].astype(int)
-        return frame, summary
+        return frame, summarize(frame)
 
     def _frame(self, records: list, lr: float) -> pd.DataFrame:
         """The ``train_pairs`` rows of one step's records (micro-batches in order)."""
@@ -168,10 +166,10 @@ class TrainingPass:
 def gather_frames(frame: pd.DataFrame | None) -> pd.DataFrame | None:
     """Under torch.distributed, every rank's rows (each rank measures its own micro-batches; a rank without rows
     gives None); else ``frame``. None if no rank has rows."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
-            torch.distributed.get_world_size() == 1:
+    world = rank_and_world()[1]
+    if world == 1:
         return frame
-    parts: list = [None] * torch.distributed.get_world_size()
+    parts: list = [None] * world
     torch.distributed.all_gather_object(parts, frame)
     parts = [p for p in parts if p is not None]
     return pd.concat(parts, ignore_index=True) if parts else None
