@@ -290,3 +290,71 @@ def test_tied_weight_shared_by_a_rule_and_a_generic_use():
     got = sequence_gram(model, batch)
     assert "shared by 2 uses" in got.info["model.embed_tokens.weight"]
     assert rel_err(got.matrix, sequence_gram(model, batch, method="exact").matrix) < 1e-10
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+@pytest.mark.parametrize("method,dtype", [("auto", torch.float32), ("auto", torch.bfloat16),
+                                          ("ghost", torch.float64), ("materialise", torch.float64)], ids=str)
+def test_small_layers_reduced_together_match_per_call(arch, method, dtype, monkeypatch):
+    """Calls of small layers are held back and reduced as one stacked call per shape: the same Gram blocks and the
+    same per-layer choices as reducing each call on its own, and the exact twin's values."""
+    from entangle.capture import engine
+
+    model = MODELS[arch](dtype)
+    batch = random_batch(3, 101, seed=4)
+    batched, calls = [], GramEngine._contribute_batched
+
+    def spy(self, group):
+        done = calls(self, group)
+        batched.append((len(group), done))
+        return done
+
+    monkeypatch.setattr(GramEngine, "_contribute_batched", spy)
+    together = sequence_gram(model, batch, method=method)
+    assert batched and all(done for _, done in batched) and max(n for n, _ in batched) >= 2
+    monkeypatch.setattr(engine, "PENDING_ELEMS", 0)         # every call reduced as it arrives
+    batched.clear()
+    alone = sequence_gram(model, batch, method=method)
+    assert not batched
+    assert together.info == alone.info
+    assert_matches(together, alone, {torch.float32: 1e-6, torch.float64: 1e-12, torch.bfloat16: 1e-6}[dtype])
+    assert_matches(together, sequence_gram(model, batch, method="exact"), TOL[dtype])
+
+
+def test_block_grams_are_the_diagonal_blocks_and_refuse_non_finite_padding():
+    """block_grams on G calls stacked along the batch gives each call's own Gram matrix (ghost and materialised),
+    and None when a non-finite padded activation would reach the product (the engine then reduces call by call)."""
+    from entangle.capture.contrib import Dense, Factored, block_grams
+
+    torch.manual_seed(0)
+    g, n, t, a, b = 3, 4, 6, 5, 7
+    grad = torch.randn(g * n, t, a, dtype=torch.float64)
+    act = torch.randn(g * n, t, b, dtype=torch.float64)
+    valid = torch.ones(g * n, t, dtype=torch.bool)
+    valid[1, 4:] = valid[6, :2] = False
+    grad[~valid] = 0.0
+    for mode, kind in (("ghost", "ghost"), ("materialise", "materialised")):
+        blocks, kinds = block_grams(Factored.from_padded(grad, act, valid, mode), g, mode)
+        assert kinds == [kind] * g and blocks.shape == (g, n, n) and blocks.dtype == torch.float64
+        for c in range(g):
+            one = Factored.from_padded(grad[c * n:(c + 1) * n], act[c * n:(c + 1) * n], valid[c * n:(c + 1) * n],
+                                       mode)
+            torch.testing.assert_close(blocks[c], one.gram(), rtol=1e-12, atol=1e-12)
+    rows = torch.randn(g * n, 9, dtype=torch.float64)
+    blocks, _ = block_grams(Dense(rows), g)
+    torch.testing.assert_close(blocks[2], rows[2 * n:] @ rows[2 * n:].T, rtol=1e-12, atol=1e-12)
+    # calls whose own choice differs (here: call 1 has no position with a gradient but one) each keep theirs
+    sparse = grad.clone()
+    sparse[n:2 * n, 1:] = 0.0
+    mask = valid.clone()
+    mask[n:2 * n, 1:] = False
+    wide = torch.randn(g * n, t, 40, dtype=torch.float64)
+    kinds_alone = [Factored.from_padded(sparse[c * n:(c + 1) * n], wide[c * n:(c + 1) * n], mask[c * n:(c + 1) * n])
+                   for c in range(g)]
+    blocks, kinds = block_grams(Factored.from_padded(sparse, wide, mask), g)
+    assert kinds == [one.kind for one in kinds_alone] and len(set(kinds)) == 2
+    for c in range(g):
+        torch.testing.assert_close(blocks[c], kinds_alone[c].gram(), rtol=1e-12, atol=1e-12)
+    act[1, 5] = float("nan")                         # garbage at a padded position of call 0's sequence 1
+    assert block_grams(Factored.from_padded(grad, act, valid, "materialise"), g, "materialise") is None
+    assert torch.isfinite(Factored.from_padded(grad[:n], act[:n], valid[:n], "materialise").gram()).all()

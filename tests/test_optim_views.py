@@ -89,7 +89,8 @@ def test_plain_and_preconditioned_from_one_pass():
     P = adam_preconditioner(_adam_after_steps(model, batch), model)
     both = measure(model, batch, preconditioner=P)
     assert (both.plain.geometry, both.preconditioned.geometry, both.update) == ("plain", "preconditioned", None)
-    assert torch.equal(both.plain.matrix, sequence_gram(model, batch).matrix)
+    # (a plain-only pass reduces small layers together, stacked: equal up to the order of float64 sums)
+    torch.testing.assert_close(both.plain.matrix, sequence_gram(model, batch).matrix, rtol=1e-12, atol=0)
     alone = sequence_gram(model, batch, preconditioner=P)
     assert alone.geometry == "preconditioned" and torch.equal(both.preconditioned.matrix, alone.matrix)
     assert measure(model, batch).preconditioned is None

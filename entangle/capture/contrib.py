@@ -400,6 +400,69 @@ def dual_gram(contrib: Contribution, scale: torch.Tensor | None, delta: torch.Te
     return plain, scaled, dot
 
 
+def block_grams(contrib: Contribution, groups: int, mode: str = "auto") -> tuple[torch.Tensor, list[str]] | None:
+    """The Gram matrices of ``groups`` calls batched into one contribution of ``groups * N`` examples (call ``c``'s
+    examples are ``c*N .. c*N+N-1``): float64 [groups, N, N], the diagonal blocks only, and how each call's block
+    was computed. The ghost/materialised choice is made per call, as :func:`factored_kind` makes it for one call.
+
+    ``None`` for a contribution this cannot batch (sparse rows, factors without a padded form) or whose batched
+    product is not finite (a non-finite padded activation times a zero gradient): the caller then reduces each
+    call on its own."""
+    n = contrib.n // groups
+    if isinstance(contrib, Dense) and contrib.values.dim() > 1:
+        return _block_gram64(contrib.values.reshape(groups, n, -1)), [contrib.kind] * groups
+    if not isinstance(contrib, Factored) or contrib.padded is None or contrib.row_ids is not None:
+        return None
+    left, right = contrib.padded
+    _, _, lo, hi = contrib._spans
+    widths = [max(0, y - x) for x, y in zip(lo, hi, strict=True)]
+    kinds = [factored_kind(sum(widths[c * n:(c + 1) * n]), n, left.shape[-1], right.shape[-1], mode)
+             for c in range(groups)]
+    out = torch.zeros(groups, n, n, dtype=torch.float64, device=left.device)
+    for kind in set(kinds):
+        calls = torch.tensor([c for c in range(groups) if kinds[c] == kind], device=left.device)
+        rows = (calls[:, None] * n + torch.arange(n, device=left.device)).flatten()
+        lc, rc = (left, right) if calls.numel() == groups else (left[rows], right[rows])
+        out[calls] = (_materialised_blocks if kind == "materialised" else _ghost_blocks)(lc, rc, calls.numel())
+    return (out, kinds) if torch.isfinite(out).all() else None
+
+
+def _materialised_blocks(left: torch.Tensor, right: torch.Tensor, groups: int) -> torch.Tensor:
+    """Per-call Gram [groups, N, N] of padded factors [groups * N, T, a], [groups * N, T, b]: per-example gradients
+    [groups * N, a, b] formed in chunks of L's columns."""
+    n = left.shape[0] // groups
+    out = torch.zeros(groups, n, n, dtype=torch.float64, device=left.device)
+    step = max(1, CHUNK_ELEMS // max(left.shape[0] * right.shape[-1], 1))
+    for s in range(0, left.shape[-1], step):
+        rows = torch.bmm(left[..., s:s + step].transpose(1, 2), right)
+        out += _block_gram64(rows.reshape(groups, n, -1))
+    return out
+
+
+def _ghost_blocks(left: torch.Tensor, right: torch.Tensor, groups: int) -> torch.Tensor:
+    """Per-call Gram [groups, N, N] without per-example gradients: K_ij = sum over positions t of i, s of j of
+    (L L^T)_ts (R R^T)_ts (THEORY §6), position products in chunks of rows."""
+    n, span = left.shape[0] // groups, left.shape[1]
+    lf, rf = left.reshape(groups, n * span, -1), right.reshape(groups, n * span, -1)
+    onehot = torch.zeros(n, n * span, dtype=torch.float64, device=left.device)
+    onehot[torch.arange(n, device=left.device).repeat_interleave(span), torch.arange(n * span, device=left.device)] = 1
+    out = torch.zeros(groups, n, n, dtype=torch.float64, device=left.device)
+    step = max(1, CHUNK_ELEMS // max(groups * n * span, 1))
+    for s in range(0, n * span, step):
+        prod = torch.bmm(lf[:, s:s + step], lf.transpose(1, 2)) * torch.bmm(rf[:, s:s + step], rf.transpose(1, 2))
+        out += onehot[:, s:s + step] @ prod.to(torch.float64) @ onehot.T
+    return out
+
+
+def _block_gram64(x: torch.Tensor) -> torch.Tensor:
+    """``x @ x.T`` per block for [G, N, P]: float32 partial sums over column blocks, accumulated in float64."""
+    out = torch.zeros(x.shape[0], x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+    for s in range(0, x.shape[2], PARTIAL_SUM):
+        part = x[..., s:s + PARTIAL_SUM]
+        out += torch.bmm(part, part.transpose(1, 2)).to(torch.float64)
+    return out
+
+
 def pair_stats(flat: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """float64 [3, N] from per-example rows ``flat`` [N, P] of N = 2B sequences (pair k = rows k and B + k):
     ``||g_i||^2``, ``<g_i, g_partner(i)>`` and ``(K c)_i = <g_i, sum_j c_j g_j>`` with ``c = weights`` [N].

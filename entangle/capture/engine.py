@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .contrib import Contribution, Scaled, SharedParameter, dual_gram
+from .contrib import Contribution, Scaled, SharedParameter, block_grams, dual_gram
 from .logprobs import response_lengths, token_logps
 from .result import GramResult, Measurement, PairStats, stats_of_gram
 from .rules import rule_for, touched_rows
@@ -28,6 +28,10 @@ from .rules.generic import _tensors, generic
 from .sharding import is_sharded, reshard, whole
 
 Sink = Callable[[str, Contribution, str], None]
+
+# Calls of small layers are held back and reduced together while their inputs and output gradients total at most this
+# many elements (about 16 MB in float32): one rule call per group of equal shapes instead of one per call.
+PENDING_ELEMS = 1 << 22
 
 
 class SeparatePartsError(RuntimeError):
@@ -130,6 +134,9 @@ class GramEngine:
         self.name_at: dict[tuple[int, str], str] = {}
         self.sharded = any(is_sharded(p) for _, p in self.named)
         self.param_rows = {name: p.shape[0] if p.dim() else 1 for name, p in self.named}
+        self.shapes = {name: tuple(p.shape) for name, p in self.named}
+        self.pending: dict[tuple, list] = {}       # batch key -> calls held back (see _flush_pending)
+        self.pending_elems = 0
         self.info: dict[str, str] = {}
         self.uses: dict[str, list] = {}           # param name -> touched rows of each use, in forward order
         self.part_of: dict[str, object] = {}      # param name -> key of the part its uses were recorded in
@@ -415,6 +422,17 @@ class GramEngine:
             self.waiting[id(module)] = (part, rule, module, own, None, grad, use_index)
             return
         args = self._inputs(module, held)[0]
+        key = self._batch_key(part, rule, module, own, args, grad)
+        if key is None:
+            self._contribute(part, rule, module, own, args, grad, use_index)
+            return
+        self.pending.setdefault(key, []).append((part, rule, module, own, args[0].detach(), grad.detach(), use_index))
+        self.pending_elems += args[0].numel() + grad.numel()
+        if self.pending_elems > PENDING_ELEMS:
+            self._flush_pending()
+
+    def _contribute(self, part: _Part, rule, module, own, args: tuple, grad, use_index) -> None:
+        """Reduce one call: its rule on its inputs and output gradient, each contribution added to the views."""
         g = self._scaled(grad, self._dtype(module, own))
         if g.dim() == 2:
             g = g.unsqueeze(1)
@@ -428,6 +446,58 @@ class GramEngine:
                 if k not in contribs:
                     raise RuntimeError(f"rule {rule.__name__} gave no gradient for {type(module).__name__}.{k}")
                 self._add(part, self.name_at[id(module), k], use_index.get(k), contribs[k], rule.__name__)
+
+    # -- calls of small layers reduced together ----------------------------------------------------------------
+    def _batch_key(self, part: _Part, rule, module, own, args: tuple, grad: torch.Tensor):
+        """What calls must share to be reduced as one (``None``: reduce this call now). Only plain full Gram views
+        of parameters with one use each, through rules that declare a ``batch_key``, on one input [N, T, d]."""
+        batch_key = getattr(rule, "batch_key", None)
+        if (batch_key is None or part.sink is not None or self.pairs or self.delta is not None
+                or set(self.geometries) != {"plain"} or len(args) != 1 or not torch.is_tensor(args[0])
+                or grad.dim() != 3 or args[0].dim() != 3 or args[0].shape[:2] != grad.shape[:2]):
+            return None
+        names = [self.name_at[id(module), k] for k in own]
+        if any(len(self.uses[name]) != 1 for name in names):
+            return None
+        return (rule, type(module), batch_key(module), tuple(own), tuple(self.shapes[name] for name in names),
+                tuple(args[0].shape), args[0].dtype, tuple(grad.shape), grad.dtype, grad.device,
+                self._dtype(module, own))
+
+    def _flush_pending(self) -> None:
+        """Reduce the calls held back for batching: each group of equal keys as one call, stacked along the batch."""
+        pending, self.pending, self.pending_elems = self.pending, {}, 0
+        if self.failed:
+            return
+        for calls in pending.values():
+            if len(calls) > 1 and self._contribute_batched(calls):
+                continue
+            for part, rule, module, own, a, grad, use_index in calls:
+                self._contribute(part, rule, module, own, (a,), grad, use_index)
+
+    def _contribute_batched(self, calls: list) -> bool:
+        """One rule call on the stacked inputs and output gradients of ``calls``; each call's Gram matrix is a
+        diagonal block of the stacked contribution's (:func:`~entangle.capture.contrib.block_grams`). False when a
+        contribution cannot be reduced that way (the caller then reduces each call on its own)."""
+        part, rule, module, own = calls[0][:4]
+        dtype = self._dtype(module, own)
+        g = torch.cat([c[5] for c in calls]).to(dtype)
+        if self.row_scale is not None:
+            g = g * self.row_scale.to(device=g.device, dtype=dtype).repeat(len(calls)).view(-1, 1, 1)
+        a = torch.cat([c[4] for c in calls])
+        with torch.no_grad(), autocast_off(g.device):
+            contribs = rule(module, (a,), g, (g != 0).any(-1), self.mode)
+            grams = {}
+            for k in own:
+                if k not in contribs:
+                    raise RuntimeError(f"rule {rule.__name__} gave no gradient for {type(module).__name__}.{k}")
+                grams[k] = block_grams(contribs[k], len(calls), self.mode)
+                if grams[k] is None:
+                    return False
+        for i, call in enumerate(calls):
+            for k in own:
+                blocks, kinds = grams[k]
+                self.add_gram(self.name_at[id(call[2]), k], blocks[i], f"{rule.__name__}:{kinds[i]}")
+        return True
 
     def _add(self, part: _Part, name: str, use: int | None, contrib: Contribution, how: str) -> None:
         if part.sink is not None:
@@ -538,10 +608,12 @@ class GramEngine:
         self.part = _Part(self.part.n)
         self.rerun_inputs.clear()
         self.waiting.clear()
+        self.pending, self.pending_elems = {}, 0
         self.geometries = {k: {"blocks": {}, "shared": {}} for k in self.geometries}
         self.dots = {}
 
     def _finish(self, logps: torch.Tensor, lengths: torch.Tensor) -> Measurement:
+        self._flush_pending()
         self._flush_generic()
         views = {}
         for kind, geometry in self.geometries.items():

@@ -96,8 +96,9 @@ def _summarize_step(g: pd.DataFrame, pref_col: str | None, beta: float | None) -
     for q in SUMMARY_QUANTITIES:
         x = f[q].to_numpy(dtype=float)
         row[f"{q}_mean"] = float(x.mean()) if len(x) else np.nan
-        for p in (10, 50, 90):
-            row[f"{q}_q{p}"] = float(np.quantile(x, p / 100)) if len(x) else np.nan
+        qs = np.quantile(x, (0.1, 0.5, 0.9)) if len(x) else [np.nan] * 3
+        for p, v in zip((10, 50, 90), qs, strict=True):
+            row[f"{q}_q{p}"] = float(v)
     if "loss" in f:
         row["loss_mean"] = float(f["loss"].mean()) if len(f) else np.nan
 

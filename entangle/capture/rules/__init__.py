@@ -14,6 +14,11 @@ A rule whose per-example gradients are non-zero only on some parameter rows says
 ``register_rule(..., touched=fn)``: ``fn(module, inputs) -> sorted LongTensor`` (an embedding lookup touches the rows
 of its token ids). The engine uses it for parameters with several uses (tied input/output embeddings), whose
 cross terms then only need those rows.
+
+A rule whose result depends on the module only through a few settings (not its parameter values) says which, with
+``register_rule(..., batch_key=fn)``: ``fn(module) -> hashable``. The engine may then reduce several calls of such
+modules at once, as one call on their inputs and output gradients stacked along the batch (calls of equal shapes and
+equal keys), which saves the per-call overhead of small layers; a rule without one is always called per call.
 """
 
 from __future__ import annotations
@@ -27,13 +32,13 @@ RULES: dict[type, Rule] = {}
 RULES_BY_NAME: dict[str, Rule] = {}
 
 
-def register_rule(*classes: type | str, touched: Callable[..., torch.Tensor] | None = None
-                  ) -> Callable[[Rule], Rule]:
+def register_rule(*classes: type | str, touched: Callable[..., torch.Tensor] | None = None,
+                  batch_key: Callable[[torch.nn.Module], object] | None = None) -> Callable[[Rule], Rule]:
     """Register ``rule`` for module classes (or class names, for classes we do not want to import); ``touched``
-    as in the module docstring (default: a use may touch every row)."""
+    and ``batch_key`` as in the module docstring (default: a use may touch every row; never batched)."""
 
     def deco(rule: Rule) -> Rule:
-        rule.touched = touched
+        rule.touched, rule.batch_key = touched, batch_key
         for c in classes:
             (RULES_BY_NAME if isinstance(c, str) else RULES)[c if isinstance(c, str) else c] = rule
         return rule

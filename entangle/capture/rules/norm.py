@@ -8,7 +8,11 @@ from ..contrib import Dense
 from . import register_rule
 
 
-@register_rule(torch.nn.LayerNorm)
+def _norm_key(module) -> tuple:
+    return (tuple(module.normalized_shape), module.eps, module.weight is None, getattr(module, "bias", None) is None)
+
+
+@register_rule(torch.nn.LayerNorm, batch_key=_norm_key)
 def layer_norm(module, inputs, grad_out, valid, mode):
     """y = x_hat * w + b over the last dim: g_i(w) = sum_t delta_t * x_hat_t, g_i(b) = sum_t delta_t."""
     x = inputs[0].to(grad_out.dtype)
@@ -24,7 +28,8 @@ def layer_norm(module, inputs, grad_out, valid, mode):
     return out
 
 
-@register_rule("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MixtralRMSNorm")
+@register_rule("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MixtralRMSNorm",
+               batch_key=lambda m: m.variance_epsilon)
 def llama_rms_norm(module, inputs, grad_out, valid, mode):
     """y = w * (x / rms(x)).to(input dtype), normalised in float32 (transformers' LlamaRMSNorm)."""
     x = inputs[0]
@@ -33,7 +38,7 @@ def llama_rms_norm(module, inputs, grad_out, valid, mode):
     return {"weight": Dense((grad_out * x_hat.to(grad_out.dtype)).sum(1))}
 
 
-@register_rule(torch.nn.RMSNorm)
+@register_rule(torch.nn.RMSNorm, batch_key=_norm_key)
 def rms_norm(module, inputs, grad_out, valid, mode):
     """torch.nn.RMSNorm: y = w * x / sqrt(mean(x^2) + eps)."""
     x = inputs[0].to(grad_out.dtype)
