@@ -441,16 +441,16 @@ def _materialised_blocks(left: torch.Tensor, right: torch.Tensor, groups: int) -
 
 def _ghost_blocks(left: torch.Tensor, right: torch.Tensor, groups: int) -> torch.Tensor:
     """Per-call Gram [groups, N, N] without per-example gradients: K_ij = sum over positions t of i, s of j of
-    (L L^T)_ts (R R^T)_ts (THEORY §6), position products in chunks of rows."""
+    (L L^T)_ts (R R^T)_ts (THEORY §6), the position products formed for a few sequences i at a time."""
     n, span = left.shape[0] // groups, left.shape[1]
     lf, rf = left.reshape(groups, n * span, -1), right.reshape(groups, n * span, -1)
-    onehot = torch.zeros(n, n * span, dtype=torch.float64, device=left.device)
-    onehot[torch.arange(n, device=left.device).repeat_interleave(span), torch.arange(n * span, device=left.device)] = 1
-    out = torch.zeros(groups, n, n, dtype=torch.float64, device=left.device)
-    step = max(1, CHUNK_ELEMS // max(groups * n * span, 1))
-    for s in range(0, n * span, step):
-        prod = torch.bmm(lf[:, s:s + step], lf.transpose(1, 2)) * torch.bmm(rf[:, s:s + step], rf.transpose(1, 2))
-        out += onehot[:, s:s + step] @ prod.to(torch.float64) @ onehot.T
+    out = torch.empty(groups, n, n, dtype=torch.float64, device=left.device)
+    step = max(1, CHUNK_ELEMS // max(groups * n * span * span, 1))          # sequences i per chunk
+    for s in range(0, n, step):
+        k = min(step, n - s)
+        rows = slice(s * span, (s + k) * span)
+        prod = torch.bmm(lf[:, rows], lf.transpose(1, 2)) * torch.bmm(rf[:, rows], rf.transpose(1, 2))
+        out[:, s:s + k] = prod.to(torch.float64).view(groups, k, span, n, span).sum((2, 4))
     return out
 
 

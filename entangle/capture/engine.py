@@ -114,11 +114,12 @@ class GramEngine:
         delta: an update per parameter name: accumulate ``<g_i, delta>``.
         pairs: reduce every Gram view to the pair statistics [3, N] (``PairStats``); the coefficient vector is
             set with :meth:`set_weights` between the forward and the backward pass.
+        layout: :func:`engine_layout` of ``model`` and ``named_params``, if the caller has it already.
     """
 
     def __init__(self, model: torch.nn.Module, named_params, n: int, mode: str = "auto", plain: bool = True,
                  preconditioner: Mapping[str, torch.Tensor] | None = None,
-                 delta: Mapping[str, torch.Tensor] | None = None, pairs: bool = False):
+                 delta: Mapping[str, torch.Tensor] | None = None, pairs: bool = False, layout: tuple | None = None):
         self.model, self.n, self.mode = model, n, mode
         self.pairs, self.weights = pairs, None
         self.scale = None if preconditioner is None else {k: v.sqrt() for k, v in preconditioner.items()}
@@ -128,15 +129,10 @@ class GramEngine:
         self.delta = delta
         self.dots: dict[str, torch.Tensor] = {}   # param name -> <g_i, delta> [N]
         self.named = list(named_params)
-        self.name_of = {id(p): name for name, p in self.named}
-        # a hooked call's parameter is found by (module, local name), not by the tensor it holds then: FSDP2
-        # (fully_shard) swaps the registered DTensor for a whole plain tensor during the module's forward
-        self.name_at: dict[tuple[int, str], str] = {}
         self.sharded = any(is_sharded(p) for _, p in self.named)
         self.param_rows = {name: p.shape[0] if p.dim() else 1 for name, p in self.named}
         self.shapes = {name: tuple(p.shape) for name, p in self.named}
-        self.pending: dict[tuple, list] = {}       # batch key -> calls held back (see _flush_pending)
-        self.pending_elems = 0
+        self.pending = Pending()                   # calls of small layers held back to be reduced together
         self.info: dict[str, str] = {}
         self.uses: dict[str, list] = {}           # param name -> touched rows of each use, in forward order
         self.part_of: dict[str, object] = {}      # param name -> key of the part its uses were recorded in
@@ -156,16 +152,7 @@ class GramEngine:
         self.on_error: Callable[[BaseException], None] | None = None
         self.failed = False
         self.handles = []
-        self.owners: list[tuple[torch.nn.Module, list[str]]] = []
-        seen = set()
-        for module in model.modules():
-            if id(module) in seen:
-                continue
-            seen.add(id(module))
-            own = [k for k, p in module._parameters.items() if p is not None and id(p) in self.name_of]
-            self.name_at.update({(id(module), k): self.name_of[id(module._parameters[k])] for k in own})
-            if own:
-                self.owners.append((module, own))
+        self.owners, self.name_at = layout if layout is not None else engine_layout(model, self.named)
 
     # -- the pass ----------------------------------------------------------------------------------------------
     def run(self, batch: Mapping[str, torch.Tensor], forward: Callable,
@@ -426,10 +413,8 @@ class GramEngine:
         if key is None:
             self._contribute(part, rule, module, own, args, grad, use_index)
             return
-        self.pending.setdefault(key, []).append((part, rule, module, own, args[0].detach(), grad.detach(), use_index))
-        self.pending_elems += args[0].numel() + grad.numel()
-        if self.pending_elems > PENDING_ELEMS:
-            self._flush_pending()
+        self.pending.add(key, (self, part, rule, module, own, args[0].detach(), grad.detach(), use_index),
+                         args[0].numel() + grad.numel())
 
     def _contribute(self, part: _Part, rule, module, own, args: tuple, grad, use_index) -> None:
         """Reduce one call: its rule on its inputs and output gradient, each contribution added to the views."""
@@ -450,7 +435,8 @@ class GramEngine:
     # -- calls of small layers reduced together ----------------------------------------------------------------
     def _batch_key(self, part: _Part, rule, module, own, args: tuple, grad: torch.Tensor):
         """What calls must share to be reduced as one (``None``: reduce this call now). Only plain full Gram views
-        of parameters with one use each, through rules that declare a ``batch_key``, on one input [N, T, d]."""
+        of parameters with one use each, through rules that declare a ``batch_key``, on one input [N, T, d]; calls
+        of different lengths T are padded with zeros (positions without a gradient, which add nothing)."""
         batch_key = getattr(rule, "batch_key", None)
         if (batch_key is None or part.sink is not None or self.pairs or self.delta is not None
                 or set(self.geometries) != {"plain"} or len(args) != 1 or not torch.is_tensor(args[0])
@@ -460,30 +446,28 @@ class GramEngine:
         if any(len(self.uses[name]) != 1 for name in names):
             return None
         return (rule, type(module), batch_key(module), tuple(own), tuple(self.shapes[name] for name in names),
-                tuple(args[0].shape), args[0].dtype, tuple(grad.shape), grad.dtype, grad.device,
+                self.mode, args[0].shape[0], args[0].shape[2], args[0].dtype, grad.shape[2], grad.dtype, grad.device,
                 self._dtype(module, own))
 
     def _flush_pending(self) -> None:
-        """Reduce the calls held back for batching: each group of equal keys as one call, stacked along the batch."""
-        pending, self.pending, self.pending_elems = self.pending, {}, 0
-        if self.failed:
-            return
-        for calls in pending.values():
-            if len(calls) > 1 and self._contribute_batched(calls):
-                continue
-            for part, rule, module, own, a, grad, use_index in calls:
-                self._contribute(part, rule, module, own, (a,), grad, use_index)
+        """Reduce the calls held back."""
+        self.pending.flush()
 
     def _contribute_batched(self, calls: list) -> bool:
-        """One rule call on the stacked inputs and output gradients of ``calls``; each call's Gram matrix is a
-        diagonal block of the stacked contribution's (:func:`~entangle.capture.contrib.block_grams`). False when a
-        contribution cannot be reduced that way (the caller then reduces each call on its own)."""
-        part, rule, module, own = calls[0][:4]
+        """One rule call on the stacked inputs and output gradients of ``calls``; each call's Gram matrix is a diagonal
+        block of the stacked contribution's (:func:`~entangle.capture.contrib.block_grams`). False when a contribution
+        cannot be reduced that way (the caller then reduces each call on its own)."""
+        part, rule, module, own = calls[0][1:5]
         dtype = self._dtype(module, own)
-        g = torch.cat([c[5] for c in calls]).to(dtype)
-        if self.row_scale is not None:
-            g = g * self.row_scale.to(device=g.device, dtype=dtype).repeat(len(calls)).view(-1, 1, 1)
-        a = torch.cat([c[4] for c in calls])
+        length = max(c[6].shape[1] for c in calls)
+        g = torch.cat([_pad_positions(c[6], length) for c in calls]).to(dtype)
+        scales = [c[0].row_scale for c in calls]
+        if any(s is not None for s in scales):
+            n = calls[0][6].shape[0]
+            scale = torch.cat([torch.ones(n, dtype=dtype, device=g.device) if s is None else
+                               s.to(device=g.device, dtype=dtype) for s in scales])
+            g = g * scale.view(-1, 1, 1)
+        a = torch.cat([_pad_positions(c[5], length) for c in calls])
         with torch.no_grad(), autocast_off(g.device):
             contribs = rule(module, (a,), g, (g != 0).any(-1), self.mode)
             grams = {}
@@ -496,7 +480,7 @@ class GramEngine:
         for i, call in enumerate(calls):
             for k in own:
                 blocks, kinds = grams[k]
-                self.add_gram(self.name_at[id(call[2]), k], blocks[i], f"{rule.__name__}:{kinds[i]}")
+                call[0].add_gram(call[0].name_at[id(call[3]), k], blocks[i], f"{rule.__name__}:{kinds[i]}")
         return True
 
     def _add(self, part: _Part, name: str, use: int | None, contrib: Contribution, how: str) -> None:
@@ -608,7 +592,7 @@ class GramEngine:
         self.part = _Part(self.part.n)
         self.rerun_inputs.clear()
         self.waiting.clear()
-        self.pending, self.pending_elems = {}, 0
+        self.pending = Pending()
         self.geometries = {k: {"blocks": {}, "shared": {}} for k in self.geometries}
         self.dots = {}
 
@@ -644,6 +628,54 @@ class GramEngine:
                 out[name] = torch.zeros(*shape, dtype=torch.float64, device=p.device)
                 self.info.setdefault(name, "unused (zero gradient)")
         return out
+
+
+class Pending:
+    """Calls of small layers held back to be reduced together (:meth:`GramEngine._contribute_batched`): grouped by
+    what they must share, and reduced when they total more than ``PENDING_ELEMS`` elements or at :meth:`flush`."""
+
+    def __init__(self):
+        self.groups: dict[tuple, list] = {}
+        self.elems = 0
+
+    def add(self, key: tuple, call: tuple, elems: int) -> None:
+        self.groups.setdefault(key, []).append(call)
+        self.elems += elems
+        if self.elems > PENDING_ELEMS:
+            self.flush()
+
+    def flush(self) -> None:
+        groups, self.groups, self.elems = self.groups, {}, 0
+        for calls in groups.values():
+            calls = [c for c in calls if not c[0].failed]
+            if len(calls) > 1 and calls[0][0]._contribute_batched(calls):
+                continue
+            for engine, part, rule, module, own, a, grad, use_index in calls:
+                engine._contribute(part, rule, module, own, (a,), grad, use_index)
+
+
+def _pad_positions(x: torch.Tensor, length: int) -> torch.Tensor:
+    """[N, T, d] padded with zeros to ``length`` positions."""
+    return x if x.shape[1] == length else torch.nn.functional.pad(x, (0, 0, 0, length - x.shape[1]))
+
+
+def engine_layout(model: torch.nn.Module, named_params) -> tuple[list, dict]:
+    """``(owners, name_at)`` of a :class:`GramEngine` (its ``layout``, which a caller running many passes over the same
+    model and parameters builds once): the modules holding measured parameters with their local names, in module
+    order, and ``(id(module), local name) -> parameter name``. A hooked call's parameter is found by (module, local
+    name), not by the tensor it holds then: FSDP2 (fully_shard) swaps the registered DTensor for a whole plain tensor
+    during the module's forward."""
+    name_of = {id(p): name for name, p in named_params}
+    owners, name_at, seen = [], {}, set()
+    for module in model.modules():
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        own = [k for k, p in module._parameters.items() if p is not None and id(p) in name_of]
+        name_at.update({(id(module), k): name_of[id(module._parameters[k])] for k in own})
+        if own:
+            owners.append((module, own))
+    return owners, name_at
 
 
 def pair_weights(weights, logps: torch.Tensor, n: int) -> torch.Tensor:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .engine import GramEngine
+from .engine import GramEngine, engine_layout
 from .sharding import check_supported, is_sharded, whole
 
 # a coefficient at or below this magnitude has (nearly) underflowed: the sequence's gradients cannot be recovered
@@ -124,6 +124,8 @@ class PassRecorder:
             for key, p in module._parameters.items():
                 if p is not None and id(p) in where:
                     self.slots.setdefault(where[id(p)], (module, key))
+        self.layout = None                   # the engines' module layout (engine_layout), built at the first pass
+        self.checked = False                 # whether this recording's uses were checked (its first pass)
         self.records: list[MicroBatch] = []
         self.errors: list[BaseException] = []
         self.armed = False
@@ -142,7 +144,7 @@ class PassRecorder:
     @contextlib.contextmanager
     def recording(self):
         """Record the training passes inside; yields the list their :class:`MicroBatch` records are appended to."""
-        self.records, self.armed = [], True
+        self.records, self.armed, self.checked = [], True, False
         try:
             yield self.records
         finally:
@@ -197,8 +199,10 @@ class PassRecorder:
         attention = kwargs.get("attention_mask")
         attention = torch.ones_like(ids) if attention is None else attention
         named = [(name, self.slots[name][0]._parameters[self.slots[name][1]]) for name, _ in self.named]
+        if self.layout is None:
+            self.layout = engine_layout(self.model, named)
         # a micro-batch is small: its whole Gram matrix costs less than the pair statistics' three reductions
-        engine = GramEngine(self.model, named, ids.shape[0], self.mode, plain=True)
+        engine = GramEngine(self.model, named, ids.shape[0], self.mode, plain=True, layout=self.layout)
         engine.checkpointed, engine.on_error = self.checkpointed, self._failed
         p = _Pass(engine, ids.detach(), attention.detach(), kwargs.get("labels"))
         p.fused = bool(kwargs.get("fused_lm_head", False))
@@ -265,7 +269,9 @@ class PassRecorder:
                 raise InPassError("the model's output logits were not produced by its output embedding module "
                                   f"({type(self.head).__name__}); in-pass capture cannot find the loss coefficients")
             root = logits
-        p.engine._check_all_uses_hooked(root)
+        if not self.checked:       # the model's code is the same for every micro-batch: checked on the first
+            p.engine._check_all_uses_hooked(root)
+            self.checked = True
 
     def _fused_forward(self, p: _Pass, log_probs: torch.Tensor, output) -> None:
         """TRL's fused head: the per-token log-probs carry the coefficients; the head weight is an external use."""

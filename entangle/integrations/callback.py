@@ -40,6 +40,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import pandas as pd
 from transformers import Trainer, TrainerCallback
 
 from entangle.capture.params import ParamSpec
@@ -50,6 +51,10 @@ from entangle.metrics import resolve_objective
 from entangle.runio import RunWriter
 
 logger = logging.getLogger(__name__)
+
+# In-pass rows are written every this many measured steps (one part per table), at each checkpoint save and at the end
+# of training: a part file per step would cost more than the step's measurement at small shapes.
+TRAIN_WRITE_EVERY = 10
 
 _CPO_OBJECTIVES = {"sigmoid": "cpo_sigmoid", "hinge": "cpo_hinge", "ipo": "cpo_ipo", "simpo": "simpo",
                    "alphapo": "simpo"}
@@ -139,6 +144,7 @@ class EntanglementCallback(TrainerCallback):
         self.monitor: Monitor | None = None
         self.measured: set[int] = set()
         self._update_step: int | None = None
+        self._train_rows: list = []        # in-pass rows not yet written: (step, train_pairs, train_summary)
 
     def attach(self, trainer: Trainer) -> EntanglementCallback:
         """Set the trainer and add this callback to it (if it is not there yet); returns ``self``."""
@@ -201,6 +207,7 @@ class EntanglementCallback(TrainerCallback):
     def on_train_end(self, args, state, control, optimizer=None, **kwargs):
         if self.monitor is not None:
             self._measure_final(args, state, control, optimizer)
+        self._write_train_rows()
         if self.training_pass is not None:
             self.training_pass.close()
             self.training_pass = None
@@ -219,9 +226,20 @@ class EntanglementCallback(TrainerCallback):
             return
         frame, summary = out
         if self.writer is not None:
-            self.writer.write("train_pairs", frame, state.global_step)
-            self.writer.write("train_summary", summary, state.global_step)
+            self._train_rows.append((state.global_step, frame, summary))
+            if len(self._train_rows) >= TRAIN_WRITE_EVERY:
+                self._write_train_rows()
         self._log(args, state, control, TrainingPass.scalars(summary))
+
+    def _write_train_rows(self) -> None:
+        """Write the held ``train_pairs`` and ``train_summary`` rows as one part each (named by their first step)."""
+        rows, self._train_rows = self._train_rows, []
+        if rows and self.writer is not None:
+            self.writer.write("train_pairs", pd.concat([f for _, f, _ in rows], ignore_index=True), rows[0][0])
+            self.writer.write("train_summary", pd.concat([s for _, _, s in rows], ignore_index=True), rows[0][0])
+
+    def on_save(self, args, state, control, **kwargs):
+        self._write_train_rows()
 
     # -- helpers -------------------------------------------------------------------------------------------
     def _measure_final(self, args, state, control, optimizer) -> None:
