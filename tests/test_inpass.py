@@ -20,6 +20,7 @@ from entangle.builtin import builtin_model, builtin_pairs, builtin_tokenizer  # 
 from entangle.capture.inpass import InPassError, PassRecorder  # noqa: E402
 from entangle.capture.logprobs import token_logps  # noqa: E402
 from entangle.capture.params import select_params  # noqa: E402
+from entangle.integrations.training_pass import KEY_CHUNK, dataset_keys, pair_keys  # noqa: E402
 from entangle.metrics.dataset import dataset_view, most_entangled  # noqa: E402
 from entangle.report import make_report  # noqa: E402
 from entangle.runio import read_run  # noqa: E402
@@ -85,10 +86,18 @@ def test_dpo_rows_equal_the_exact_twin_on_stories_hh(tmp_path, stories_dir, stor
     assert [h["entangle_train/cosine_q50"] for h in logged] == run["train_summary"]["cosine_q50"].tolist()
 
 
+def _assert_chunked_keys_equal_row_by_row(trainer):
+    """dataset_keys collates KEY_CHUNK rows at a time: the same keys as collating each row alone."""
+    alone: dict = {}
+    for i in range(len(trainer.train_dataset)):
+        alone.setdefault(pair_keys(trainer.data_collator([trainer.train_dataset[i]]))[0], i)
+    assert len(trainer.train_dataset) > KEY_CHUNK and dataset_keys(trainer) == alone
+
+
 def _dpo_builtin(tmp_path, callbacks, **kw):
     tok = builtin_tokenizer()
     model = builtin_model(tok)
-    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in builtin_pairs(32, seed=1)]
+    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in builtin_pairs(80, seed=1)]
     args = DPOConfig(output_dir=str(tmp_path), **{"max_steps": 3, "per_device_train_batch_size": 2,
                                                   "gradient_accumulation_steps": 2, **COMMON, **kw})
     trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=Dataset.from_list(rows),
@@ -107,6 +116,7 @@ def test_in_pass_capture_does_not_change_training(tmp_path, checkpointing):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [h["loss"] for h in without.state.log_history if "loss" in h] == \
         [h["loss"] for h in with_cb.state.log_history if "loss" in h]
+    _assert_chunked_keys_equal_row_by_row(with_cb)
     run = read_run(tmp_path / "b" / "entangle")
     tp = run["train_pairs"]
     assert len(tp) == 3 * 4 and (tp["index"] >= 0).all() and np.isfinite(tp["cosine"]).all()
@@ -124,7 +134,7 @@ def test_cpo_simpo_logits_path_equals_the_exact_twin(tmp_path):
     tok = builtin_tokenizer()
     model = builtin_model(tok)
     snaps = Snapshots(lambda: builtin_model(tok))
-    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in builtin_pairs(16, seed=2)]
+    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in builtin_pairs(80, seed=2)]
     args = cpo.CPOConfig(output_dir=str(tmp_path / "out"), max_steps=2, loss_type="simpo", cpo_alpha=0.5,
                          max_length=64, per_device_train_batch_size=4, **COMMON)
     trainer = cpo.CPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
@@ -146,6 +156,7 @@ def test_cpo_simpo_logits_path_equals_the_exact_twin(tmp_path):
 
     _check_rows_against_twin(tp, snaps, batch_of)
     assert (tp["a_chosen"] > 0).all() and (tp["a_rejected"] < 0).all()
+    _assert_chunked_keys_equal_row_by_row(trainer)
 
 
 def test_refused_at_train_begin_with_the_reason(tmp_path):

@@ -61,35 +61,72 @@ def refuse_in_pass(trainer: Any, model: torch.nn.Module) -> None:
         raise InPassError("in-pass capture (train_every) cannot measure this training pass: " + "; ".join(reasons))
 
 
+# Dataset rows collated together when indexing them (one collator call per chunk instead of per row).
+KEY_CHUNK = 64
+
+
 def dataset_keys(trainer: Any) -> dict[tuple, int]:
     """(chosen token ids, rejected token ids) as the model sees them -> first row of ``trainer.train_dataset`` with
-    them, by collating each row alone with the trainer's own collator (rows it cannot collate are left out)."""
+    them, by collating the rows with the trainer's own collator, ``KEY_CHUNK`` at a time (the keys keep only the
+    tokens the attention mask keeps, so padding to a chunk's longest row changes nothing); a chunk the collator
+    refuses is collated row by row, and rows it cannot collate alone are left out."""
     data, collate = trainer.train_dataset, trainer.data_collator
     keys: dict[tuple, int] = {}
     if data is None or collate is None:
         return keys
-    for i in tqdm(range(len(data)), desc="entangle: indexing the training pairs", leave=False,
-                  disable=len(data) < 2000):
-        try:
-            key = pair_key(collate([data[i]]))
-        except Exception:  # noqa: BLE001 - a row the collator needs company for: left unindexed
-            continue
-        if key is not None:
-            keys.setdefault(key, i)
+    n = len(data)
+    with tqdm(total=n, desc="entangle: indexing the training pairs", leave=False, disable=n < 2000) as bar:
+        for start in range(0, n, KEY_CHUNK):
+            rows = _rows(data, start, min(n, start + KEY_CHUNK))
+            for j, key in enumerate(_chunk_keys(collate, rows)):
+                if key is not None:
+                    keys.setdefault(key, start + j)
+            bar.update(len(rows))
     return keys
 
 
-def pair_key(batch: dict) -> tuple | None:
-    """The (chosen, rejected) token ids of a one-pair batch from a preference collator (TRL's DPO layout with
-    ``input_ids`` [2, T], or the CPO/ORPO layout with ``chosen_input_ids`` / ``rejected_input_ids``)."""
-    if "input_ids" in batch and batch["input_ids"].shape[0] == 2:
-        t, m = batch["input_ids"], batch.get("attention_mask")
-        return token_key(t[0], None if m is None else m[0]), token_key(t[1], None if m is None else m[1])
+def _rows(data: Any, start: int, stop: int) -> list:
+    """Rows ``start:stop`` of a dataset as a list of rows (one slice of a ``datasets.Dataset``, whose slices are
+    columns)."""
+    chunk = data[start:stop] if hasattr(data, "column_names") else None
+    if isinstance(chunk, dict):
+        return [dict(zip(chunk, values, strict=True)) for values in zip(*chunk.values(), strict=True)]
+    return [data[i] for i in range(start, stop)]
+
+
+def _chunk_keys(collate: Any, rows: list) -> list:
+    """:func:`pair_keys` of ``rows`` collated together, or row by row if that fails (None for a row that fails)."""
+    try:
+        keys = pair_keys(collate(rows))
+        if keys is not None and len(keys) == len(rows):
+            return keys
+    except Exception:  # noqa: BLE001 - a chunk the collator refuses: row by row below
+        pass
+    out = []
+    for row in rows:
+        try:
+            keys = pair_keys(collate([row]))
+        except Exception:  # noqa: BLE001 - a row the collator needs company for: left unindexed
+            keys = None
+        out.append(keys[0] if keys else None)
+    return out
+
+
+def pair_keys(batch: dict) -> list[tuple] | None:
+    """Per pair, the (chosen, rejected) token ids of a batch from a preference collator: TRL's DPO layout
+    (``input_ids`` [2B, T], the B chosen sequences then their B rejected ones) or the CPO/ORPO layout
+    (``chosen_input_ids`` / ``rejected_input_ids`` [B, T]); None for another layout."""
+    def keys(ids, mask) -> list[tuple[int, ...]]:
+        return [token_key(ids[i], None if mask is None else mask[i]) for i in range(ids.shape[0])]
+
+    if "input_ids" in batch and batch["input_ids"].shape[0] % 2 == 0:
+        seqs = keys(batch["input_ids"], batch.get("attention_mask"))
+        b = len(seqs) // 2
+        return list(zip(seqs[:b], seqs[b:], strict=True))
     if "chosen_input_ids" in batch and "rejected_input_ids" in batch:
-        def side(name: str) -> tuple[int, ...]:
-            mask = batch.get(f"{name}_attention_mask")
-            return token_key(batch[f"{name}_input_ids"][0], None if mask is None else mask[0])
-        return side("chosen"), side("rejected")
+        chosen = keys(batch["chosen_input_ids"], batch.get("chosen_attention_mask"))
+        rejected = keys(batch["rejected_input_ids"], batch.get("rejected_attention_mask"))
+        return list(zip(chosen, rejected, strict=True))
     return None
 
 
