@@ -96,7 +96,11 @@ def _contributions(n: int = 4, length: int = 6, rows: int = 9, cols: int = 5):
                 emb[i, ids[i, t]] += right[i, t]
     dense = torch.randn(n, rows, cols, generator=g, dtype=torch.float64)
     scale = torch.rand(rows, cols, generator=g, dtype=torch.float64) + 0.5
+    positions = torch.randperm(rows, generator=g)[:length]      # one row of distinct ids shared by every sequence
+    aligned = torch.zeros(n, rows, cols, dtype=torch.float64)
+    aligned[:, positions] = right
     return [
+        ("aligned", contrib.AlignedRows(positions, right, rows), aligned),
         ("dense", contrib.Dense(dense), dense),
         ("ghost", Factored.from_padded(left, right, valid, mode="ghost"), full),
         ("materialised", Factored.from_padded(left, right, valid, mode="materialise"), full),
@@ -105,7 +109,7 @@ def _contributions(n: int = 4, length: int = 6, rows: int = 9, cols: int = 5):
     ]
 
 
-@pytest.mark.parametrize("kind", ["dense", "ghost", "materialised", "sparse", "scaled"])
+@pytest.mark.parametrize("kind", ["dense", "ghost", "materialised", "sparse", "scaled", "aligned"])
 def test_every_contribution_follows_the_protocol(kind):
     """Each contribution's gram / rows / dot / row_blocks / restricted / touched agree with its per-example
     gradients formed by hand: the one protocol the engine relies on (no type is special-cased)."""
@@ -133,3 +137,27 @@ def test_every_contribution_follows_the_protocol(kind):
         torch.testing.assert_close(got, full, rtol=1e-12, atol=1e-12)
     else:
         assert blocks is None
+
+
+def test_broadcast_position_ids_take_the_aligned_rows_and_equal_the_key_sums():
+    """The embedding rule measures ids broadcast over the batch (an expanded [1, T] row of distinct positions) as
+    AlignedRows, whose views equal EmbeddingRows' on the same lookup; repeated ids keep EmbeddingRows."""
+    from entangle.capture.rules.embedding import embedding
+
+    g = torch.Generator().manual_seed(4)
+    n, length, rows, cols = 4, 6, 10, 3
+    module = torch.nn.Embedding(rows, cols)
+    grads = torch.randn(n, length, cols, generator=g, dtype=torch.float64)
+    grads[1, 4:] = 0.0                                          # a shorter sequence
+    valid = (grads != 0).any(-1)
+    ids = torch.tensor([[3, 0, 7, 1, 9, 2]]).expand(n, length)
+    got = embedding(module, (ids,), grads, valid, "auto")["weight"]
+    keyed = EmbeddingRows(ids.contiguous(), grads, valid, rows)
+    assert isinstance(got, contrib.AlignedRows)
+    torch.testing.assert_close(got.gram(), keyed.gram(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.rows(None), keyed.rows(None), rtol=1e-12, atol=1e-12)
+    delta = torch.randn(rows, cols, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(got.dot(delta), keyed.dot(delta), rtol=1e-12, atol=1e-12)
+    repeated = torch.tensor([[3, 0, 3, 1, 9, 2]]).expand(n, length)
+    assert isinstance(embedding(module, (repeated,), grads, valid, "auto")["weight"], EmbeddingRows)
+    assert isinstance(embedding(module, (ids.contiguous(),), grads, valid, "auto")["weight"], EmbeddingRows)

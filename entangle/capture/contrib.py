@@ -326,6 +326,41 @@ class EmbeddingRows:
         return None
 
 
+class AlignedRows:
+    """Per-example gradients of an embedding lookup whose ids are one row shared by every sequence, without repeats
+    (position ids broadcast over the batch): ``g_i[ids_t] = delta_it``, so the per-example gradient over the touched
+    rows is the output gradient itself and its Gram one matrix product (no keys to sort and sum, as
+    :class:`EmbeddingRows` needs for token ids)."""
+
+    kind = "sparse"
+
+    def __init__(self, ids: torch.Tensor, grads: torch.Tensor, n_rows: int):
+        order = torch.argsort(ids)
+        self.touched, self.values = ids[order], grads[:, order]           # sorted ids, [N, T, d]
+        self.n, self.n_rows, self.device = grads.shape[0], n_rows, grads.device
+
+    def gram(self) -> torch.Tensor:
+        return _gram64(self.values.reshape(self.n, -1))
+
+    def rows(self, index: torch.Tensor | None) -> torch.Tensor:
+        if index is None:
+            index = torch.arange(self.n_rows, device=self.device)
+        pos = torch.searchsorted(index, self.touched).clamp(max=max(index.numel() - 1, 0))
+        keep = index[pos] == self.touched if index.numel() else torch.zeros_like(pos, dtype=torch.bool)
+        out = torch.zeros(self.n, index.numel(), self.values.shape[-1], dtype=self.values.dtype, device=self.device)
+        out[:, pos[keep]] = self.values[:, keep]
+        return out
+
+    def restricted(self, index: torch.Tensor | None) -> AlignedRows:
+        return self
+
+    def dot(self, delta: torch.Tensor) -> torch.Tensor:
+        return (self.values * delta[self.touched].to(self.values.dtype)).sum((1, 2)).to(torch.float64)
+
+    def row_blocks(self) -> None:
+        return None
+
+
 class Scaled:
     """A contribution seen through a diagonal metric: ``g_i -> scale * g_i`` (e.g. sqrt of Adam's P, THEORY §5).
 

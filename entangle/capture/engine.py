@@ -461,12 +461,8 @@ class GramEngine:
         dtype = self._dtype(module, own)
         length = max(c[6].shape[1] for c in calls)
         g = torch.cat([_pad_positions(c[6], length) for c in calls]).to(dtype)
-        scales = [c[0].row_scale for c in calls]
-        if any(s is not None for s in scales):
-            n = calls[0][6].shape[0]
-            scale = torch.cat([torch.ones(n, dtype=dtype, device=g.device) if s is None else
-                               s.to(device=g.device, dtype=dtype) for s in scales])
-            g = g * scale.view(-1, 1, 1)
+        if self.row_scale is not None:
+            g = g * self.row_scale.to(device=g.device, dtype=dtype).repeat(len(calls)).view(-1, 1, 1)
         a = torch.cat([_pad_positions(c[5], length) for c in calls])
         with torch.no_grad(), autocast_off(g.device):
             contribs = rule(module, (a,), g, (g != 0).any(-1), self.mode)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..contrib import EmbeddingRows
+from ..contrib import AlignedRows, EmbeddingRows
 from . import register_rule
 
 
@@ -23,4 +23,7 @@ def embedding(module, inputs, grad_out, valid, mode):
     ids = inputs[0]
     if module.padding_idx is not None:                 # PyTorch never updates the padding row
         valid = valid & (ids != module.padding_idx)
+    if (ids.dim() == 2 and ids.shape[0] > 1 and ids.stride(0) == 0 and module.padding_idx is None
+            and torch.unique(ids[0]).numel() == ids.shape[1]):     # position ids broadcast over the batch
+        return {"weight": AlignedRows(ids[0], grad_out, module.num_embeddings)}
     return {"weight": EmbeddingRows(ids, grad_out, valid, module.num_embeddings)}
