@@ -72,6 +72,11 @@ def test_tied_embedding_cross_terms_are_required(monkeypatch):
     auto = sequence_gram(model, batch)
     assert "shared by 2 uses" in auto.info["transformer.wte.weight"]
     assert rel_err(auto.per_param["transformer.wte.weight"], exact.per_param["transformer.wte.weight"]) < 1e-10
+    assert contrib.SHARED_DENSE >= 6 * 101 * 32          # this small: summed over its uses, one product
+    # the cross terms between the uses, computed apart (a parameter too large to materialise): the same values
+    monkeypatch.setattr(contrib, "SHARED_DENSE", 0)
+    apart = sequence_gram(model, batch)
+    assert rel_err(apart.per_param["transformer.wte.weight"], exact.per_param["transformer.wte.weight"]) < 1e-10
     # leaving the cross terms between the two uses out is measurably wrong: the check can fail
     monkeypatch.setattr(contrib.SharedParameter, "gram", lambda self: self.own.clone())
     wrong = sequence_gram(model, batch)

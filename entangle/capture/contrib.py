@@ -16,6 +16,9 @@ from .result import stats_of_gram
 
 # Work on chunks of at most this many float elements when materialising (bounds peak memory).
 CHUNK_ELEMS = 1 << 21
+# A parameter with several uses whose per-example gradients total at most this many elements is summed over its uses
+# and materialised (SharedParameter), instead of reducing each use and the cross terms between uses apart.
+SHARED_DENSE = 1 << 21
 # Inner products are summed in float32 over at most this many coordinates, then in float64 (THEORY §6).
 PARTIAL_SUM = 1 << 15
 # An embedding's Gram goes through its [N, ids, d] rows (one matrix product) rather than key pairs when
@@ -538,15 +541,23 @@ class SharedParameter:
 
     Its per-example gradient is the sum over uses, so ``K = sum_u K_u + sum_{u != v} <c_u, c_v>``.
     Each use's own Gram is computed when it arrives; for the cross terms each use keeps only the rows
-    that another use can touch (for a tied head: the vocabulary rows of the batch's tokens).
+    that another use can touch (for a tied head: the vocabulary rows of the batch's tokens). A parameter whose
+    per-example gradients total at most ``SHARED_DENSE`` elements (``row_numel``: elements per parameter row) is
+    instead summed over its uses, materialised, and its Gram is one product (fewer, larger operations).
     """
 
-    def __init__(self, touched_per_use: list[torch.Tensor | None], n_rows: int):
-        self.touched, self.n_rows = touched_per_use, n_rows
+    def __init__(self, touched_per_use: list[torch.Tensor | None], n_rows: int, row_numel: int | None = None):
+        self.touched, self.n_rows, self.row_numel = touched_per_use, n_rows, row_numel
         self.kept: list[tuple[torch.Tensor | None, object]] = []
         self.own = None
+        self.dense = False
 
     def add(self, use: int, contrib) -> None:
+        if not self.kept and self.row_numel is not None:
+            self.dense = contrib.n * self.n_rows * self.row_numel <= SHARED_DENSE
+        if self.dense:                              # summed and reduced at gram()
+            self.kept.append((None, contrib))
+            return
         others = _union([t for k, t in enumerate(self.touched) if k != use])
         index = _intersect(contrib.touched, others)
         self.kept.append((index, contrib.restricted(index)))
@@ -554,6 +565,11 @@ class SharedParameter:
         self.own = g if self.own is None else self.own + g
 
     def gram(self) -> torch.Tensor:
+        if self.dense:
+            total = self.kept[0][1].rows(None)
+            for _, c in self.kept[1:]:
+                total = total + c.rows(None)
+            return _gram64(total.flatten(1))
         out = self.own.clone()
         for u in range(len(self.kept)):
             for v in range(u + 1, len(self.kept)):

@@ -510,7 +510,9 @@ class GramEngine:
         """Add one use of a parameter with several uses (tied embeddings, reused layers) via SharedParameter."""
         shared = self.geometries[kind]["shared"]
         if name not in shared:
-            shared[name] = SharedParameter(self.uses[name], self.param_rows[name])
+            shape = self.shapes[name]
+            row_numel = int(torch.tensor(shape[1:]).prod()) if len(shape) > 1 else 1
+            shared[name] = SharedParameter(self.uses[name], self.param_rows[name], row_numel)
         shared[name].add(use, contrib)
 
     def backward(self, total: torch.Tensor, retain_graph: bool = False) -> None:
