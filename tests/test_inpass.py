@@ -229,3 +229,19 @@ def test_coefficients_recovered_from_the_backward_equal_the_registry(tmp_path, l
                                rejected_lengths=col("len_rejected"), beta=0.1)
     np.testing.assert_allclose(tp["a_chosen"], a_w.numpy(), rtol=1e-5, atol=1e-9)
     np.testing.assert_allclose(tp["a_rejected"], a_l.numpy(), rtol=1e-5, atol=1e-9)
+
+
+def test_train_rows_are_written_every_few_steps_and_at_each_save(tmp_path, monkeypatch):
+    """The in-pass rows are held and written one part per TRAIN_WRITE_EVERY measured steps, at each checkpoint save
+    and at train end (named by their first step); read back, they are every measured step's rows, in order."""
+    from entangle.integrations import callback
+
+    monkeypatch.setattr(callback, "TRAIN_WRITE_EVERY", 2)
+    cb = EntanglementCallback(train_every=1, strict=True)
+    _dpo_builtin(tmp_path, [cb], max_steps=5, save_strategy="steps", save_steps=3)
+    parts = sorted(p.name for p in (tmp_path / "entangle" / "train_pairs").iterdir())
+    # steps 0-1 (two held), step 2 (saved after it: global step 3), steps 3-4 (two held)
+    assert parts == ["step-00000000.parquet", "step-00000002.parquet", "step-00000003.parquet"]
+    run = read_run(tmp_path / "entangle")
+    assert run["train_pairs"]["step"].tolist() == [s for s in range(5) for _ in range(4)]
+    assert run["train_summary"]["step"].tolist() == list(range(5))
