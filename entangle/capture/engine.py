@@ -15,6 +15,7 @@ differentiates it on its own (block-wise token maps) uses the narrow interface o
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -132,7 +133,8 @@ class GramEngine:
         self.sharded = any(is_sharded(p) for _, p in self.named)
         self.param_rows = {name: p.shape[0] if p.dim() else 1 for name, p in self.named}
         self.shapes = {name: tuple(p.shape) for name, p in self.named}
-        self.pending = Pending()                   # calls of small layers held back to be reduced together
+        self.pending: dict[tuple, list] = {}       # batch key -> calls of small layers held back (_flush_pending)
+        self.pending_elems = 0
         self.info: dict[str, str] = {}
         self.uses: dict[str, list] = {}           # param name -> touched rows of each use, in forward order
         self.part_of: dict[str, object] = {}      # param name -> key of the part its uses were recorded in
@@ -413,8 +415,10 @@ class GramEngine:
         if key is None:
             self._contribute(part, rule, module, own, args, grad, use_index)
             return
-        self.pending.add(key, (self, part, rule, module, own, args[0].detach(), grad.detach(), use_index),
-                         args[0].numel() + grad.numel())
+        self.pending.setdefault(key, []).append((part, rule, module, own, args[0].detach(), grad.detach(), use_index))
+        self.pending_elems += args[0].numel() + grad.numel()
+        if self.pending_elems > PENDING_ELEMS:
+            self._flush_pending()
 
     def _contribute(self, part: _Part, rule, module, own, args: tuple, grad, use_index) -> None:
         """Reduce one call: its rule on its inputs and output gradient, each contribution added to the views."""
@@ -450,20 +454,27 @@ class GramEngine:
                 self._dtype(module, own))
 
     def _flush_pending(self) -> None:
-        """Reduce the calls held back."""
-        self.pending.flush()
+        """Reduce the calls held back: each group of equal keys as one stacked call, else call by call."""
+        pending, self.pending, self.pending_elems = self.pending, {}, 0
+        if self.failed:
+            return
+        for calls in pending.values():
+            if len(calls) > 1 and self._contribute_batched(calls):
+                continue
+            for part, rule, module, own, a, grad, use_index in calls:
+                self._contribute(part, rule, module, own, (a,), grad, use_index)
 
     def _contribute_batched(self, calls: list) -> bool:
         """One rule call on the stacked inputs and output gradients of ``calls``; each call's Gram matrix is a diagonal
         block of the stacked contribution's (:func:`~entangle.capture.contrib.block_grams`). False when a contribution
         cannot be reduced that way (the caller then reduces each call on its own)."""
-        part, rule, module, own = calls[0][1:5]
+        part, rule, module, own = calls[0][:4]
         dtype = self._dtype(module, own)
-        length = max(c[6].shape[1] for c in calls)
-        g = torch.cat([_pad_positions(c[6], length) for c in calls]).to(dtype)
+        length = max(c[5].shape[1] for c in calls)
+        g = torch.cat([_pad_positions(c[5], length) for c in calls]).to(dtype)
         if self.row_scale is not None:
             g = g * self.row_scale.to(device=g.device, dtype=dtype).repeat(len(calls)).view(-1, 1, 1)
-        a = torch.cat([_pad_positions(c[5], length) for c in calls])
+        a = torch.cat([_pad_positions(c[4], length) for c in calls])
         with torch.no_grad(), autocast_off(g.device):
             contribs = rule(module, (a,), g, (g != 0).any(-1), self.mode)
             grams = {}
@@ -476,7 +487,7 @@ class GramEngine:
         for i, call in enumerate(calls):
             for k in own:
                 blocks, kinds = grams[k]
-                call[0].add_gram(call[0].name_at[id(call[3]), k], blocks[i], f"{rule.__name__}:{kinds[i]}")
+                self.add_gram(self.name_at[id(call[2]), k], blocks[i], f"{rule.__name__}:{kinds[i]}")
         return True
 
     def _add(self, part: _Part, name: str, use: int | None, contrib: Contribution, how: str) -> None:
@@ -510,9 +521,7 @@ class GramEngine:
         """Add one use of a parameter with several uses (tied embeddings, reused layers) via SharedParameter."""
         shared = self.geometries[kind]["shared"]
         if name not in shared:
-            shape = self.shapes[name]
-            row_numel = int(torch.tensor(shape[1:]).prod()) if len(shape) > 1 else 1
-            shared[name] = SharedParameter(self.uses[name], self.param_rows[name], row_numel)
+            shared[name] = SharedParameter(self.uses[name], self.param_rows[name], math.prod(self.shapes[name][1:]))
         shared[name].add(use, contrib)
 
     def backward(self, total: torch.Tensor, retain_graph: bool = False) -> None:
@@ -590,7 +599,7 @@ class GramEngine:
         self.part = _Part(self.part.n)
         self.rerun_inputs.clear()
         self.waiting.clear()
-        self.pending = Pending()
+        self.pending, self.pending_elems = {}, 0
         self.geometries = {k: {"blocks": {}, "shared": {}} for k in self.geometries}
         self.dots = {}
 
@@ -626,30 +635,6 @@ class GramEngine:
                 out[name] = torch.zeros(*shape, dtype=torch.float64, device=p.device)
                 self.info.setdefault(name, "unused (zero gradient)")
         return out
-
-
-class Pending:
-    """Calls of small layers held back to be reduced together (:meth:`GramEngine._contribute_batched`): grouped by
-    what they must share, and reduced when they total more than ``PENDING_ELEMS`` elements or at :meth:`flush`."""
-
-    def __init__(self):
-        self.groups: dict[tuple, list] = {}
-        self.elems = 0
-
-    def add(self, key: tuple, call: tuple, elems: int) -> None:
-        self.groups.setdefault(key, []).append(call)
-        self.elems += elems
-        if self.elems > PENDING_ELEMS:
-            self.flush()
-
-    def flush(self) -> None:
-        groups, self.groups, self.elems = self.groups, {}, 0
-        for calls in groups.values():
-            calls = [c for c in calls if not c[0].failed]
-            if len(calls) > 1 and calls[0][0]._contribute_batched(calls):
-                continue
-            for engine, part, rule, module, own, a, grad, use_index in calls:
-                engine._contribute(part, rule, module, own, (a,), grad, use_index)
 
 
 def _pad_positions(x: torch.Tensor, length: int) -> torch.Tensor:
