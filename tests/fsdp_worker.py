@@ -8,6 +8,8 @@ the whole model's). Then, on HH-RLHF pairs:
 * the Monitor (probe split across the ranks) measures the sharded model at an update with the Adam view and the
   update dots (``before_update(measure=True)`` / ``after_update``), and rank 0 measures the whole twin alone;
   their run directories are compared by the test;
+* token maps (``full`` and ``head``) of every probe pair, every rank mapping the same pair, against the whole twin's,
+  and the Monitor's ``tokens`` table against the twin Monitor's; a rank mapping another pair than rank 0 is refused;
 * each rank measures its own pairs with ``measure`` (``structure="full"`` and ``"pairs"``) in both geometries and
   along the update, on the sharded model and on the twin; the largest relative differences go to ``result.json``;
 * in-pass capture: each rank runs one hand-written DPO step on its own pairs (the loss from the logits, or from TRL's
@@ -24,6 +26,7 @@ import copy
 import gzip
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -42,7 +45,7 @@ from entangle.capture.optim import adam_preconditioner  # noqa: E402
 from entangle.capture.params import select_params  # noqa: E402
 from entangle.capture.sharding import local as local_tensor  # noqa: E402
 from entangle.capture.sharding import whole as whole_tensor  # noqa: E402
-from entangle.capture.tokens import token_map  # noqa: E402
+from entangle.capture.tokens import token_gram, token_map  # noqa: E402
 from entangle.data import encode_pairs, load_pairs  # noqa: E402
 from entangle.integrations.distributed import gather_to_main  # noqa: E402
 from entangle.integrations.monitor import Monitor  # noqa: E402
@@ -130,15 +133,29 @@ def check_model(name: str, out: Path, tok, probe: list[dict], train: dict) -> di
     # training under the Monitor is the whole twin's training
     drift = max(float((whole_tensor(p.detach()) - q).abs().max()) for p, q in zip(sharded.parameters(),
                                                                                   whole.parameters(), strict=True))
+    # token maps: a collective on the sharded model (every rank maps the same pair), equal to the whole model's
+    every = encode_pairs(tok, probe, max_length=MAX_LENGTH)
+    with warnings.catch_warnings(record=True) as caught:        # the block-wise pass, no fallback to copies
+        warnings.simplefilter("always")
+        for method in ("full", "head"):
+            for pair in range(len(probe)):
+                got, want = (token_gram(m, every, pair, method=method)[0] for m in (sharded, whole))
+                key = f"tokens/{method}"
+                errors[key] = max(errors.get(key, 0.0), rel(got, want))
+                sizes[key] = max(sizes.get(key, 0.0), float(want.abs().max()))
+    fallbacks = [str(w.message) for w in caught if "prefix copies" in str(w.message)]
+    monitor.token_maps(pairs=[0, 2], step=3)
+    if twin is not None:
+        twin.token_maps(pairs=[0, 2], step=3)
     refused = {}
     for what, call in (("exact", lambda: measure(sharded, local, method="exact")),
-                       ("token_map", lambda: token_map(sharded, local))):
+                       ("token_map", lambda: token_map(sharded, local))):    # each rank its own pairs
         try:
             call()
         except ValueError as e:
             refused[what] = str(e)
     return {"errors": errors, "sizes": sizes, "drift": drift, "sharded": type(next(sharded.parameters())).__name__,
-            "refused": refused}
+            "refused": refused, "token_fallbacks": fallbacks}
 
 
 # in-pass cases: model -> (fully_shard layout, loss path). Layouts: "blocks": each block, then the root;

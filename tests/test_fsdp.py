@@ -1,5 +1,5 @@
 """Sharded training: FSDP2 (``fully_shard``) measured in two CPU processes against the whole model (``measure``, the
-Monitor, in-pass capture); FSDP1, DeepSpeed ZeRO-3 refused (also in-pass), ZeRO-1/2 measured without the Adam view
+Monitor, token maps, in-pass capture; TRL's DPOTrainer under accelerate's FSDP2 plugin with the callback); FSDP1, DeepSpeed ZeRO-3 refused (also in-pass), ZeRO-1/2 measured without the Adam view
 (fakes of the attributes DeepSpeed and accelerate set)."""
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from entangle.integrations.training_pass import refuse_in_pass
 from entangle.runio import read_run
 
 WORKER = Path(__file__).resolve().parent / "fsdp_worker.py"
+TRAINER_WORKER = Path(__file__).resolve().parent / "fsdp_trainer_worker.py"
 MODELS = ("gpt2", "llama", "stories260k")
 # in-pass cases of the worker (model/fully_shard layout/loss path), see IN_PASS in fsdp_worker.py
 IN_PASS = ("gpt2/blocks/logits", "stories260k/blocks/fused", "stories260k/accelerate/logits", "llama/alone/fused")
@@ -55,9 +56,13 @@ def test_fully_shard_two_processes(tmp_path):
             got = rank[name]
             assert got["sharded"] == "DTensor"
             assert got["drift"] <= 1e-6, name        # training under the Monitor is unchanged
+            assert {"tokens/full", "tokens/head", "full/plain", "pairs/update"} <= set(got["errors"]), name
+            assert got["token_fallbacks"] == [], name   # the block-wise token pass ran on the sharded blocks
             for key, err in got["errors"].items():
                 assert got["sizes"][key] > 0 and err <= 1e-5, (name, key, err)
-            assert "fully_shard" in got["refused"]["exact"] and "fully_shard" in got["refused"]["token_map"]
+            assert "fully_shard" in got["refused"]["exact"]
+            assert "a token map on a model sharded by torch.distributed.fsdp.fully_shard is a collective: every " \
+                   "rank must run it on the same inputs, but rank 1's differ" in got["refused"]["token_map"]
     for name in MODELS:
         sharded, whole = read_run(tmp_path / name / "sharded"), read_run(tmp_path / name / "whole")
         assert sharded["manifest"]["world_size"] == 2
@@ -67,6 +72,7 @@ def test_fully_shard_two_processes(tmp_path):
             ("layers", ["pair", "layer"], ["inner", "norm2_chosen", "norm2_rejected"]),
             ("summary_adam", ["step"], ["inner_mean", "norm2_chosen_mean", "norm2_rejected_mean", "cosine_mean"]),
             ("updates", ["seq"], ["logp_before", "logp_after", "pred_update"]),
+            ("tokens", ["pair", "block", "t", "u"], ["inner", "cosine"]),
         ):
             ours, theirs = (t[table].sort_values(key).reset_index(drop=True) for t in (sharded, whole))
             assert len(ours) == len(theirs) > 0, (name, table)
@@ -74,6 +80,31 @@ def test_fully_shard_two_processes(tmp_path):
                 scale = np.abs(theirs[col]).max()
                 np.testing.assert_allclose(ours[col], theirs[col], rtol=0, atol=1e-5 * scale,
                                            err_msg=f"{name}: {table}.{col}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_trl_trainer_under_accelerate_fsdp2(tmp_path):
+    """TRL's DPOTrainer with transformers' ``fsdp_config={"version": 2}`` (accelerate's FSDP plugin shards
+    stories260k with fully_shard) in two CPU processes, EntanglementCallback measuring the probe every step and the
+    training pairs in-pass: training is bit-identical to the run without it; every probe row and every train_pairs
+    row equals the exact twin of a whole model at the gathered parameters of its step (<= 1e-5 relative); every
+    dataset row is measured once; token maps called on every rank equal the whole model's."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+           "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", str(TRAINER_WORKER), str(tmp_path)]
+    run_torchrun(cmd, tmp_path / "trainer_result.json", env)
+    got = json.loads((tmp_path / "trainer_result.json").read_text())
+    assert got["parameters"] == "DTensor" and got["model"].startswith("FSDP") and got["world_size"] == 2
+    assert got["same_training"] and got["snapshots"] == [0, 1, 2]
+    assert got["probe_steps"] == [0, 1, 2] and got["probe_pairs"] == 4 and got["logged"] == [0, 1, 2]
+    assert got["train_steps"] == [0, 1] and got["logged_train"] == [0, 1] and got["excluded"] == 0
+    assert sorted(got["train_index"]) == list(range(8)) and got["train_index"] != list(range(8))
+    assert got["tokens_rows"] > 0
+    assert set(got["errors"]) == {f"{w}/{k}" for w in ("probe", "train") for k in ("norm2", "inner", "logps")} \
+        | {"tokens"}
+    for key, err in got["errors"].items():
+        assert got["sizes"][key] > 0 and err <= 1e-5, (key, err)
 
 
 class FullyShardedDataParallel(torch.distributed.fsdp.FullyShardedDataParallel if torch.distributed.is_available()

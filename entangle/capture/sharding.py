@@ -78,6 +78,24 @@ def check_supported(model: torch.nn.Module) -> None:
             "(FSDP2)")
 
 
+def check_same_on_every_rank(key: object, what: str) -> None:
+    """Refuse a collective pass that the ranks would run on different inputs: on a ``fully_shard`` model every
+    module's forward all-gathers its parameters, so every rank must make the same calls in the same order, or the
+    ranks hang or mix their results. ``key`` (any picklable value) stands for the inputs; all ranks raise together.
+    A collective itself (``all_gather_object`` of ``key``); nothing happens outside a process group."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        return
+    keys: list[object] = [None] * world
+    torch.distributed.all_gather_object(keys, key)
+    other = next((r for r, k in enumerate(keys) if k != keys[0]), None)
+    if other is not None:
+        raise ValueError(f"{what} on a model sharded by torch.distributed.fsdp.fully_shard is a collective: every rank "
+                         f"must run it on the same inputs, but rank {other}'s differ from rank 0's")
+
+
 def check_whole(named: list[tuple[str, torch.Tensor]], what: str) -> None:
     """Refuse a computation that needs every measured parameter whole at once on a ``fully_shard`` model."""
     sharded = next((name for name, p in named if is_sharded(p)), None)

@@ -61,7 +61,12 @@ from entangle.capture.optim import adam_preconditioner
 from entangle.capture.params import ParamSpec, parameters_at, select_params, unwrap_model
 from entangle.capture.result import Measurement, View
 from entangle.capture.sharding import check_supported, model_is_sharded, reshard, zero_optimizer
-from entangle.integrations.distributed import check_every_rank_measures, collective, rank_and_world
+from entangle.integrations.distributed import (
+    broadcast_from_main,
+    check_every_rank_measures,
+    collective,
+    rank_and_world,
+)
 from entangle.integrations.probe import Probe
 from entangle.integrations.reference import (
     given_logps,
@@ -417,22 +422,27 @@ class Monitor:
                 see :func:`entangle.capture.tokens.token_map`.
 
         Returns the frame written: the ``token_map`` columns (``pair`` = probe pair id) plus ``step``, ``which``
-        and ``method``. Under ``torch.distributed`` only rank 0 computes it (the others return an empty frame).
-        Model and training state are left as found; a failure is logged and gives an empty frame (raised with
-        ``strict``).
+        and ``method``. Under ``torch.distributed`` only rank 0 computes it (the others return an empty frame),
+        except on a model sharded by ``fully_shard``: there every rank must call it (each block's re-run
+        all-gathers its parameters), rank 0 picks the pairs for all, every rank maps them and returns the frame, and
+        rank 0 writes it. Model and training state are left as found; a failure is logged and gives an empty frame
+        (raised with ``strict``).
         """
-        if self.rank != 0:
+        sharded = self.world > 1 and model_is_sharded(unwrap_model(self.model))
+        if self.rank != 0 and not sharded:
             return pd.DataFrame()
         try:
-            return self._token_maps(step, pairs, which, method)
+            return self._token_maps(step, pairs, which, method, sharded)
         except Exception:
             if self.strict:
                 raise
             logger.exception("entangle: token maps at step %s failed", step)
             return pd.DataFrame()
 
-    def _token_maps(self, step: int | None, pairs: Sequence[int] | None, which: str, method: str) -> pd.DataFrame:
-        from entangle.capture.tokens import METHODS, token_map
+    def _pick_token_pairs(self, step: int | None, pairs: Sequence[int] | None, which: str,
+                          method: str) -> tuple[list[tuple[int, str]], int]:
+        """The ``(pair, which)`` to map and the step to file them under (rank 0: it holds every rank's pairs)."""
+        from entangle.capture.tokens import METHODS
 
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, not {method!r}")
@@ -449,19 +459,41 @@ class Monitor:
             if self._last is None:
                 raise ValueError("token_maps(step=None) needs a measurement first (or pass step=)")
             step = self._last.step
+        return picked, step
+
+    def _token_maps(self, step: int | None, pairs: Sequence[int] | None, which: str, method: str,
+                    sharded: bool) -> pd.DataFrame:
+        from entangle.capture.tokens import token_map
+
+        if not sharded:
+            picked, step = self._pick_token_pairs(step, pairs, which, method)
+        else:               # rank 0 picks for every rank; a refusal there is raised on every rank
+            try:
+                choice = self._pick_token_pairs(step, pairs, which, method) if self.rank == 0 else None
+            except ValueError as e:
+                choice = str(e)
+            choice = broadcast_from_main(choice)
+            if isinstance(choice, str):
+                raise ValueError(choice)
+            picked, step = choice
         model = unwrap_model(self.model)
         batch = on_device(self.probe.encode([p for p, _ in picked]), model)
         frames = []
-        with preserved_rng():
-            for j, (p, label) in enumerate(picked):
-                frame = token_map(model, batch, pair=j, params=self.params if method == "full" else None,
-                                  method=method, tokenizer=self.probe.tokenizer)
-                frame["pair"] = p
-                frames.append(frame.assign(step=step, which=label, method=method))
+        try:
+            with preserved_rng():
+                for j, (p, label) in enumerate(picked):
+                    frame = token_map(model, batch, pair=j, params=self.params if method == "full" else None,
+                                      method=method, tokenizer=self.probe.tokenizer)
+                    frame["pair"] = p
+                    frames.append(frame.assign(step=step, which=label, method=method))
+        finally:
+            if sharded:
+                reshard(model)          # fully_shard: a forward without a backward leaves the root gathered
         out = pd.concat(frames, ignore_index=True)
         out = out[["step", "pair", "which", "method"] + [c for c in out.columns
                                                           if c not in ("step", "pair", "which", "method")]]
-        self._write({"tokens": out}, step)
+        if self.rank == 0:
+            self._write({"tokens": out}, step)
         return out
 
     # -- plumbing ----------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import torch
 
 from ..measure import gram_pass, sequence_gram
 from ..params import ParamSpec
-from ..sharding import model_is_sharded
+from ..sharding import check_same_on_every_rank, model_is_sharded
 from .blockwise import CHUNK_HIDDEN, Blockwise, BlockwiseUnsupported, token_copies
 from .copies import last_position_logits, prefix_copies
 from .head import head_token_gram
@@ -50,15 +50,16 @@ def token_gram(
 ) -> tuple[torch.Tensor, int]:
     """Gram matrix float64 [Tw + Tl, Tw + Tl] of one pair's per-token gradients, chosen tokens first.
 
-    Returns the matrix and Tw, the number of chosen response tokens. ``method`` as in :func:`token_map`.
+    Returns the matrix and Tw, the number of chosen response tokens. ``method`` as in :func:`token_map`. On a model
+    sharded by ``fully_shard`` it is a collective: every rank calls it with the same pair (checked).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    if model_is_sharded(model):
-        raise ValueError("token maps do not support a model sharded by torch.distributed.fsdp.fully_shard (their "
-                         "passes re-run blocks on one rank, while a sharded block's forward is a collective of "
-                         "every rank); map the pairs from a saved checkpoint in one process instead")
     rows = pair_rows(batch, pair)
+    if model_is_sharded(model):
+        mask = batch["attention_mask"]
+        check_same_on_every_rank((method, [batch["input_ids"][r][mask[r].bool()].tolist() for r in rows],
+                                  [response_positions(batch, r).tolist() for r in rows]), "a token map")
     n_w = int(response_positions(batch, rows[0]).numel())
     if method == "head":
         return head_token_gram(model, batch, rows, params), n_w
@@ -109,6 +110,9 @@ def token_map(
         method: ``"full"`` (exact, every selected parameter) or ``"head"`` (closed form, output layer only; for
             tied embeddings the head use of the shared matrix only).
         tokenizer: decodes the token columns when given; otherwise they hold token ids.
+
+    On a model sharded by ``torch.distributed.fsdp.fully_shard`` every rank must call it with the same pair (each
+    block's re-run all-gathers its parameters); ranks given different pairs raise together, none hangs.
 
     Returns:
         One row per (block, t, u): ``pair``, ``block`` (``"wl"`` chosen x rejected, ``"ww"`` chosen x chosen,
