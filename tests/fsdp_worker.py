@@ -10,6 +10,9 @@ the whole model's). Then, on HH-RLHF pairs:
   their run directories are compared by the test;
 * token maps (``full`` and ``head``) of every probe pair, every rank mapping the same pair, against the whole twin's,
   and the Monitor's ``tokens`` table against the twin Monitor's; a rank mapping another pair than rank 0 is refused;
+* stories260k is saved as accelerate's FSDP plugin saves a ``SHARDED_STATE_DICT`` checkpoint (a
+  ``torch.distributed.checkpoint`` folder of both ranks' shards beside ``config.json``), and its whole twin with
+  ``save_pretrained``, for the test to analyse in one process;
 * each rank measures its own pairs with ``measure`` (``structure="full"`` and ``"pairs"``) in both geometries and
   along the update, on the sharded model and on the twin; the largest relative differences go to ``result.json``;
 * in-pass capture: each rank runs one hand-written DPO step on its own pairs (the loss from the logits, or from TRL's
@@ -133,6 +136,18 @@ def check_model(name: str, out: Path, tok, probe: list[dict], train: dict) -> di
     # training under the Monitor is the whole twin's training
     drift = max(float((whole_tensor(p.detach()) - q).abs().max()) for p, q in zip(sharded.parameters(),
                                                                                   whole.parameters(), strict=True))
+    if name == "stories260k":      # a checkpoint as accelerate's FSDP plugin saves it with SHARDED_STATE_DICT
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        saved = out / "fsdp_checkpoints" / "checkpoint-3"
+        dcp.save({"model": get_model_state_dict(sharded)},
+                 storage_writer=dcp.FileSystemWriter(str(saved / "pytorch_model_fsdp_0")))
+        if rank == 0:
+            whole.config.save_pretrained(saved)
+            tok.save_pretrained(saved)
+            whole.save_pretrained(out / "whole_checkpoint")
+            (out / "probe.json").write_text(json.dumps(probe))
     # token maps: a collective on the sharded model (every rank maps the same pair), equal to the whole model's
     every = encode_pairs(tok, probe, max_length=MAX_LENGTH)
     with warnings.catch_warnings(record=True) as caught:        # the block-wise pass, no fallback to copies

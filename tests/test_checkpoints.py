@@ -222,6 +222,39 @@ def test_a_single_model_directory(tmp_path):
     assert run["manifest"]["reference"] is None                 # simpo needs no reference model
 
 
+def test_a_sharded_state_dict_checkpoint_is_read_whole(tmp_path):
+    """accelerate's FSDP plugin with SHARDED_STATE_DICT saves ``pytorch_model_fsdp_0/`` (torch.distributed.checkpoint,
+    ``{"model": state_dict}``) beside config.json, no weights file: read whole in one process, the same weights and
+    the same analysis as the save_pretrained twin; a folder missing a parameter is skipped naming it. (Two ranks'
+    shards of a fully_shard model: tests/test_fsdp.py.)"""
+    import torch.distributed.checkpoint as dcp
+
+    tok = builtin_tokenizer()
+    model = builtin_model(tok, seed=3)
+    model.save_pretrained(tmp_path / "full" / "checkpoint-2")
+    tok.save_pretrained(tmp_path / "full" / "checkpoint-2")
+    for run, drop in (("sharded", None), ("partial", "transformer.ln_f.weight")):
+        ckpt = tmp_path / run / "checkpoint-2"
+        state = {k: v for k, v in model.state_dict().items() if k != drop}
+        dcp.save({"model": state}, storage_writer=dcp.FileSystemWriter(str(ckpt / checkpoints.FSDP_SHARDED)),
+                 no_dist=True)
+        model.config.save_pretrained(ckpt)
+        tok.save_pretrained(ckpt)
+    loaded = checkpoints.load_checkpoint(checkpoints.find_checkpoints(tmp_path / "sharded")[0])
+    want = dict(model.named_parameters())
+    assert all(torch.equal(p, want[n]) for n, p in loaded.named_parameters()) and len(want) > 0
+    rows = _rows(3, 0)
+    runs = {run: read_run(entangle.analyze(tmp_path / run, rows, out=tmp_path / f"a-{run}", beta=0.1,
+                                           ref_model=tmp_path / "full" / "checkpoint-2", progress=False))
+            for run in ("full", "sharded")}
+    for col in NUMERIC:
+        np.testing.assert_array_equal(runs["sharded"]["pairs"][col], runs["full"]["pairs"][col], err_msg=col)
+    with pytest.raises(ValueError, match=r"checkpoint-2.*pytorch_model_fsdp_0 holds no tensor for "
+                                         r"\[.transformer.ln_f.weight.\]"):
+        entangle.analyze(tmp_path / "partial", rows, out=tmp_path / "a-partial", progress=False,
+                         ref_model=tmp_path / "full" / "checkpoint-2")
+
+
 def test_explicit_reference_and_tokenizer_without_pad(tmp_path, caplog):
     tok = builtin_tokenizer()
     for seed in (0, 1):

@@ -63,6 +63,23 @@ def test_fully_shard_two_processes(tmp_path):
             assert "fully_shard" in got["refused"]["exact"]
             assert "a token map on a model sharded by torch.distributed.fsdp.fully_shard is a collective: every " \
                    "rank must run it on the same inputs, but rank 1's differ" in got["refused"]["token_map"]
+    # the sharded checkpoint (both ranks' shards) read whole in this process: the whole twin's weights, and analysed
+    from transformers import AutoModelForCausalLM
+
+    from entangle.integrations.checkpoints import analyze, find_checkpoints, load_checkpoint
+
+    series = find_checkpoints(tmp_path / "fsdp_checkpoints")
+    assert [c.step for c in series] == [3]
+    loaded, want = load_checkpoint(series[0]), AutoModelForCausalLM.from_pretrained(tmp_path / "whole_checkpoint")
+    assert not (tmp_path / "fsdp_checkpoints" / "checkpoint-3" / "model.safetensors").exists()
+    theirs = dict(want.named_parameters())
+    assert len(theirs) > 0 and all(torch.equal(p, theirs[n]) for n, p in loaded.named_parameters())
+    assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight      # still tied
+    probe = json.loads((tmp_path / "probe.json").read_text())[:2]
+    analyze(tmp_path / "fsdp_checkpoints", probe, objective="sigmoid", ref_model=tmp_path / "whole_checkpoint",
+            out=tmp_path / "analysis", progress=False, max_length=64)
+    analysed = read_run(tmp_path / "analysis")
+    assert analysed["pairs"]["step"].tolist() == [3, 3] and not analysed["manifest"].get("skipped")
     for name in MODELS:
         sharded, whole = read_run(tmp_path / name / "sharded"), read_run(tmp_path / name / "whole")
         assert sharded["manifest"]["world_size"] == 2

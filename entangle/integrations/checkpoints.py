@@ -8,7 +8,9 @@ measures each ``checkpoint-N`` folder of a transformers/TRL output directory in 
 so the result is the same run directory (``pairs``, ``summary``, ``layers`` tables and ``manifest.json``) that
 :class:`EntanglementCallback` writes during training, and ``entangle report`` reads both alike.
 
-- Checkpoints: full ones (``config.json`` + weights) and PEFT adapter ones (``adapter_config.json``; the base model
+- Checkpoints: full ones (``config.json`` + weights, or + ``pytorch_model_fsdp_0/``, the
+  ``torch.distributed.checkpoint`` folder accelerate's FSDP plugin writes with ``SHARDED_STATE_DICT``: read whole in
+  one process, whatever the world size that saved it) and PEFT adapter ones (``adapter_config.json``; the base model
   is ``base_model_name_or_path``, the adapters are loaded trainable so ``params=None`` measures them). A directory
   that is itself one model is a series of one. The step is ``trainer_state.json``'s ``global_step``, else the
   number in the folder name (0 for a single model).
@@ -32,6 +34,7 @@ import json
 import logging
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +58,9 @@ DEFAULT_OUT = "entangle-analysis"
 TABLES = ("pairs", "summary", "layers")
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json")
 SOURCE = "entangle analyze"
+# accelerate's FSDP plugin with state_dict_type SHARDED_STATE_DICT saves the model here (torch.distributed.checkpoint)
+FSDP_SHARDED = "pytorch_model_fsdp_0"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 @dataclass(frozen=True)
@@ -141,10 +147,41 @@ def load_checkpoint(ckpt: Checkpoint, device: str | torch.device = "cpu") -> tor
         base = AutoModelForCausalLM.from_pretrained(_base_model_name(ckpt))
         model = PeftModel.from_pretrained(base, str(ckpt.path), is_trainable=True)
     elif (ckpt.path / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(str(ckpt.path))
+        sharded = ckpt.path / FSDP_SHARDED
+        if not any((ckpt.path / name).is_file() for name in WEIGHT_FILES) and (sharded / ".metadata").is_file():
+            model = load_sharded_checkpoint(ckpt.path, sharded)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(ckpt.path))
     else:
         raise FileNotFoundError("no config.json or adapter_config.json (a half-written checkpoint?)")
     return model.to(device).eval()
+
+
+def load_sharded_checkpoint(path: Path, sharded: Path) -> torch.nn.Module:
+    """The whole model of a checkpoint saved by accelerate's FSDP plugin with ``state_dict_type:
+    SHARDED_STATE_DICT``: ``config.json`` and a ``torch.distributed.checkpoint`` folder holding ``{"model":
+    state_dict}`` as every rank's shards. Read in this process alone (``no_dist``), whatever the world size that
+    saved it; every parameter must be in the checkpoint (a tied one through the parameter it shares)."""
+    import torch.distributed.checkpoint as dcp
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    reader = dcp.FileSystemReader(str(sharded))
+    saved = {k[len("model."):]: m for k, m in reader.read_metadata().state_dict_metadata.items()
+             if k.startswith("model.")}
+    dtypes = [m.properties.dtype for m in saved.values() if hasattr(m, "properties") and m.properties.dtype.is_floating_point]
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)),
+                                             dtype=dtypes[0] if dtypes else None)
+    state = model.state_dict()
+    wanted = {k: v for k, v in state.items() if k in saved}
+    loaded = {v.data_ptr() for v in wanted.values()}
+    missing = [k for k, v in state.items() if k not in saved and v.data_ptr() not in loaded]
+    if missing or not wanted:
+        raise ValueError(f"{sharded.name} holds no tensor for {missing[:5] or 'any parameter'} of "
+                         f"{type(model).__name__} (not a model saved by accelerate's FSDP plugin?)")
+    with warnings.catch_warnings():        # "torch.distributed is ... uninitialized, ... a single process": meant
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load({"model": wanted}, storage_reader=reader, no_dist=True)
+    return model
 
 
 def _load_reference(ref: str | os.PathLike, device: str | torch.device) -> torch.nn.Module:
