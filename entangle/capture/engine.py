@@ -426,7 +426,7 @@ class GramEngine:
         if g.dim() == 2:
             g = g.unsqueeze(1)
             args = tuple(a.unsqueeze(1) if torch.is_tensor(a) and a.dim() >= 1 else a for a in args)
-        valid = (g != 0).any(-1)
+        valid = g.any(-1)                           # positions with a gradient (NaN counts, as g != 0 would)
         args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
         # a backward run inside autocast runs this hook in it too
         with torch.no_grad(), autocast_off(g.device):
@@ -476,7 +476,7 @@ class GramEngine:
             g = g * self.row_scale.to(device=g.device, dtype=dtype).repeat(len(calls)).view(-1, 1, 1)
         a = torch.cat([_pad_positions(c[4], length) for c in calls])
         with torch.no_grad(), autocast_off(g.device):
-            contribs = rule(module, (a,), g, (g != 0).any(-1), self.mode)
+            contribs = rule(module, (a,), g, g.any(-1), self.mode)
             grams = {}
             for k in own:
                 if k not in contribs:
