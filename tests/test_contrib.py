@@ -129,6 +129,13 @@ def test_every_contribution_follows_the_protocol(kind):
         outside = torch.ones(rows, dtype=torch.bool)
         outside[c.touched] = False
         assert not full[:, outside].any()
+    coef = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    summed = contrib.weighted_sum(c, coef)          # book-keeping: sum_i coef_i g_i without the per-example rows
+    if kind == "scaled":
+        assert summed is None                       # a metric's view of the gradients, not a gradient
+    else:
+        torch.testing.assert_close(summed.reshape(full.shape[1:]).to(torch.float64),
+                                   torch.einsum("n,n...->...", coef, full), rtol=1e-12, atol=1e-12)
     blocks = c.row_blocks()
     if c.kind == "materialised" and kind != "scaled":
         got = torch.zeros_like(full)
@@ -137,6 +144,24 @@ def test_every_contribution_follows_the_protocol(kind):
         torch.testing.assert_close(got, full, rtol=1e-12, atol=1e-12)
     else:
         assert blocks is None
+
+
+def test_weighted_sum_span_by_span_when_padding_is_not_finite_and_refused_when_restricted():
+    """A non-finite activation in another sequence's padding (times a zero gradient) would poison the batched product:
+    the sum is then formed span by span; a contribution restricted to some rows is not summed (the caller falls back
+    to a backward pass)."""
+    g = torch.Generator().manual_seed(4)
+    left = torch.randn(3, 5, 4, generator=g, dtype=torch.float64)
+    right = torch.randn(3, 5, 2, generator=g, dtype=torch.float64)
+    valid = torch.ones(3, 5, dtype=torch.bool)
+    valid[0, 3:] = False
+    right = right * valid[..., None]                   # sequence 0 has no gradient at its last two positions
+    left[0, 4] = float("nan")                          # ... and a NaN activation there
+    coef = torch.tensor([0.5, -2.0, 1.5], dtype=torch.float64)
+    c = Factored.from_padded(left, right, valid)
+    want = sum(coef[i] * left[i, valid[i]].T @ right[i, valid[i]] for i in range(3))
+    torch.testing.assert_close(contrib.weighted_sum(c, coef), want, rtol=1e-12, atol=1e-12)
+    assert contrib.weighted_sum(c.restricted(torch.tensor([0, 2])), coef) is None
 
 
 def test_broadcast_position_ids_take_the_aligned_rows_and_equal_the_key_sums():

@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers import random_batch, tiny_gpt2, tiny_llama
 
+from entangle.capture.engine import GramEngine
 from entangle.capture.exact import per_sequence_grads
 from entangle.capture.logprobs import model_logits
 from entangle.capture.measure import update_dot
@@ -42,11 +43,22 @@ def _grad(model) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in model.parameters()]).double()
 
 
+@pytest.mark.parametrize("bookkeeping", [True, False])
 @pytest.mark.parametrize("make, padding, objective, weights", [
     (tiny_gpt2, "right", "sigmoid", None),
     (tiny_llama, "left", ["sigmoid", "sft"], [1.0, 0.5]),
 ])
-def test_grad_is_the_brute_force_direction(make, padding, objective, weights):
+def test_grad_is_the_brute_force_direction(make, padding, objective, weights, bookkeeping, monkeypatch):
+    """Both ways of forming the direction: from the norm pass's factors (book-keeping, the default) and by the
+    surrogate's backward through the kept graph (the fallback)."""
+    used = []
+    original = GramEngine.weighted_grads
+
+    def spy(self, coef):
+        out = original(self, coef) if bookkeeping else None
+        used.append(out is not None)
+        return out
+    monkeypatch.setattr(GramEngine, "weighted_grads", spy)
     model = make()
     batch = random_batch(B, 101, padding_side=padding, seed=3)
     ref = -20 - 5 * torch.rand(2 * B, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
@@ -59,6 +71,7 @@ def test_grad_is_the_brute_force_direction(make, padding, objective, weights):
     assert loss == pytest.approx(float(expected_loss), rel=1e-6)
     assert len(frame) == B and (frame["cosine"].abs() < 1).all()
     assert all(p.requires_grad for p in model.parameters()) and not model.training   # left as found
+    assert used == [bookkeeping] * 2
 
 
 @pytest.mark.parametrize("objective, hyper", [("sigmoid", {"beta": 0.5}), ("sppo_hard", {"beta": 0.5}),

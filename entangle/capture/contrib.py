@@ -438,6 +438,36 @@ def dual_gram(contrib: Contribution, scale: torch.Tensor | None, delta: torch.Te
     return plain, scaled, dot
 
 
+def weighted_sum(contrib: Contribution, coef: torch.Tensor) -> torch.Tensor | None:
+    """``sum_i coef_i g_i`` of a contribution's per-example gradients [N, ...]: the gradient of ``sum_i coef_i s_i``
+    with respect to the parameter (its shape up to a reshape), formed from the factors without materialising the
+    per-example gradients (for a linear layer ``(coef * L)^T R``, the weight gradient autograd would compute).
+    ``None`` for a contribution kind this cannot sum (the caller then backpropagates instead)."""
+    if isinstance(contrib, Dense):
+        return torch.tensordot(coef.to(contrib.values.dtype), contrib.values, dims=1)
+    if isinstance(contrib, Factored) and contrib.row_ids is None:
+        if contrib.padded is not None:
+            left, right = contrib.padded
+            c = coef.to(left.dtype).view(-1, 1, 1)
+            out = (left * c).flatten(0, 1).T @ right.flatten(0, 1)
+            if torch.isfinite(out).all():           # else a non-finite padded activation times a zero gradient
+                return out
+        first = contrib.parts[0][0]
+        out = torch.zeros(first.shape[-1], contrib.width, dtype=first.dtype, device=first.device)
+        for ci, (lp, rp) in zip(coef.to(first.dtype), contrib.parts, strict=True):
+            if lp.shape[0]:
+                out += ci * (lp.T @ rp)
+        return out
+    if isinstance(contrib, EmbeddingRows):
+        out = torch.zeros(contrib.n_rows, contrib.sums.shape[-1], dtype=contrib.sums.dtype, device=contrib.device)
+        return out.index_add_(0, contrib.key_id, contrib.sums * coef.to(contrib.sums.dtype)[contrib.key_ex, None])
+    if isinstance(contrib, AlignedRows):
+        out = torch.zeros(contrib.n_rows, contrib.values.shape[-1], dtype=contrib.values.dtype, device=contrib.device)
+        summed = (contrib.values * coef.to(contrib.values.dtype).view(-1, 1, 1)).sum(0)
+        return out.index_add_(0, contrib.touched, summed)
+    return None
+
+
 def block_grams(contrib: Contribution, groups: int, mode: str = "auto") -> tuple[torch.Tensor, list[str]] | None:
     """The Gram matrices of ``groups`` calls batched into one contribution of ``groups * N`` examples (call ``c``'s
     examples are ``c*N .. c*N+N-1``): float64 [groups, N, N], the diagonal blocks only, and how each call's block

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .contrib import Contribution, Scaled, SharedParameter, block_grams, dual_gram
+from .contrib import Contribution, Scaled, SharedParameter, block_grams, dual_gram, weighted_sum
 from .logprobs import response_lengths, token_logps
 from .result import GramResult, Measurement, PairStats, stats_of_gram
 from .rules import rule_for, touched_rows
@@ -154,6 +154,8 @@ class GramEngine:
         self.on_error: Callable[[BaseException], None] | None = None
         self.failed = False
         self.handles = []
+        # book-keeping (keep_contributions): every contribution of the pass per parameter, for weighted_grads
+        self.kept: dict[str, list] | None = None
         self.owners, self.name_at = layout if layout is not None else engine_layout(model, self.named)
 
     # -- the pass ----------------------------------------------------------------------------------------------
@@ -176,6 +178,33 @@ class GramEngine:
                 self.set_weights(weights, logps)
             self.backward(logps.sum())
         return self.finish(logps.detach().to(torch.float64), response_lengths(batch))
+
+    def keep_contributions(self) -> None:
+        """Keep every parameter's contributions (the factors its layer's hooks saw) past :meth:`finish`, so that
+        :meth:`weighted_grads` can form a gradient from them without another backward pass. Call before the
+        backward; the contributions hold the layers' inputs and output gradients until the engine is dropped."""
+        self.kept = {}
+
+    def weighted_grads(self, coef: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """``sum_i coef_i g_i`` per measured parameter (its shape, its dtype), from the kept contributions of the
+        pass (:meth:`keep_contributions`): the gradient of ``sum_i coef_i s_i`` that a backward pass would give,
+        each use of a parameter added (tied embeddings). Parameters the log-probs never reached are left out (a
+        backward pass leaves their ``.grad`` as it is). ``None`` when some contribution cannot be summed so (a
+        kind without :func:`~entangle.capture.contrib.weighted_sum`)."""
+        if self.kept is None:
+            raise RuntimeError("weighted_grads needs keep_contributions() before the backward pass")
+        out = {}
+        with torch.no_grad(), autocast_off(coef.device):
+            for name, p in self.named:
+                total = None
+                for contrib in self.kept.get(name, ()):
+                    g = weighted_sum(contrib, coef)
+                    if g is None:
+                        return None
+                    total = g if total is None else total + g
+                if total is not None:
+                    out[name] = total.reshape(p.shape).to(p.dtype)
+        return out
 
     def set_weights(self, weights, logps: torch.Tensor) -> None:
         """The vector c [n] of a ``pairs`` engine (float64, on the log-probs' device), checked."""
@@ -494,6 +523,8 @@ class GramEngine:
         if part.sink is not None:
             part.sink(name, contrib, how)
             return
+        if self.kept is not None:
+            self.kept.setdefault(name, []).append(contrib)
         self.info[name] = f"{how}:{contrib.kind}"
         delta = None if self.delta is None else whole(self.delta[name])     # sharded: gathered, one at a time
         if not self.geometries:                     # the update dots alone: no per-example gradient is formed

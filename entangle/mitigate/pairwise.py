@@ -12,8 +12,12 @@ m_i = βσ(-β·margin_i) / B); the absolute value keeps the step on the prefere
 coefficient is negative at that pair (e.g. ``sppo_hard`` past its target).
 
 One forward pass is shared: the engine measures every sequence's exact gradient norm over all trainable parameters
-in a backward pass that computes no parameter gradient and keeps the graph, then the surrogate's backward pass
-fills ``.grad`` as ``loss.backward()`` does.
+in a backward pass that computes no parameter gradient. Its hooks keep each layer's factors (inputs and output
+gradients), from which the direction is formed per parameter once the norms are known (book-keeping: for a linear
+layer ``(c * grad_out)^T input``, the weight-gradient product a backward pass computes), so the returned loss is
+linear in the parameters: ``loss.backward()`` only adds that direction to ``.grad`` (scaled as the caller scales the
+loss, through DDP's hooks), without a second pass through the activations. On a ``fully_shard`` model, or for a
+contribution kind the engine cannot sum so, the surrogate backpropagates through the forward's kept graph instead.
 """
 
 from __future__ import annotations
@@ -59,6 +63,8 @@ def pairwise_normalized_loss(
         return batch_weights(objective, logps, lengths, ref_logps, loss_weights, **hyper)
 
     with gram_pass(model, batch, params, pairs=True) as engine:
+        if not engine.sharded:
+            engine.keep_contributions()
         with engine:
             logps = token_logps(forward(engine.model, batch), batch).sum(-1)
             engine.set_weights(weights, logps)
@@ -78,8 +84,17 @@ def pairwise_normalized_loss(
     with np.errstate(divide="ignore", invalid="ignore"):   # m = 0 pairs take no part, whatever their norms
         scale = np.where(m[:, None] > 0, m[:, None] / norms, 0.0)
     coef = torch.as_tensor(np.concatenate([scale[:, 0], -scale[:, 1]]), dtype=logps.dtype, device=logps.device)
-    surrogate = -(coef * logps).sum()
     value = torch.as_tensor(float(frame["loss"].mean()), dtype=logps.dtype, device=logps.device)
+    # book-keeping: the direction -sum_i coef_i g_i formed per parameter from the factors the norm pass saw, so the
+    # surrogate is linear in the parameters and its backward never goes through the activations again
+    direction = engine.weighted_grads(-coef.to(torch.float64)) if engine.kept is not None else None
+    engine.kept = None
+    if direction is not None:
+        named = dict(engine.named)
+        surrogate = sum((named[name] * g).sum() for name, g in direction.items())
+        del logps                               # the forward's graph is no longer needed
+    else:                                       # a sharded model, or a contribution that cannot be summed so
+        surrogate = -(coef * logps).sum()
     return value + (surrogate - surrogate.detach()), frame
 
 
