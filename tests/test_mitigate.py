@@ -71,7 +71,8 @@ def test_grad_is_the_brute_force_direction(make, padding, objective, weights, bo
     assert loss == pytest.approx(float(expected_loss), rel=1e-6)
     assert len(frame) == B and (frame["cosine"].abs() < 1).all()
     assert all(p.requires_grad for p in model.parameters()) and not model.training   # left as found
-    assert used == [bookkeeping] * 2
+    # without a weighted sum the pass runs again, keeping the graph for the surrogate's backward
+    assert used == ([True] * 2 if bookkeeping else [False] * 2)
 
 
 @pytest.mark.parametrize("objective, hyper", [("sigmoid", {"beta": 0.5}), ("sppo_hard", {"beta": 0.5}),

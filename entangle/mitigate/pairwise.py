@@ -17,7 +17,8 @@ gradients), from which the direction is formed per parameter once the norms are 
 layer ``(c * grad_out)^T input``, the weight-gradient product a backward pass computes), so the returned loss is
 linear in the parameters: ``loss.backward()`` only adds that direction to ``.grad`` (scaled as the caller scales the
 loss, through DDP's hooks), without a second pass through the activations. On a ``fully_shard`` model, or for a
-contribution kind the engine cannot sum so, the surrogate backpropagates through the forward's kept graph instead.
+contribution kind the engine cannot sum so (the pass is then run again), the surrogate backpropagates through the
+forward's kept graph instead.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def pairwise_normalized_loss(
     params: ParamSpec = None,
     loss_weights: Sequence[float] | None = None,
     forward: Callable = model_logits,
+    _bookkeeping: bool = True,
     **hyper: Any,
 ) -> tuple[torch.Tensor, pd.DataFrame]:
     """A scalar whose value is the batch-mean loss L and whose gradient is the pairwise normalised direction.
@@ -63,12 +65,14 @@ def pairwise_normalized_loss(
         return batch_weights(objective, logps, lengths, ref_logps, loss_weights, **hyper)
 
     with gram_pass(model, batch, params, pairs=True) as engine:
-        if not engine.sharded:
+        bookkeeping = _bookkeeping and not engine.sharded
+        if bookkeeping:
             engine.keep_contributions()
         with engine:
             logps = token_logps(forward(engine.model, batch), batch).sum(-1)
             engine.set_weights(weights, logps)
-            engine.backward(logps.sum(), retain_graph=True)
+            # book-keeping needs no second pass through the graph: it is freed as the norm pass goes
+            engine.backward(logps.sum(), retain_graph=not bookkeeping)
         measurement = engine.finish(logps.detach().to(torch.float64), lengths)
     frame = pair_frame(measurement.plain, objective, ref_logps, loss_weights=loss_weights, **hyper)
     B = n // 2
@@ -87,13 +91,15 @@ def pairwise_normalized_loss(
     value = torch.as_tensor(float(frame["loss"].mean()), dtype=logps.dtype, device=logps.device)
     # book-keeping: the direction -sum_i coef_i g_i formed per parameter from the factors the norm pass saw, so the
     # surrogate is linear in the parameters and its backward never goes through the activations again
-    direction = engine.weighted_grads(-coef.to(torch.float64)) if engine.kept is not None else None
-    engine.kept = None
-    if direction is not None:
+    if bookkeeping:
+        direction = engine.weighted_grads(-coef.to(torch.float64))
+        engine.kept = None
+        if direction is None:                   # a contribution kind without a weighted sum: again, with the graph
+            return pairwise_normalized_loss(model, batch, objective, ref_logps, params=params,
+                                            loss_weights=loss_weights, forward=forward, _bookkeeping=False, **hyper)
         named = dict(engine.named)
         surrogate = sum((named[name] * g).sum() for name, g in direction.items())
-        del logps                               # the forward's graph is no longer needed
-    else:                                       # a sharded model, or a contribution that cannot be summed so
+    else:                                       # a sharded model: the surrogate's backward through the kept graph
         surrogate = -(coef * logps).sum()
     return value + (surrogate - surrogate.detach()), frame
 
