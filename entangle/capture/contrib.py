@@ -486,12 +486,15 @@ def block_grams(contrib: Contribution, groups: int, mode: str = "auto") -> tuple
     widths = [max(0, y - x) for x, y in zip(lo, hi, strict=True)]
     kinds = [factored_kind(sum(widths[c * n:(c + 1) * n]), n, left.shape[-1], right.shape[-1], mode)
              for c in range(groups)]
-    out = torch.zeros(groups, n, n, dtype=torch.float64, device=left.device)
-    for kind in set(kinds):
-        calls = torch.tensor([c for c in range(groups) if kinds[c] == kind], device=left.device)
-        rows = (calls[:, None] * n + torch.arange(n, device=left.device)).flatten()
-        lc, rc = (left, right) if calls.numel() == groups else (left[rows], right[rows])
-        out[calls] = (_materialised_blocks if kind == "materialised" else _ghost_blocks)(lc, rc, calls.numel())
+    reduce = {"materialised": _materialised_blocks, "ghost": _ghost_blocks}
+    if len(set(kinds)) == 1:                        # the common case: every call reduced the same way
+        out = reduce[kinds[0]](left, right, groups)
+    else:
+        out = torch.zeros(groups, n, n, dtype=torch.float64, device=left.device)
+        for kind in set(kinds):
+            calls = torch.tensor([c for c in range(groups) if kinds[c] == kind], device=left.device)
+            rows = (calls[:, None] * n + torch.arange(n, device=left.device)).flatten()
+            out[calls] = reduce[kind](left[rows], right[rows], calls.numel())
     return (out, kinds) if torch.isfinite(out).all() else None
 
 
