@@ -20,7 +20,6 @@ Usage: ``torchrun --nproc-per-node 2 tests/fsdp_trainer_worker.py OUT_DIR``.
 from __future__ import annotations
 
 import copy
-import gzip
 import json
 import sys
 from pathlib import Path
@@ -34,12 +33,13 @@ sys.path.insert(0, str(HERE))
 from accelerate.state import AcceleratorState  # noqa: E402
 from accelerate.utils import DistributedType  # noqa: E402
 from datasets import Dataset  # noqa: E402
+from fsdp_worker import hh_pairs  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 from entangle import EntanglementCallback, sequence_gram, token_map  # noqa: E402
 from entangle.capture.sharding import whole  # noqa: E402
-from entangle.data import encode_pairs, load_pairs  # noqa: E402
+from entangle.data import encode_pairs  # noqa: E402
 from entangle.runio import read_run  # noqa: E402
 
 MAX_LENGTH = 96
@@ -74,20 +74,6 @@ class WholeParameters(TrainerCallback):
         self._take(model, state.global_step)
 
 
-def hh_pairs(tok, n: int) -> list[dict]:
-    """The first ``n`` HH-RLHF pairs whose prompt and longer response fit in ``MAX_LENGTH`` tokens."""
-    with gzip.open(HERE / "data" / "hh-rlhf-harmless-test.jsonl.gz", "rt", encoding="utf-8") as f:
-        rows = load_pairs([json.loads(line) for line in f])
-    out = []
-    for r in rows:
-        n_prompt = len(tok(r["prompt"])["input_ids"])
-        if n_prompt + max(len(tok(r[k])["input_ids"]) for k in ("chosen", "rejected")) <= MAX_LENGTH:
-            out.append(r)
-            if len(out) == n:
-                return out
-    raise ValueError(f"only {len(out)} HH pairs fit in {MAX_LENGTH} tokens")
-
-
 def rel(got, want) -> float:
     """Largest difference relative to the largest magnitude of ``want``."""
     got, want = torch.tensor(list(got), dtype=torch.float64), torch.as_tensor(want, dtype=torch.float64)
@@ -99,7 +85,7 @@ def main(out: Path) -> None:
     stories = HERE / "data" / "stories260k"
     tok = AutoTokenizer.from_pretrained(stories)
     tok.pad_token = tok.eos_token
-    rows = hh_pairs(tok, 12)
+    rows = hh_pairs(tok, 12, MAX_LENGTH)
     probe, train = rows[:4], rows[4:]
 
     def train_run(name, *callbacks):

@@ -57,16 +57,21 @@ N_PROBE = 3          # uneven: rank 0 measures pairs 0 and 2, rank 1 pair 1
 MAX_LENGTH = 64     # the tiny models' positions
 
 
-def hh_pairs(tok, n: int) -> list[dict]:
-    """The first ``n`` HH-RLHF pairs whose prompt and longer response fit in ``MAX_LENGTH`` tokens."""
+def hh_pairs(tok, n: int, max_length: int = MAX_LENGTH) -> list[dict]:
+    """The first ``n`` HH-RLHF pairs whose prompt and longer response fit in ``max_length`` tokens."""
     with gzip.open(HERE / "data" / "hh-rlhf-harmless-test.jsonl.gz", "rt", encoding="utf-8") as f:
-        rows = load_pairs([json.loads(line) for _, line in zip(range(250), f, strict=False)])
+        rows = load_pairs([json.loads(line) for line in f])
 
     def length(text: str) -> int:
         return len(tok(text)["input_ids"])
 
-    short = [r for r in rows if length(r["prompt"]) + max(length(r["chosen"]), length(r["rejected"])) <= MAX_LENGTH]
-    return short[:n]
+    out = []
+    for r in rows:
+        if length(r["prompt"]) + max(length(r["chosen"]), length(r["rejected"])) <= max_length:
+            out.append(r)
+            if len(out) == n:
+                return out
+    raise ValueError(f"only {len(out)} HH pairs fit in {max_length} tokens")
 
 
 def stories():

@@ -190,14 +190,16 @@ class GramEngine:
         pass (:meth:`keep_contributions`): the gradient of ``sum_i coef_i s_i`` that a backward pass would give,
         each use of a parameter added (tied embeddings). Parameters the log-probs never reached are left out (a
         backward pass leaves their ``.grad`` as it is). ``None`` when some contribution cannot be summed so (a
-        kind without :func:`~entangle.capture.contrib.weighted_sum`)."""
+        kind without :func:`~entangle.capture.contrib.weighted_sum`). The kept contributions are released: it can be
+        called once per pass."""
         if self.kept is None:
             raise RuntimeError("weighted_grads needs keep_contributions() before the backward pass")
+        kept, self.kept = self.kept, None
         out = {}
         with torch.no_grad(), autocast_off(coef.device):
             for name, p in self.named:
                 total = None
-                for contrib in self.kept.get(name, ()):
+                for contrib in kept.get(name, ()):
                     g = weighted_sum(contrib, coef)
                     if g is None:
                         return None
@@ -410,12 +412,23 @@ class GramEngine:
     def _dtype(self, module, own):
         return torch.float64 if module._parameters[own[0]].dtype == torch.float64 else torch.float32
 
-    def _scaled(self, grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """An output gradient in ``dtype``, each sequence's multiplied by ``row_scale`` when it is set."""
+    def _scaled(self, grad: torch.Tensor, dtype: torch.dtype, calls: int = 1) -> torch.Tensor:
+        """An output gradient in ``dtype``, each sequence's multiplied by ``row_scale`` when it is set (``calls``
+        calls' gradients stacked along the batch: the scale repeated once per call)."""
         g = grad.detach().to(dtype)
         if self.row_scale is not None:
-            g = g * self.row_scale.to(device=g.device, dtype=dtype).view(-1, *[1] * (g.dim() - 1))
+            scale = self.row_scale.to(device=g.device, dtype=dtype).repeat(calls)
+            g = g * scale.view(-1, *[1] * (g.dim() - 1))
         return g
+
+    @staticmethod
+    def _rule_contribs(rule, module, own, args: tuple, g: torch.Tensor, valid: torch.Tensor, mode: str) -> dict:
+        """The rule's contributions for one (possibly stacked) call, one for each measured parameter ``own``."""
+        contribs = rule(module, args, g, valid, mode)
+        for k in own:
+            if k not in contribs:
+                raise RuntimeError(f"rule {rule.__name__} gave no gradient for {type(module).__name__}.{k}")
+        return contribs
 
     def _apply_rule(self, part: _Part, rule, module, own, held: tuple | None, grad, use_index):
         """Reduce one call's output gradient by its rule; ``held`` = the call's ``(args, kwargs)``, or None for a
@@ -459,10 +472,8 @@ class GramEngine:
         args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
         # a backward run inside autocast runs this hook in it too
         with torch.no_grad(), autocast_off(g.device):
-            contribs = rule(module, args, g, valid, self.mode)
+            contribs = self._rule_contribs(rule, module, own, args, g, valid, self.mode)
             for k in own:
-                if k not in contribs:
-                    raise RuntimeError(f"rule {rule.__name__} gave no gradient for {type(module).__name__}.{k}")
                 self._add(part, self.name_at[id(module), k], use_index.get(k), contribs[k], rule.__name__)
 
     # -- calls of small layers reduced together ----------------------------------------------------------------
@@ -500,16 +511,12 @@ class GramEngine:
         part, rule, module, own = calls[0][:4]
         dtype = self._dtype(module, own)
         length = max(c[5].shape[1] for c in calls)
-        g = torch.cat([_pad_positions(c[5], length) for c in calls]).to(dtype)
-        if self.row_scale is not None:
-            g = g * self.row_scale.to(device=g.device, dtype=dtype).repeat(len(calls)).view(-1, 1, 1)
+        g = self._scaled(torch.cat([_pad_positions(c[5], length) for c in calls]), dtype, len(calls))
         a = torch.cat([_pad_positions(c[4], length) for c in calls])
         with torch.no_grad(), autocast_off(g.device):
-            contribs = rule(module, (a,), g, g.any(-1), self.mode)
+            contribs = self._rule_contribs(rule, module, own, (a,), g, g.any(-1), self.mode)
             grams = {}
             for k in own:
-                if k not in contribs:
-                    raise RuntimeError(f"rule {rule.__name__} gave no gradient for {type(module).__name__}.{k}")
                 grams[k] = block_grams(contribs[k], len(calls), self.mode)
                 if grams[k] is None:
                     return False

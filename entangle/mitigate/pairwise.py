@@ -46,7 +46,6 @@ def pairwise_normalized_loss(
     params: ParamSpec = None,
     loss_weights: Sequence[float] | None = None,
     forward: Callable = model_logits,
-    _bookkeeping: bool = True,
     **hyper: Any,
 ) -> tuple[torch.Tensor, pd.DataFrame]:
     """A scalar whose value is the batch-mean loss L and whose gradient is the pairwise normalised direction.
@@ -59,13 +58,25 @@ def pairwise_normalized_loss(
     n = batch["input_ids"].shape[0]
     if n % 2:
         raise ValueError(f"the batch needs 2B sequences (chosen, then rejected); got {n}")
+    out = _normalized_loss(model, batch, objective, ref_logps, params, loss_weights, forward, hyper, bookkeeping=True)
+    if out is None:     # a contribution kind without a weighted sum: the pass again, keeping the graph
+        out = _normalized_loss(model, batch, objective, ref_logps, params, loss_weights, forward, hyper,
+                               bookkeeping=False)
+    return out
+
+
+def _normalized_loss(model, batch, objective, ref_logps, params, loss_weights, forward, hyper: dict, *,
+                     bookkeeping: bool) -> tuple[torch.Tensor, pd.DataFrame] | None:
+    """:func:`pairwise_normalized_loss` with the direction formed by book-keeping (``None`` when a contribution
+    cannot be summed so) or, without it or on a sharded model, by the surrogate's backward through the kept graph."""
+    n = batch["input_ids"].shape[0]
     lengths = response_lengths(batch)
 
     def weights(logps: torch.Tensor) -> torch.Tensor:
         return batch_weights(objective, logps, lengths, ref_logps, loss_weights, **hyper)
 
     with gram_pass(model, batch, params, pairs=True) as engine:
-        bookkeeping = _bookkeeping and not engine.sharded
+        bookkeeping = bookkeeping and not engine.sharded
         if bookkeeping:
             engine.keep_contributions()
         with engine:
@@ -93,13 +104,11 @@ def pairwise_normalized_loss(
     # surrogate is linear in the parameters and its backward never goes through the activations again
     if bookkeeping:
         direction = engine.weighted_grads(-coef.to(torch.float64))
-        engine.kept = None
-        if direction is None:                   # a contribution kind without a weighted sum: again, with the graph
-            return pairwise_normalized_loss(model, batch, objective, ref_logps, params=params,
-                                            loss_weights=loss_weights, forward=forward, _bookkeeping=False, **hyper)
+        if direction is None:
+            return None
         named = dict(engine.named)
         surrogate = sum((named[name] * g).sum() for name, g in direction.items())
-    else:                                       # a sharded model: the surrogate's backward through the kept graph
+    else:                                       # sharded, or the fallback: the surrogate's backward (kept graph)
         surrogate = -(coef * logps).sum()
     return value + (surrogate - surrogate.detach()), frame
 
