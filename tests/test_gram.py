@@ -363,3 +363,98 @@ def test_block_grams_are_the_diagonal_blocks_and_refuse_non_finite_padding():
     act[1, 5] = float("nan")                         # garbage at a padded position of call 0's sequence 1
     assert block_grams(Factored.from_padded(grad, act, valid, "materialise"), g, "materialise") is None
     assert torch.isfinite(Factored.from_padded(grad[:n], act[:n], valid[:n], "materialise").gram()).all()
+
+
+def _within_entries(gram: torch.Tensor) -> torch.Tensor:
+    """The [..., 2B, 2B] mask of each sequence's squared norm and each pair's inner products (pair k: k and B + k)."""
+    k = torch.arange(gram.shape[-1]) % (gram.shape[-1] // 2)
+    return k[:, None] == k[None, :]
+
+
+def test_within_pair_blocks_are_the_whole_blocks_entries_and_nan_between_pairs():
+    """block_grams(within=True): each example's squared norm and each pair's inner product equal the whole Gram's
+    (ghost, materialised, calls whose own choice differs), the entries between pairs are NaN; Dense gives the whole
+    blocks. factored_kind prices the ghost identity pair by pair."""
+    from entangle.capture.contrib import Dense, Factored, block_grams, factored_kind
+
+    torch.manual_seed(1)
+    g, n, t, a, b = 3, 6, 7, 5, 9
+    grad = torch.randn(g * n, t, a, dtype=torch.float64)
+    act = torch.randn(g * n, t, b, dtype=torch.float64)
+    valid = torch.rand(g * n, t) > 0.3
+    valid[2] = False                                 # a sequence with no position carrying a gradient
+    grad[~valid] = 0.0
+    mask = _within_entries(torch.zeros(n, n))
+    for mode in ("ghost", "materialise", "auto"):
+        whole, kinds = block_grams(Factored.from_padded(grad, act, valid, mode), g, mode)
+        within, kinds_w = block_grams(Factored.from_padded(grad, act, valid, mode), g, mode, within=True)
+        assert within.shape == (g, n, n) and within.dtype == torch.float64
+        torch.testing.assert_close(within[:, mask], whole[:, mask], rtol=1e-12, atol=1e-12)
+        assert within[:, ~mask].isnan().all() and torch.isfinite(within[:, mask]).all()
+        if mode != "auto":
+            assert kinds_w == kinds
+    # a call with most positions empty is materialised within pairs, the others ghost: each keeps its own choice
+    sparse, smask = grad.clone(), valid.clone()
+    sparse[n:2 * n, 1:] = 0.0
+    smask[n:2 * n, 1:] = False
+    wide = torch.randn(g * n, t, 60, dtype=torch.float64)
+    whole, _ = block_grams(Factored.from_padded(sparse, wide, smask), g)
+    within, kinds = block_grams(Factored.from_padded(sparse, wide, smask), g, within=True)
+    assert len(set(kinds)) == 2
+    torch.testing.assert_close(within[:, mask], whole[:, mask], rtol=1e-12, atol=1e-12)
+    rows = torch.randn(g * n, 4, 3, dtype=torch.float64)
+    torch.testing.assert_close(block_grams(Dense(rows), g, within=True)[0], block_grams(Dense(rows), g)[0])
+    with pytest.raises(ValueError, match="even number"):
+        block_grams(Dense(rows[:5]), 1, within=True)
+    # pair by pair the ghost identity costs B (2T)² (a + b): cheaper than materialising where the batch's is not
+    assert factored_kind(4 * 100, 4, 512, 512) == "materialised"
+    assert factored_kind(4 * 100, 4, 512, 512, pair_m=[200, 200]) == "ghost"
+
+
+def test_positions_with_gradient_is_any():
+    """The engine's mask of positions with a gradient reads a column and the rows it leaves open: equal to g.any(-1)
+    with zero rows, rows zero in the first entry only, NaN and inf."""
+    from entangle.capture.engine import positions_with_gradient
+
+    g = torch.randn(3, 5, 4)
+    g[0, 1] = 0.0
+    g[1, 2, 0] = 0.0                                   # first entry zero, others not
+    g[2, 3] = 0.0
+    g[2, 3, 2] = float("nan")
+    g[2, 4, :] = 0.0
+    g[2, 4, 3] = float("-inf")
+    g[1, 0, 0] = float("nan")
+    got = positions_with_gradient(g)
+    assert torch.equal(got, g.any(-1)) and got.shape == (3, 5)
+    assert not got[0, 1] and got[1, 2] and got[2, 3] and got[2, 4]
+    assert torch.equal(positions_with_gradient(torch.zeros(2, 3, 4)), torch.zeros(2, 3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_within_pair_engine_matches_the_exact_twin(arch, dtype):
+    """GramEngine(within=True), as in-pass capture runs it: each sequence's norm and each pair's inner product equal
+    the exact twin's (GPT-2 with Conv1D, tied embeddings and broadcast positions; Llama; padding), both with the
+    small layers reduced together and call by call; the entries between pairs are NaN, per parameter too."""
+    from entangle.capture.logprobs import model_logits
+    from entangle.capture.measure import measured
+
+    model = MODELS[arch](dtype)
+    batch = random_batch(3, 101, seed=5)
+    exact = sequence_gram(model, batch, method="exact")
+    with measured(model, batch, None, None, None) as (inner, named):
+        engine = GramEngine(inner, named, batch["input_ids"].shape[0], within=True)
+        got = engine.run(batch, model_logits).plain
+    mask = _within_entries(exact.matrix)
+    assert got.matrix[~mask].isnan().all() and all(b[~mask].isnan().all() for b in got.per_param.values())
+    scale = exact.matrix.abs().max()
+    assert float((got.matrix[mask] - exact.matrix[mask]).abs().max() / scale) <= TOL[dtype]
+    for name, block in exact.per_param.items():
+        assert float((got.per_param[name][mask] - block[mask]).abs().max() / scale) <= TOL[dtype], name
+    norm2, inner_ = got.within_pair()
+    torch.testing.assert_close(norm2, exact.matrix.diagonal(), rtol=TOL[dtype], atol=TOL[dtype] * float(scale))
+    assert inner_.shape == (3,) and torch.isfinite(inner_).all()
+    with pytest.raises(ValueError, match="within=True"):
+        GramEngine(model, named, 5, within=True)
+    with pytest.raises(ValueError, match="within=True"):
+        GramEngine(model, named, 6, within=True, pairs=True)

@@ -45,14 +45,18 @@ def _row_chunks(index: torch.Tensor, n: int, width: int):
     return [index[s:s + step] for s in range(0, index.numel(), step)]
 
 
-def factored_kind(m: int, n: int, a: int, b: int, mode: str = "auto") -> str:
+def factored_kind(m: int, n: int, a: int, b: int, mode: str = "auto", pair_m: list[int] | None = None) -> str:
     """How a :class:`Factored` contribution computes its Gram: ``"ghost"`` or ``"materialised"``.
 
     ``m`` positions with a gradient over ``n`` examples, factors of widths ``a`` (L) and ``b`` (R); ``"auto"``
     picks the fewer multiply-adds: ghost ``m^2 (a + b)`` against materialised ``m a b + n^2 a b`` (THEORY §6).
+    With ``pair_m`` (the positions of each pair, when only the within-pair entries are asked for), ghost
+    ``sum_k m_k^2 (a + b)`` against materialised ``m a b + 2 n a b``.
     """
-    ghost_cost = m * m * (a + b)
-    mat_cost = m * a * b + n * n * a * b
+    if pair_m is None:
+        ghost_cost, mat_cost = m * m * (a + b), m * a * b + n * n * a * b
+    else:
+        ghost_cost, mat_cost = sum(k * k for k in pair_m) * (a + b), m * a * b + 2 * n * a * b
     return {"auto": "ghost" if ghost_cost < mat_cost else "materialised",
             "ghost": "ghost", "materialise": "materialised"}[mode]
 
@@ -468,15 +472,23 @@ def weighted_sum(contrib: Contribution, coef: torch.Tensor) -> torch.Tensor | No
     return None
 
 
-def block_grams(contrib: Contribution, groups: int, mode: str = "auto") -> tuple[torch.Tensor, list[str]] | None:
+def block_grams(contrib: Contribution, groups: int, mode: str = "auto", within: bool = False
+                ) -> tuple[torch.Tensor, list[str]] | None:
     """The Gram matrices of ``groups`` calls batched into one contribution of ``groups * N`` examples (call ``c``'s
     examples are ``c*N .. c*N+N-1``): float64 [groups, N, N], the diagonal blocks only, and how each call's block
     was computed. The ghost/materialised choice is made per call, as :func:`factored_kind` makes it for one call.
+
+    ``within``: each call's N = 2B examples are B pairs (chosen ``k``, rejected ``B + k``) and only each example's
+    squared norm and each pair's inner product are asked for: factors are reduced pair by pair (the ghost identity
+    over a pair's 2T positions instead of the call's 2BT) and the entries between pairs are NaN (not measured);
+    materialised rows (``Dense``) still give the whole blocks, which cost no more.
 
     ``None`` for a contribution this cannot batch (sparse rows, factors without a padded form) or whose batched
     product is not finite (a non-finite padded activation times a zero gradient): the caller then reduces each
     call on its own."""
     n = contrib.n // groups
+    if within and n % 2:
+        raise ValueError(f"within-pair blocks need an even number of examples per call, got {n}")
     if isinstance(contrib, Dense) and contrib.values.dim() > 1:
         return _block_gram64(contrib.values.reshape(groups, n, -1)), [contrib.kind] * groups
     if not isinstance(contrib, Factored) or contrib.padded is None or contrib.row_ids is not None:
@@ -484,18 +496,27 @@ def block_grams(contrib: Contribution, groups: int, mode: str = "auto") -> tuple
     left, right = contrib.padded
     _, _, lo, hi = contrib._spans
     widths = [max(0, y - x) for x, y in zip(lo, hi, strict=True)]
-    kinds = [factored_kind(sum(widths[c * n:(c + 1) * n]), n, left.shape[-1], right.shape[-1], mode)
-             for c in range(groups)]
-    reduce = {"materialised": _materialised_blocks, "ghost": _ghost_blocks}
+    b = n // 2
+
+    def kind(c: int) -> str:
+        w = widths[c * n:(c + 1) * n]
+        return factored_kind(sum(w), n, left.shape[-1], right.shape[-1], mode,
+                             [w[k] + w[b + k] for k in range(b)] if within else None)
+
+    kinds = [kind(c) for c in range(groups)]
+    reduce = {"materialised": _materialised_blocks, "ghost": _ghost_pair_blocks if within else _ghost_blocks}
+    if within:
+        reduce["materialised"] = _materialised_pair_blocks
     if len(set(kinds)) == 1:                        # the common case: every call reduced the same way
         out = reduce[kinds[0]](left, right, groups)
     else:
         out = torch.zeros(groups, n, n, dtype=torch.float64, device=left.device)
-        for kind in set(kinds):
-            calls = torch.tensor([c for c in range(groups) if kinds[c] == kind], device=left.device)
+        for k in set(kinds):
+            calls = torch.tensor([c for c in range(groups) if kinds[c] == k], device=left.device)
             rows = (calls[:, None] * n + torch.arange(n, device=left.device)).flatten()
-            out[calls] = reduce[kind](left[rows], right[rows], calls.numel())
-    return (out, kinds) if torch.isfinite(out).all() else None
+            out[calls] = reduce[k](left[rows], right[rows], calls.numel())
+    finite = torch.isfinite(out.diagonal(0, 1, 2)).all() if within else torch.isfinite(out).all()
+    return (out, kinds) if finite else None
 
 
 def _materialised_blocks(left: torch.Tensor, right: torch.Tensor, groups: int) -> torch.Tensor:
@@ -523,6 +544,48 @@ def _ghost_blocks(left: torch.Tensor, right: torch.Tensor, groups: int) -> torch
         prod = torch.bmm(lf[:, rows], lf.transpose(1, 2)) * torch.bmm(rf[:, rows], rf.transpose(1, 2))
         out[:, s:s + k] = prod.to(torch.float64).view(groups, k, span, n, span).sum((2, 4))
     return out
+
+
+def _pairwise(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``groups`` calls' examples [groups * 2B, ...] (each call's B chosen, then its B rejected) as pairs
+    [groups * B, 2, ...]: pair ``k`` of call ``c`` is examples ``c*2B + k`` and ``c*2B + B + k``."""
+    b = x.shape[0] // groups // 2
+    return x.reshape(groups, 2, b, *x.shape[1:]).transpose(1, 2).reshape(groups * b, 2, *x.shape[1:])
+
+
+def _from_pairs(blocks: torch.Tensor, groups: int) -> torch.Tensor:
+    """Per-pair Gram blocks [groups * B, 2, 2] as ``groups`` Gram matrices [2B, 2B] (float64) holding them, NaN at
+    the entries between different pairs (not measured)."""
+    b = blocks.shape[0] // groups
+    out = torch.full((groups, 2 * b, 2 * b), float("nan"), dtype=torch.float64, device=blocks.device)
+    # entry (s*B + k, s'*B + k) of call c = side s and s' of pair k: the diagonal over (k, k') of [c, s, k, s', k']
+    out.view(groups, 2, b, 2, b).diagonal(0, 2, 4).copy_(blocks.view(groups, b, 2, 2).permute(0, 2, 3, 1))
+    return out
+
+
+def _materialised_pair_blocks(left: torch.Tensor, right: torch.Tensor, groups: int) -> torch.Tensor:
+    """:func:`_materialised_blocks` within pairs only (NaN between pairs, see :func:`_from_pairs`)."""
+    out = torch.zeros(left.shape[0] // 2, 2, 2, dtype=torch.float64, device=left.device)
+    step = max(1, CHUNK_ELEMS // max(left.shape[0] * right.shape[-1], 1))
+    for s in range(0, left.shape[-1], step):
+        rows = torch.bmm(left[..., s:s + step].transpose(1, 2), right)
+        out += _block_gram64(_pairwise(rows, groups).flatten(2))
+    return _from_pairs(out, groups)
+
+
+def _ghost_pair_blocks(left: torch.Tensor, right: torch.Tensor, groups: int) -> torch.Tensor:
+    """:func:`_ghost_blocks` within pairs only: per pair, the position products over its 2T positions (NaN between
+    pairs, see :func:`_from_pairs`)."""
+    span = left.shape[1]
+    lp = _pairwise(left, groups).reshape(-1, 2 * span, left.shape[-1])       # [groups * B, 2T, a]
+    rp = _pairwise(right, groups).reshape(-1, 2 * span, right.shape[-1])
+    out = torch.empty(lp.shape[0], 2, 2, dtype=torch.float64, device=left.device)
+    step = max(1, CHUNK_ELEMS // max(4 * span * span, 1))                     # pairs per chunk
+    for s in range(0, lp.shape[0], step):
+        ls, rs = lp[s:s + step], rp[s:s + step]
+        prod = torch.bmm(ls, ls.transpose(1, 2)) * torch.bmm(rs, rs.transpose(1, 2))
+        out[s:s + step] = prod.to(torch.float64).view(-1, 2, span, 2, span).sum((2, 4))
+    return _from_pairs(out, groups)
 
 
 def _block_gram64(x: torch.Tensor) -> torch.Tensor:

@@ -116,12 +116,19 @@ class GramEngine:
         pairs: reduce every Gram view to the pair statistics [3, N] (``PairStats``); the coefficient vector is
             set with :meth:`set_weights` between the forward and the backward pass.
         layout: :func:`engine_layout` of ``model`` and ``named_params``, if the caller has it already.
+        within: the batch is B pairs (chosen ``k``, rejected ``B + k``) and only each sequence's squared norm and each
+            pair's inner product are asked for (the plain view alone): they are reduced pair by pair (the ghost
+            identity over a pair's 2T positions, not the batch's 2BT), and the plain Gram blocks hold NaN between
+            different pairs (not measured).
     """
 
     def __init__(self, model: torch.nn.Module, named_params, n: int, mode: str = "auto", plain: bool = True,
                  preconditioner: Mapping[str, torch.Tensor] | None = None,
-                 delta: Mapping[str, torch.Tensor] | None = None, pairs: bool = False, layout: tuple | None = None):
-        self.model, self.n, self.mode = model, n, mode
+                 delta: Mapping[str, torch.Tensor] | None = None, pairs: bool = False, layout: tuple | None = None,
+                 within: bool = False):
+        if within and (not plain or preconditioner is not None or delta is not None or pairs or n % 2):
+            raise ValueError("within=True measures the plain view of an even batch (B pairs) alone")
+        self.model, self.n, self.mode, self.within = model, n, mode, within
         self.pairs, self.weights = pairs, None
         self.scale = None if preconditioner is None else {k: v.sqrt() for k, v in preconditioner.items()}
         kinds = (["plain"] if plain else []) + (["preconditioned"] if self.scale is not None else [])
@@ -145,6 +152,7 @@ class GramEngine:
         # the loss coefficient the trainer's backward carries), and the modules re-run by gradient checkpointing,
         # whose inputs are taken from the re-run instead of being held from the first forward
         self.row_scale: torch.Tensor | None = None
+        self.scales: dict[tuple, tuple] = {}      # row_scale as each (stacked) call shape needs it, see _scaled
         self.checkpointed: set[int] = set()
         self.rerun_inputs: dict[int, list] = {}
         self.checkpointed_calls: set[int] = set()
@@ -417,8 +425,12 @@ class GramEngine:
         calls' gradients stacked along the batch: the scale repeated once per call)."""
         g = grad.detach().to(dtype)
         if self.row_scale is not None:
-            scale = self.row_scale.to(device=g.device, dtype=dtype).repeat(calls)
-            g = g * scale.view(-1, *[1] * (g.dim() - 1))
+            key = (g.device, dtype, calls, g.dim())
+            of, scale = self.scales.get(key, (None, None))
+            if of is not self.row_scale:            # once per pass and shape of call, not per call
+                scale = self.row_scale.to(device=g.device, dtype=dtype).repeat(calls).view(-1, *[1] * (g.dim() - 1))
+                self.scales[key] = (self.row_scale, scale)
+            g = g * scale
         return g
 
     @staticmethod
@@ -468,7 +480,7 @@ class GramEngine:
         if g.dim() == 2:
             g = g.unsqueeze(1)
             args = tuple(a.unsqueeze(1) if torch.is_tensor(a) and a.dim() >= 1 else a for a in args)
-        valid = g.any(-1)                           # positions with a gradient (NaN counts, as g != 0 would)
+        valid = positions_with_gradient(g)
         args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
         # a backward run inside autocast runs this hook in it too
         with torch.no_grad(), autocast_off(g.device):
@@ -510,14 +522,13 @@ class GramEngine:
         cannot be reduced that way (the caller then reduces each call on its own)."""
         part, rule, module, own = calls[0][:4]
         dtype = self._dtype(module, own)
-        length = max(c[5].shape[1] for c in calls)
-        g = self._scaled(torch.cat([_pad_positions(c[5], length) for c in calls]), dtype, len(calls))
-        a = torch.cat([_pad_positions(c[4], length) for c in calls])
+        g = self._scaled(_stack([c[5] for c in calls]), dtype, len(calls))
+        a = _stack([c[4] for c in calls])
         with torch.no_grad(), autocast_off(g.device):
-            contribs = self._rule_contribs(rule, module, own, (a,), g, g.any(-1), self.mode)
+            contribs = self._rule_contribs(rule, module, own, (a,), g, positions_with_gradient(g), self.mode)
             grams = {}
             for k in own:
-                grams[k] = block_grams(contribs[k], len(calls), self.mode)
+                grams[k] = block_grams(contribs[k], len(calls), self.mode, self.within)
                 if grams[k] is None:
                     return False
         for i, call in enumerate(calls):
@@ -537,6 +548,14 @@ class GramEngine:
         if not self.geometries:                     # the update dots alone: no per-example gradient is formed
             self.info[name] = f"{how}:dot"
             dot = contrib.dot(delta)
+        elif len(self.uses[name]) == 1 and self.within:
+            got = block_grams(contrib, 1, self.mode, within=True)
+            g = contrib.gram() if got is None else got[0][0]      # None: the whole Gram (masked at the end)
+            if got is not None:
+                self.info[name] = f"{how}:{got[1][0]}"
+            blocks = self.geometries["plain"]["blocks"]
+            blocks[name] = blocks[name] + g if name in blocks else g
+            dot = None
         elif len(self.uses[name]) == 1:
             # every view from one materialisation of the per-example gradients
             scale = None if self.scale is None else whole(self.scale[name])
@@ -637,6 +656,7 @@ class GramEngine:
         self.part = _Part(self.part.n)
         self.rerun_inputs.clear()
         self.waiting.clear()
+        self.scales.clear()
         self.pending, self.pending_elems = {}, 0
         self.geometries = {k: {"blocks": {}, "shared": {}} for k in self.geometries}
         self.dots = {}
@@ -651,6 +671,8 @@ class GramEngine:
                 g = acc.gram()
                 values[name] = stats_of_gram(g, self.weights) if self.pairs else g
             per_param = self._complete(values, (3, self.n) if self.pairs else (self.n, self.n))
+            if self.within:                         # only the entries within each pair were measured
+                per_param = dict(zip(per_param, _within_only(torch.stack(list(per_param.values()))), strict=True))
             fields = {"logps": logps, "lengths": lengths, "method": self.mode, "info": self.info, "geometry": kind}
             views[kind] = PairStats.from_stats(per_param, self.weights, **fields) if self.pairs else \
                 GramResult(matrix=torch.stack(list(per_param.values())).sum(0), per_param=per_param, **fields)
@@ -675,9 +697,36 @@ class GramEngine:
         return out
 
 
-def _pad_positions(x: torch.Tensor, length: int) -> torch.Tensor:
-    """[N, T, d] padded with zeros to ``length`` positions."""
-    return x if x.shape[1] == length else torch.nn.functional.pad(x, (0, 0, 0, length - x.shape[1]))
+def positions_with_gradient(g: torch.Tensor) -> torch.Tensor:
+    """``g.any(-1)`` for output gradients [..., d]: the positions with a non-zero (or NaN) entry. A position whose first
+    entry is non-zero has one, which is most of them; the rest (padding, positions no scored token depends on) are
+    read whole. One strided column and a few rows instead of every entry."""
+    flat = g.reshape(-1, g.shape[-1])
+    out = flat[:, 0] != 0
+    rest = (~out).nonzero()[:, 0]
+    if rest.numel():
+        out[rest] = flat[rest].any(-1)
+    return out.view(g.shape[:-1])
+
+
+def _within_only(gram: torch.Tensor) -> torch.Tensor:
+    """Gram matrices [..., 2B, 2B] with NaN at the entries between different pairs (pair k: rows k and B + k)."""
+    b = gram.shape[-1] // 2
+    k = torch.arange(2 * b, device=gram.device) % b
+    return gram.where(k[:, None] == k[None, :], float("nan"))
+
+
+def _stack(xs: list[torch.Tensor]) -> torch.Tensor:
+    """Calls' [N, T, d] stacked along the batch, those of fewer positions padded with zeros to the longest."""
+    length = max(x.shape[1] for x in xs)
+    if all(x.shape[1] == length for x in xs):
+        return torch.cat(xs)
+    out = xs[0].new_zeros(sum(x.shape[0] for x in xs), length, xs[0].shape[2])
+    row = 0
+    for x in xs:
+        out[row:row + x.shape[0], :x.shape[1]] = x
+        row += x.shape[0]
+    return out
 
 
 def engine_layout(model: torch.nn.Module, named_params) -> tuple[list, dict]:

@@ -201,8 +201,8 @@ class PassRecorder:
         named = [(name, self.slots[name][0]._parameters[self.slots[name][1]]) for name, _ in self.named]
         if self.layout is None:
             self.layout = engine_layout(self.model, named)
-        # a micro-batch is small: its whole Gram matrix costs less than the pair statistics' three reductions
-        engine = GramEngine(self.model, named, ids.shape[0], self.mode, plain=True, layout=self.layout)
+        # the rows need each sequence's norm and each pair's inner product only: reduced pair by pair
+        engine = GramEngine(self.model, named, ids.shape[0], self.mode, plain=True, layout=self.layout, within=True)
         engine.checkpointed, engine.on_error = self.checkpointed, self._failed
         p = _Pass(engine, ids.detach(), attention.detach(), kwargs.get("labels"))
         p.fused = bool(kwargs.get("fused_lm_head", False))
