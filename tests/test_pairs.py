@@ -271,3 +271,26 @@ def test_real_pairs_on_stories_model(hh_rows, stories_model, stories_tokenizer):
     assert "chosen_falls_rejected_rises" not in set(frame["regime"])
     assert (frame["pred_dlogp_chosen"] - frame["pred_dlogp_rejected"] >= 0).all()
     assert summarize(frame).loc[0, "n_excluded"] == 0
+
+
+def test_summary_of_one_step_equals_the_grouped_summary_with_excluded_pairs():
+    """summarize reads a one-step frame (a callback's) without grouping: the same row as that step's part of a
+    grouped multi-step summary, with NaN pairs excluded and counted, and each statistic its brute-force value."""
+    frames = []
+    for step in range(3):
+        gram, ref = random_gram(40, seed=10 + step)
+        frame = pair_frame(gram, "sigmoid", ref, beta=0.5).assign(step=step)
+        frame.loc[[3, 7], "inner"] = np.nan
+        frames.append(frame)
+    whole = summarize(pd.concat(frames, ignore_index=True))
+    for step, frame in enumerate(frames):
+        one = summarize(frame)
+        assert len(one) == 1 and one.loc[0, "step"] == step
+        pd.testing.assert_frame_equal(one, whole[whole["step"] == step].reset_index(drop=True))
+        kept = frame.drop(index=[3, 7])
+        assert one.loc[0, "n_pairs"] == 40 and one.loc[0, "n_excluded"] == 2
+        assert one.loc[0, "cosine_q50"] == pytest.approx(np.quantile(kept["cosine"], 0.5))
+        assert one.loc[0, "share_ideal"] == pytest.approx((kept["regime"] == "ideal").mean())
+        assert one.loc[0, "ranking_accuracy"] == pytest.approx(
+            ((kept["logp_chosen"] > kept["logp_rejected"]) + 0.5 * (kept["logp_chosen"] == kept["logp_rejected"])).mean())
+    assert summarize(frames[0].iloc[:0]).empty

@@ -76,41 +76,54 @@ def summarize(frame: pd.DataFrame, pref_col: str | None = None, beta: float | No
         if outside.any():
             raise ValueError(f"{pref_col!r} must be a probability in [0, 1]; pair(s) "
                              f"{frame['pair'].to_numpy()[outside].tolist()} are not")
-    groups = frame.groupby("step", sort=True, dropna=False) if "step" in frame else [(None, frame)]
-    rows = [_summarize_step(g, pref_col, beta) | ({"step": k} if "step" in frame else {}) for k, g in groups]
-    out = pd.DataFrame(rows)
-    return out[(["step"] if "step" in out else []) + [c for c in out.columns if c != "step"]]
+    steps = frame["step"].to_numpy() if "step" in frame else None
+    if steps is None or (len(steps) and (steps == steps[0]).all()):      # one step (a callback's): no grouping
+        groups = [(steps[0] if steps is not None and len(steps) else None, frame)]
+        if steps is not None and not len(steps):
+            groups = []
+    else:
+        groups = frame.groupby("step", sort=True, dropna=False)
+    rows = [({"step": k} if steps is not None else {}) | _summarize_step(g, pref_col, beta) for k, g in groups]
+    return pd.DataFrame(rows)
 
 
 def _summarize_step(g: pd.DataFrame, pref_col: str | None, beta: float | None) -> dict[str, float]:
     check = [c for c in _STAT_COLUMNS if c in g] + ([pref_col] if pref_col else [])
-    ok = np.isfinite(g[check].to_numpy(dtype=float)).all(axis=1)
-    f = g[ok]
-    row: dict[str, float] = {"n_pairs": len(g), "n_excluded": int((~ok).sum())}
+    ok = np.ones(len(g), dtype=bool)
+    for c in check:                      # column by column: selecting them as one frame first costs more
+        ok &= np.isfinite(g[c].to_numpy(dtype=float))
+
+    def col(name: str, dtype=float) -> np.ndarray:           # the included pairs' values (no copy of the frame)
+        return g[name].to_numpy(dtype=dtype)[ok]
+
+    n = int(ok.sum())
+    row: dict[str, float] = {"n_pairs": len(g), "n_excluded": len(g) - n}
+    regime = col("regime", object)
     for r in REGIMES:
-        row[f"share_{r}"] = float((f["regime"] == r).mean()) if len(f) else np.nan
-    if "batch_chosen_rises" in f:        # a training pass's pairs (train_pairs) have no batch view
-        batch_regime = regime_of(f["batch_chosen_rises"].to_numpy(bool), f["batch_rejected_falls"].to_numpy(bool))
+        row[f"share_{r}"] = float((regime == r).mean()) if n else np.nan
+    if "batch_chosen_rises" in g:        # a training pass's pairs (train_pairs) have no batch view
+        batch_regime = regime_of(col("batch_chosen_rises", bool), col("batch_rejected_falls", bool))
         for r in REGIMES:
-            row[f"batch_share_{r}"] = float((batch_regime == r).mean()) if len(f) else np.nan
+            row[f"batch_share_{r}"] = float((batch_regime == r).mean()) if n else np.nan
     for q in SUMMARY_QUANTITIES:
-        x = f[q].to_numpy(dtype=float)
-        row[f"{q}_mean"] = float(x.mean()) if len(x) else np.nan
-        qs = np.quantile(x, (0.1, 0.5, 0.9)) if len(x) else [np.nan] * 3
+        x = col(q)
+        row[f"{q}_mean"] = float(x.mean()) if n else np.nan
+        qs = np.quantile(x, (0.1, 0.5, 0.9)) if n else [np.nan] * 3
         for p, v in zip((10, 50, 90), qs, strict=True):
             row[f"{q}_q{p}"] = float(v)
-    if "loss" in f:
-        row["loss_mean"] = float(f["loss"].mean()) if len(f) else np.nan
+    if "loss" in g:
+        row["loss_mean"] = float(col("loss").mean()) if n else np.nan
 
-    row["ranking_accuracy"] = ranked_share(f["logp_chosen"] - f["logp_rejected"])
-    if "ref_logp_chosen" in f:
-        ref_gap = f["ref_logp_chosen"] - f["ref_logp_rejected"]
-        row["ranking_accuracy_ref_adjusted"] = ranked_share(f["logp_chosen"] - f["logp_rejected"] - ref_gap)
+    margin = col("logp_chosen") - col("logp_rejected")
+    row["ranking_accuracy"] = ranked_share(margin)
+    if "ref_logp_chosen" in g:
+        ref_gap = col("ref_logp_chosen") - col("ref_logp_rejected")
+        row["ranking_accuracy_ref_adjusted"] = ranked_share(margin - ref_gap)
         row["ref_ranking_accuracy"] = ranked_share(ref_gap)
         if pref_col is not None:
-            p = f[pref_col].to_numpy(dtype=float)
+            p = col(pref_col)
             with np.errstate(divide="ignore"):
-                ideal_margin = ref_gap.to_numpy() + (np.log(p) - np.log1p(-p)) / beta
+                ideal_margin = ref_gap + (np.log(p) - np.log1p(-p)) / beta
             row["idealized_ranking_accuracy"] = ranked_share(ideal_margin)
             row["ranking_accuracy_gap"] = row["idealized_ranking_accuracy"] - row["ranking_accuracy"]
     return row

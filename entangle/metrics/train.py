@@ -42,12 +42,12 @@ def train_pair_frame(*, step: int, rank: int, micro: ArrayLike, pair: ArrayLike,
     regime = regime_of(rises, falls)
     regime[gone] = None
     p = len(kwl)
-    frame = pd.DataFrame({
+    columns = {
         "step": np.full(p, step), "rank": np.full(p, rank), "micro": np.asarray(micro, np.int64),
         "pair": np.asarray(pair, np.int64), "index": np.asarray(index, np.int64),
         "logp_chosen": s_w, "logp_rejected": s_l, "len_chosen": n_w, "len_rejected": n_l,
         "norm2_chosen": k_w, "norm2_rejected": k_l, "inner": kwl, "cosine": cosine, "ratio": ratio,
         "a_chosen": a_w, "a_rejected": a_l, "pred_dlogp_chosen": lr * unit_w, "pred_dlogp_rejected": lr * unit_l,
         "chosen_rises": rises, "rejected_falls": falls, "regime": regime, "margin": s_w - s_l, "excluded": gone,
-    })
-    return frame[list(TRAIN_PAIRS.columns)]
+    }
+    return pd.DataFrame({name: columns[name] for name in TRAIN_PAIRS.columns})      # in the schema's order
