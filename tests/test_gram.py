@@ -411,10 +411,14 @@ def test_within_pair_blocks_are_the_whole_blocks_entries_and_nan_between_pairs()
     assert factored_kind(4 * 100, 4, 512, 512, pair_m=[200, 200]) == "ghost"
 
 
-def test_positions_with_gradient_is_any():
-    """The engine's mask of positions with a gradient reads a column and the rows it leaves open: equal to g.any(-1)
-    with zero rows, rows zero in the first entry only, NaN and inf."""
+@pytest.mark.parametrize("whole", [True, False], ids=["small", "large"])
+def test_positions_with_gradient_is_any(whole, monkeypatch):
+    """The engine's mask of positions with a gradient (a small tensor read whole by max |g|, a large one by a column
+    and the rows it leaves open) equals g.any(-1) with zero rows, rows zero in the first entry only, NaN and inf."""
+    from entangle.capture import engine
     from entangle.capture.engine import positions_with_gradient
+
+    monkeypatch.setattr(engine, "SMALL_GRADIENT", 1 << 19 if whole else 0)
 
     g = torch.randn(3, 5, 4)
     g[0, 1] = 0.0
