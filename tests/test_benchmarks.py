@@ -96,3 +96,17 @@ def test_bench_mitigate_rows_and_table(monkeypatch, capsys, one_thread):
     table = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny |")]
     assert [r[1].strip() for r in table] == ["plain_dpo_step", "pairwise_normalized"]
     assert table[0][3].strip() == "1.00" and float(table[1][2]) > 0 and float(table[1][3]) > 0
+
+
+@pytest.mark.slow
+def test_bench_inpass_prints_every_variant_against_no_hooks():
+    out = _run("bench_inpass.py", "--micro", "2", "--accum", "2", "--rounds", "1", "--threads", "1")
+    assert "2 per run, 2 per recording, 1 rounds, 28 hooked modules, 1 threads" in out
+    rows = {line.split("|")[1].strip(): line.split("|")[2:4] for line in out.splitlines()
+            if line.startswith("| ") and not line.startswith("| variant")}
+    assert list(rows) == ["no hooks", "no-op forward hooks", "no-op forward + output hooks",
+                          "PassRecorder, reductions off", "PassRecorder"]
+    base = float(rows["no hooks"][0])
+    assert rows["no hooks"][1].strip() == "+0.0%" and base > 0
+    for ms, overhead in rows.values():                # each overhead is its own median against the base's
+        assert math.isclose(float(overhead.strip().rstrip("%")), 100 * (float(ms) / base - 1), abs_tol=0.2)

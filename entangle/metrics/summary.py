@@ -77,10 +77,10 @@ def summarize(frame: pd.DataFrame, pref_col: str | None = None, beta: float | No
             raise ValueError(f"{pref_col!r} must be a probability in [0, 1]; pair(s) "
                              f"{frame['pair'].to_numpy()[outside].tolist()} are not")
     steps = frame["step"].to_numpy() if "step" in frame else None
-    if steps is None or (len(steps) and (steps == steps[0]).all()):      # one step (a callback's): no grouping
-        groups = [(steps[0] if steps is not None and len(steps) else None, frame)]
-        if steps is not None and not len(steps):
-            groups = []
+    if steps is None:
+        groups = [(None, frame)]
+    elif len(steps) and (steps == steps[0]).all():       # one step (a callback's): no grouping
+        groups = [(steps[0], frame)]
     else:
         groups = frame.groupby("step", sort=True, dropna=False)
     rows = [({"step": k} if steps is not None else {}) | _summarize_step(g, pref_col, beta) for k, g in groups]
