@@ -362,6 +362,8 @@ def test_block_grams_are_the_diagonal_blocks_and_refuse_non_finite_padding():
         torch.testing.assert_close(blocks[c], kinds_alone[c].gram(), rtol=1e-12, atol=1e-12)
     act[1, 5] = float("nan")                         # garbage at a padded position of call 0's sequence 1
     assert block_grams(Factored.from_padded(grad, act, valid, "materialise"), g, "materialise") is None
+    for mode in ("ghost", "materialise"):            # within pairs too: the pair's own entries would be NaN
+        assert block_grams(Factored.from_padded(grad, act, valid, mode), g, mode, within=True) is None
     assert torch.isfinite(Factored.from_padded(grad[:n], act[:n], valid[:n], "materialise").gram()).all()
 
 
