@@ -504,36 +504,39 @@ def block_grams(contrib: Contribution, groups: int, mode: str = "auto", within: 
                              [w[k] + w[b + k] for k in range(b)] if within else None)
 
     kinds = [kind(c) for c in range(groups)]
-    reduce = {"materialised": _materialised_blocks, "ghost": _ghost_pair_blocks if within else _ghost_blocks}
-    if within:
-        reduce["materialised"] = _materialised_pair_blocks
+    reduce = {"materialised": _materialised_blocks, "ghost": _ghost_blocks}
     if len(set(kinds)) == 1:                        # the common case: every call reduced the same way
-        out = reduce[kinds[0]](left, right, groups)
+        out = reduce[kinds[0]](left, right, groups, within)
     else:
         out = torch.zeros(groups, n, n, dtype=torch.float64, device=left.device)
         for k in set(kinds):
             calls = torch.tensor([c for c in range(groups) if kinds[c] == k], device=left.device)
             rows = (calls[:, None] * n + torch.arange(n, device=left.device)).flatten()
-            out[calls] = reduce[k](left[rows], right[rows], calls.numel())
+            out[calls] = reduce[k](left[rows], right[rows], calls.numel(), within)
     finite = torch.isfinite(out.diagonal(0, 1, 2)).all() if within else torch.isfinite(out).all()
     return (out, kinds) if finite else None
 
 
-def _materialised_blocks(left: torch.Tensor, right: torch.Tensor, groups: int) -> torch.Tensor:
+def _materialised_blocks(left: torch.Tensor, right: torch.Tensor, groups: int, within: bool = False) -> torch.Tensor:
     """Per-call Gram [groups, N, N] of padded factors [groups * N, T, a], [groups * N, T, b]: per-example gradients
-    [groups * N, a, b] formed in chunks of L's columns."""
+    [groups * N, a, b] formed in chunks of L's columns (``within``: their products within pairs only, NaN between
+    pairs, see :func:`_from_pairs`)."""
     n = left.shape[0] // groups
-    out = torch.zeros(groups, n, n, dtype=torch.float64, device=left.device)
+    out = torch.zeros(*((groups * n // 2, 2, 2) if within else (groups, n, n)), dtype=torch.float64,
+                      device=left.device)
     step = max(1, CHUNK_ELEMS // max(left.shape[0] * right.shape[-1], 1))
     for s in range(0, left.shape[-1], step):
         rows = torch.bmm(left[..., s:s + step].transpose(1, 2), right)
-        out += _block_gram64(rows.reshape(groups, n, -1))
-    return out
+        out += _block_gram64(_pairwise(rows, groups).flatten(2) if within else rows.reshape(groups, n, -1))
+    return _from_pairs(out, groups) if within else out
 
 
-def _ghost_blocks(left: torch.Tensor, right: torch.Tensor, groups: int) -> torch.Tensor:
+def _ghost_blocks(left: torch.Tensor, right: torch.Tensor, groups: int, within: bool = False) -> torch.Tensor:
     """Per-call Gram [groups, N, N] without per-example gradients: K_ij = sum over positions t of i, s of j of
-    (L L^T)_ts (R R^T)_ts (THEORY §6), the position products formed for a few sequences i at a time."""
+    (L L^T)_ts (R R^T)_ts (THEORY §6), the position products formed for a few sequences i at a time
+    (``within``: :func:`_ghost_pair_blocks`)."""
+    if within:
+        return _ghost_pair_blocks(left, right, groups)
     n, span = left.shape[0] // groups, left.shape[1]
     lf, rf = left.reshape(groups, n * span, -1), right.reshape(groups, n * span, -1)
     out = torch.empty(groups, n, n, dtype=torch.float64, device=left.device)
@@ -561,16 +564,6 @@ def _from_pairs(blocks: torch.Tensor, groups: int) -> torch.Tensor:
     # entry (s*B + k, s'*B + k) of call c = side s and s' of pair k: the diagonal over (k, k') of [c, s, k, s', k']
     out.view(groups, 2, b, 2, b).diagonal(0, 2, 4).copy_(blocks.view(groups, b, 2, 2).permute(0, 2, 3, 1))
     return out
-
-
-def _materialised_pair_blocks(left: torch.Tensor, right: torch.Tensor, groups: int) -> torch.Tensor:
-    """:func:`_materialised_blocks` within pairs only (NaN between pairs, see :func:`_from_pairs`)."""
-    out = torch.zeros(left.shape[0] // 2, 2, 2, dtype=torch.float64, device=left.device)
-    step = max(1, CHUNK_ELEMS // max(left.shape[0] * right.shape[-1], 1))
-    for s in range(0, left.shape[-1], step):
-        rows = torch.bmm(left[..., s:s + step].transpose(1, 2), right)
-        out += _block_gram64(_pairwise(rows, groups).flatten(2))
-    return _from_pairs(out, groups)
 
 
 def _ghost_pair_blocks(left: torch.Tensor, right: torch.Tensor, groups: int) -> torch.Tensor:

@@ -553,11 +553,10 @@ class GramEngine:
             dot = contrib.dot(delta)
         elif len(self.uses[name]) == 1 and self.within:
             got = block_grams(contrib, 1, self.mode, within=True)
-            g = contrib.gram() if got is None else got[0][0]      # None: the whole Gram (masked at the end)
-            if got is not None:
-                self.info[name] = f"{how}:{got[1][0]}"
-            blocks = self.geometries["plain"]["blocks"]
-            blocks[name] = blocks[name] + g if name in blocks else g
+            if got is None:                         # the whole Gram (masked to the pairs at the end)
+                self.add_gram(name, contrib.gram(), self.info[name])
+            else:
+                self.add_gram(name, got[0][0], f"{how}:{got[1][0]}")
             dot = None
         elif len(self.uses[name]) == 1:
             # every view from one materialisation of the per-example gradients
