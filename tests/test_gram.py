@@ -413,6 +413,89 @@ def test_within_pair_blocks_are_the_whole_blocks_entries_and_nan_between_pairs()
     assert factored_kind(4 * 100, 4, 512, 512, pair_m=[200, 200]) == "ghost"
 
 
+def test_affine_within_blocks_are_each_calls_weight_and_bias_blocks():
+    """affine_within_blocks: calls of several widths (two share a width, stacked into one product, out of call order),
+    rows scaled, positions without a gradient: each call's within-pair entries equal block_grams' of its weight
+    (Factored) and of its bias (the summed output gradients, Dense); NaN between pairs; None when a position without
+    a gradient holds a non-finite input (the reductions per call skip it)."""
+    from entangle.capture.contrib import Dense, Factored, affine_within_blocks, block_grams
+
+    torch.manual_seed(3)
+    n, t = 6, 5
+    widths = [(4, 7), (9, 4), (4, 3), (9, 7)]          # (input, output) per call
+    inputs = [torch.randn(n, t, a, dtype=torch.float64) for a, _ in widths]
+    grads = [torch.randn(n, t, d, dtype=torch.float64) for _, d in widths]
+    for g in grads:
+        g[1, 3:] = 0.0                                  # padding
+        g[4, 0] = 0.0
+    scale = torch.tensor([2.0, -1.0, 0.5, 0.0, 3.0, 1.5], dtype=torch.float64)
+    weight, bias = affine_within_blocks(inputs, grads, torch.float64, scale)
+    mask = _within_entries(torch.zeros(n, n))
+    assert weight.shape == bias.shape == (len(widths), n, n) and weight.dtype == bias.dtype == torch.float64
+    for c, (x, g) in enumerate(zip(inputs, grads, strict=True)):
+        gs = g * scale.view(-1, 1, 1)
+        want_w = block_grams(Factored.from_padded(x, gs, gs.any(-1), "ghost"), 1, "ghost", within=True)[0][0]
+        want_b = block_grams(Dense(gs.sum(1)), 1, within=True)[0][0]
+        torch.testing.assert_close(weight[c][mask], want_w[mask], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(bias[c][mask], want_b[mask], rtol=1e-12, atol=1e-12)
+        assert weight[c][~mask].isnan().all() and bias[c][~mask].isnan().all()
+    assert (weight[:, 3, mask[3]] == 0).all() and (bias[:, 3, mask[3]] == 0).all()      # row scale 0
+    inputs[2][1, 4, 0] = float("inf")                   # at a position of sequence 1 without a gradient
+    assert affine_within_blocks(inputs, grads, torch.float64, scale) is None
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_within_pair_engine_reduces_the_affine_layers_of_a_pass_together(arch, monkeypatch):
+    """GramEngine(within=True) reduces its held affine calls (Linear, Conv1D) whose ghost reduction is the cheaper all
+    at once: the same entries as with them reduced group by group through their rules (and as the exact twin), in
+    one chunk or several; a call priced cheaper materialised keeps its rule."""
+    from entangle.capture import engine
+    from entangle.capture.logprobs import model_logits
+    from entangle.capture.measure import measured
+
+    model = MODELS[arch](torch.float32)
+    batch = random_batch(3, 101, seed=6)
+    fused, real = [], engine.affine_within_blocks
+
+    def spy(inputs, *args):
+        fused.append(len(inputs))
+        return real(inputs, *args)
+
+    monkeypatch.setattr(engine, "affine_within_blocks", spy)
+
+    def within(mode):
+        with measured(model, batch, None, None, None) as (inner, named):
+            engine_ = GramEngine(inner, named, batch["input_ids"].shape[0], mode, within=True)
+            return engine_.run(batch, model_logits).plain
+
+    # the affine modules of the two blocks, and an untied Llama's head (a tied head has two uses: reduced apart)
+    affine = {"gpt2": 8, "llama": 15, "llama_tied": 14}[arch]
+    together = within("ghost")
+    assert fused == [affine]
+    assert sum(v.endswith(":ghost") and v.split(":")[0] in ("conv1d", "linear") for v in together.info.values()) \
+        == affine * (2 if arch == "gpt2" else 1)                     # GPT-2's Conv1D biases too
+    fused.clear()
+    monkeypatch.setattr(engine, "AFFINE_ELEMS", 3 * 4 * 16 * 16 * 3)   # chunks of a few calls
+    chunked = within("ghost")
+    assert len(fused) > 1 and sum(fused) == affine
+    fused.clear()
+    auto = within("auto")                             # the narrow layers of this tiny model are materialised
+    assert sum(fused) < affine
+    assert any(v.endswith(":materialised") for v in auto.info.values())
+    fused.clear()
+    monkeypatch.setattr(engine, "AFFINE_ELEMS", 0)                     # every group through its rule
+    apart = within("ghost")
+    assert not fused
+    exact = sequence_gram(model, batch, method="exact").matrix
+    mask, scale = _within_entries(exact), float(exact.abs().max())
+    for got in (together, chunked, auto):
+        assert float((got.matrix[mask] - apart.matrix[mask]).abs().max()) <= 1e-6 * scale
+        assert float((got.matrix[mask] - exact[mask]).abs().max()) <= TOL[torch.float32] * scale
+        for name, block in apart.per_param.items():
+            assert float((got.per_param[name][mask] - block[mask]).abs().max()) <= 1e-6 * scale, name
+        assert got.matrix[~mask].isnan().all()
+
+
 @pytest.mark.parametrize("whole", [True, False], ids=["small", "large"])
 def test_positions_with_gradient_is_any(whole, monkeypatch):
     """The engine's mask of positions with a gradient (a small tensor read whole by max |g|, a large one by a column

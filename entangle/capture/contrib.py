@@ -581,6 +581,52 @@ def _ghost_pair_blocks(left: torch.Tensor, right: torch.Tensor, groups: int) -> 
     return _from_pairs(out, groups)
 
 
+def affine_within_blocks(inputs: list[torch.Tensor], grads: list[torch.Tensor], dtype: torch.dtype,
+                         row_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Within-pair Gram blocks of ``C`` calls of affine layers (y = x W + b) on one pass of 2B sequences, B pairs
+    (chosen ``k``, rejected ``B + k``), all at once: a few stacked products for the whole pass instead of one
+    reduction per call.
+
+    ``inputs[c]`` [2B, T, a_c] and ``grads[c]`` [2B, T, d_c] (every call over the same T positions), in ``dtype``
+    once stacked; each sequence's output gradients multiplied by ``row_scale[i]`` (if given) before any product.
+    Returns float64 ``(weight, bias)`` [C, 2B, 2B], each call's Gram matrix of the per-example gradients of its
+    weight (the ghost identity over each pair's 2T positions, THEORY §6: ``sum_ts (X X^T)_ts (G G^T)_ts``) and of its
+    bias (the output gradients summed over positions: ``sum_ts (G G^T)_ts``), with NaN between different pairs (not
+    measured), as :func:`block_grams` gives them within pairs. ``None`` when a squared norm is not finite (a
+    non-finite input at a position without a gradient, which the per-call reductions skip): the caller reduces the
+    calls otherwise. Factors of equal width are stacked into one product; memory grows as ``C B (2T)^2``, which the
+    caller bounds."""
+    c, n, t = len(inputs), inputs[0].shape[0], inputs[0].shape[1]
+    b = n // 2
+
+    def pair_grams(xs: list[torch.Tensor], scale: torch.Tensor | None) -> torch.Tensor:
+        """[C, B, 2T, 2T]: per call and pair, the products of the pair's 2T position rows."""
+        classes: dict[int, list[int]] = {}
+        for i, x in enumerate(xs):
+            classes.setdefault(x.shape[-1], []).append(i)
+        parts, order = [], []
+        for idx in classes.values():
+            # pair-major: pair k of a call is its rows k and B + k, side by side [B, 2, T, d]
+            s = torch.cat([xs[i].unflatten(0, (2, b)).transpose(0, 1) for i in idx]).to(dtype)
+            if scale is not None:
+                s.view(len(idx), b, 2, t, -1).mul_(scale.to(dtype).view(2, b).T.reshape(1, b, 2, 1, 1))
+            s = s.view(len(idx) * b, 2 * t, -1)
+            parts.append(torch.bmm(s, s.transpose(1, 2)))
+            order.extend(idx)
+        k = (torch.cat(parts) if len(parts) > 1 else parts[0]).view(c, b, 2 * t, 2 * t)
+        if order != list(range(c)):
+            k = k.index_select(0, torch.tensor(order, device=k.device).argsort())
+        return k
+
+    kg = pair_grams(grads, row_scale)
+    weight = (pair_grams(inputs, None) * kg).to(torch.float64).view(c * b, 2, t, 2, t).sum((2, 4))
+    bias = kg.to(torch.float64).view(c * b, 2, t, 2, t).sum((2, 4))
+    both = _from_pairs(torch.cat([weight, bias]), 2 * c)
+    if not torch.isfinite(both.diagonal(0, 1, 2)).all():
+        return None
+    return both[:c], both[c:]
+
+
 def _block_gram64(x: torch.Tensor) -> torch.Tensor:
     """``x @ x.T`` per block for [G, N, P]: float32 partial sums over column blocks, accumulated in float64."""
     out = torch.zeros(x.shape[0], x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)

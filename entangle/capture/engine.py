@@ -21,7 +21,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .contrib import Contribution, Scaled, SharedParameter, block_grams, dual_gram, weighted_sum
+from .contrib import (
+    Contribution,
+    Scaled,
+    SharedParameter,
+    affine_within_blocks,
+    block_grams,
+    dual_gram,
+    factored_kind,
+    weighted_sum,
+)
 from .logprobs import response_lengths, token_logps
 from .result import GramResult, Measurement, PairStats, stats_of_gram
 from .rules import rule_for, touched_rows
@@ -36,6 +45,9 @@ PENDING_ELEMS = 1 << 22
 # positions_with_gradient reads an output gradient of at most this many elements whole (measured on CPU: faster up to
 # about 1M elements, slower above)
 SMALL_GRADIENT = 1 << 19
+# Within pairs, the held calls of affine layers are reduced together in chunks of at most this many position products
+# (calls x pairs x (2T)^2; about 28 bytes each while a chunk is reduced)
+AFFINE_ELEMS = 1 << 20
 
 
 class SeparatePartsError(RuntimeError):
@@ -513,11 +525,45 @@ class GramEngine:
         pending, self.pending, self.pending_elems = self.pending, {}, 0
         if self.failed:
             return
-        for calls in pending.values():
+        groups = self._contribute_affine(pending) if self.within else list(pending.values())
+        for calls in groups:
             if len(calls) > 1 and self._contribute_batched(calls):
                 continue
             for part, rule, module, own, a, grad, use_index in calls:
                 self._contribute(part, rule, module, own, (a,), grad, use_index)
+
+    def _contribute_affine(self, pending: dict[tuple, list]) -> list[list]:
+        """Within pairs: the held calls of affine layers whose pair-by-pair ghost reduction is the cheaper, all
+        reduced together (:func:`~entangle.capture.contrib.affine_within_blocks`, in chunks of at most
+        ``AFFINE_ELEMS`` position products), without their rules. Returns the groups of calls left to reduce
+        otherwise (the rest, and a chunk whose result is not finite)."""
+        fused: dict[tuple, list] = {}
+        rest = []
+        for calls in pending.values():
+            part, rule, module, own, a, grad, _ = calls[0]
+            if not (getattr(rule, "affine", False) and self.kept is None and set(own) <= {"weight", "bias"}):
+                rest.append(calls)
+                continue
+            n, t = a.shape[:2]
+            if factored_kind(n * t, n, a.shape[-1], grad.shape[-1], self.mode, [2 * t] * (n // 2)) != "ghost" \
+                    or n // 2 * 4 * t * t > AFFINE_ELEMS:
+                rest.append(calls)
+                continue
+            for call in calls:
+                fused.setdefault((call[4].shape[:2], call[4].device, self._dtype(module, own)), []).append(call)
+        for ((n, t), _, dtype), calls in fused.items():
+            step = AFFINE_ELEMS // (n // 2 * 4 * t * t)
+            for s in range(0, len(calls), step):
+                chunk = calls[s:s + step]
+                with torch.no_grad(), autocast_off(chunk[0][4].device):
+                    got = affine_within_blocks([c[4] for c in chunk], [c[5] for c in chunk], dtype, self.row_scale)
+                if got is None:                 # each call on its own (they may be of different layers)
+                    rest.extend([call] for call in chunk)
+                    continue
+                for i, (_, rule, module, own, *_) in enumerate(chunk):
+                    for k in own:
+                        self.add_gram(self.name_at[id(module), k], got[k == "bias"][i], f"{rule.__name__}:ghost")
+        return rest
 
     def _contribute_batched(self, calls: list) -> bool:
         """One rule call on the stacked inputs and output gradients of ``calls``; each call's Gram matrix is a diagonal

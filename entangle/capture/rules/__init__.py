@@ -19,6 +19,12 @@ A rule whose result depends on the module only through a few settings (not its p
 ``register_rule(..., batch_key=fn)``: ``fn(module) -> hashable``. The engine may then reduce several calls of such
 modules at once, as one call on their inputs and output gradients stacked along the batch (calls of equal shapes and
 equal keys), which saves the per-call overhead of small layers; a rule without one is always called per call.
+
+A rule for an affine layer ``y = x W (+ b)`` on its one input (``nn.Linear``, GPT-2's ``Conv1D``) says so with
+``register_rule(..., affine=True)``: its ``weight`` gradient per example is the product of the input and the output
+gradient over positions, its ``bias`` gradient the output gradient summed over positions. An engine that only needs
+each pair's entries (``GramEngine(within=True)``) then reduces all such calls of a pass at once, without calling the
+rule (:func:`~entangle.capture.contrib.affine_within_blocks`).
 """
 
 from __future__ import annotations
@@ -33,12 +39,14 @@ RULES_BY_NAME: dict[str, Rule] = {}
 
 
 def register_rule(*classes: type | str, touched: Callable[..., torch.Tensor] | None = None,
-                  batch_key: Callable[[torch.nn.Module], object] | None = None) -> Callable[[Rule], Rule]:
-    """Register ``rule`` for module classes (or class names, for classes we do not want to import); ``touched``
-    and ``batch_key`` as in the module docstring (default: a use may touch every row; never batched)."""
+                  batch_key: Callable[[torch.nn.Module], object] | None = None, affine: bool = False
+                  ) -> Callable[[Rule], Rule]:
+    """Register ``rule`` for module classes (or class names, for classes we do not want to import); ``touched``,
+    ``batch_key`` and ``affine`` as in the module docstring (default: a use may touch every row; never batched; not
+    affine)."""
 
     def deco(rule: Rule) -> Rule:
-        rule.touched, rule.batch_key = touched, batch_key
+        rule.touched, rule.batch_key, rule.affine = touched, batch_key, affine
         for c in classes:
             (RULES_BY_NAME if isinstance(c, str) else RULES)[c if isinstance(c, str) else c] = rule
         return rule

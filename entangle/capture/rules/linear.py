@@ -12,7 +12,7 @@ def _bias(grad_out: torch.Tensor) -> Dense:
     return Dense(grad_out.sum(1))                      # g_i(b) = sum_t delta_t
 
 
-@register_rule(torch.nn.Linear, batch_key=lambda m: m.bias is None)
+@register_rule(torch.nn.Linear, batch_key=lambda m: m.bias is None, affine=True)
 def linear(module, inputs, grad_out, valid, mode):
     """y = x W^T + b, W [out, in]: g_i(W) = G_i^T A_i."""
     a = inputs[0].to(grad_out.dtype)
@@ -22,7 +22,7 @@ def linear(module, inputs, grad_out, valid, mode):
     return out
 
 
-@register_rule("Conv1D", batch_key=lambda m: None)
+@register_rule("Conv1D", batch_key=lambda m: None, affine=True)
 def conv1d(module, inputs, grad_out, valid, mode):
     """transformers.pytorch_utils.Conv1D: y = x W + b, W [in, out]: g_i(W) = A_i^T G_i."""
     a = inputs[0].to(grad_out.dtype)
