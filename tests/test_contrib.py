@@ -26,6 +26,12 @@ def test_embedding_gram_by_key_pairs_and_by_rows(monkeypatch, dense):
     flat = full.flatten(1)
     rows = EmbeddingRows(ids, grads, valid, vocab)
     torch.testing.assert_close(rows.gram(), flat @ flat.T, rtol=1e-12, atol=1e-12)
+    # every row at once, straight from the positions (keys never formed) and through the keys: the same values
+    fresh = EmbeddingRows(ids, grads, valid, vocab)
+    straight = fresh.rows(None)
+    assert fresh._lookup is not None and torch.equal(fresh.touched, torch.unique(ids))
+    torch.testing.assert_close(straight, full, rtol=1e-12, atol=1e-12)
+    assert torch.equal(straight, rows.rows(None)) and rows._lookup is None
 
 
 def test_factored_dot_batched_and_span_by_span():

@@ -7,6 +7,7 @@ follows one protocol (:class:`Contribution`); the engine and the reductions belo
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -279,17 +280,45 @@ class EmbeddingRows:
     kind = "sparse"
 
     def __init__(self, ids: torch.Tensor, grads: torch.Tensor, valid: torch.Tensor, n_rows: int):
-        self.n, self.n_rows, self.device = ids.shape[0], n_rows, grads.device
+        self.n, self.n_rows, self.device, self.ids = ids.shape[0], n_rows, grads.device, ids
+        # the keys are formed when first needed: a use materialised whole (a small tied embedding, SharedParameter)
+        # never needs them
+        self._lookup: tuple | None = (ids, grads, valid)
+
+    @functools.cached_property
+    def _keys(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ids, grads, valid = self._lookup
         seg = valid.nonzero()[:, 0]
         ids_v, grads_v = ids[valid], grads[valid]
         width = int(ids.max()) + 1 if ids.numel() else 1
         keys, inverse = torch.unique(seg * width + ids_v, return_inverse=True)
-        self.key_ex, self.key_id = keys // width, keys % width
-        self.sums = torch.zeros(keys.numel(), grads.shape[-1], dtype=grads.dtype, device=grads.device)
-        self.sums.index_add_(0, inverse, grads_v)
-        self.touched = torch.unique(ids)
+        sums = torch.zeros(keys.numel(), grads.shape[-1], dtype=grads.dtype, device=grads.device)
+        sums.index_add_(0, inverse, grads_v)
+        self._lookup = None
+        return keys // width, keys % width, sums
+
+    @property
+    def key_ex(self) -> torch.Tensor:
+        return self._keys[0]
+
+    @property
+    def key_id(self) -> torch.Tensor:
+        return self._keys[1]
+
+    @property
+    def sums(self) -> torch.Tensor:
+        return self._keys[2]
+
+    @functools.cached_property
+    def touched(self) -> torch.Tensor:
+        return torch.unique(self.ids)
 
     def rows(self, index: torch.Tensor | None) -> torch.Tensor:
+        if index is None and self._lookup is not None:     # every row: added straight from the positions
+            ids, grads, valid = self._lookup
+            out = torch.zeros(self.n, self.n_rows, grads.shape[-1], dtype=grads.dtype, device=grads.device)
+            flat = valid.nonzero()[:, 0] * self.n_rows + ids[valid]
+            return out.view(-1, grads.shape[-1]).index_add_(0, flat, grads[valid]).view_as(out)
         if index is None:
             index = torch.arange(self.n_rows, device=self.sums.device)
         pos = torch.searchsorted(index, self.key_id).clamp(max=max(index.numel() - 1, 0))
