@@ -294,3 +294,27 @@ def test_summary_of_one_step_equals_the_grouped_summary_with_excluded_pairs():
         assert one.loc[0, "ranking_accuracy"] == pytest.approx(
             ((kept["logp_chosen"] > kept["logp_rejected"]) + 0.5 * (kept["logp_chosen"] == kept["logp_rejected"])).mean())
     assert summarize(frames[0].iloc[:0]).empty
+
+
+def test_summary_of_train_columns_equals_the_summary_of_their_frame():
+    """summarize_columns (a callback's step, before its frame exists) gives summarize's row of the same pairs as a
+    frame: excluded pairs (a vanished coefficient, NaN and no regime) and a non-finite cosine left out and counted."""
+    from entangle.metrics.summary import summarize_columns
+    from entangle.metrics.train import train_pair_columns
+
+    rng = np.random.default_rng(4)
+    p = 12
+    excluded = np.zeros(p, bool)
+    excluded[[2, 9]] = True
+    norm2 = (rng.random(p) + 0.1, rng.random(p) + 0.1)
+    inner = rng.normal(size=p) * 0.2
+    for x in (*norm2, inner):
+        x[excluded] = np.nan
+    norm2[0][5] = 0.0                                   # a zero gradient: cosine NaN
+    columns = train_pair_columns(step=7, rank=0, micro=np.repeat(np.arange(6), 2), pair=np.tile([0, 1], 6),
+                                 index=np.arange(p), logps=(rng.normal(size=p), rng.normal(size=p)),
+                                 lengths=(np.full(p, 9), np.full(p, 11)), coef=(rng.normal(size=p), rng.normal(size=p)),
+                                 norm2=norm2, inner=inner, excluded=excluded, lr=1e-3, pairs_in_step=p)
+    one = summarize_columns(7, columns)
+    pd.testing.assert_frame_equal(one, summarize(pd.DataFrame(columns)))
+    assert one.loc[0, "n_pairs"] == p and one.loc[0, "n_excluded"] == 3

@@ -21,9 +21,9 @@ from entangle.capture.params import ParamSpec, select_params
 from entangle.capture.sharding import check_supported
 from entangle.integrations.distributed import rank_and_world
 from entangle.metrics.dataset import TEXT_FIELDS, pair_texts
-from entangle.metrics.summary import summarize
+from entangle.metrics.summary import summarize, summarize_columns
 from entangle.metrics.tables import summary_scalars
-from entangle.metrics.train import train_pair_frame
+from entangle.metrics.train import train_pair_columns
 
 logger = logging.getLogger(__name__)
 
@@ -175,21 +175,22 @@ class TrainingPass:
         for err in self.recorder.errors:
             logger.warning("entangle: in-pass measurement of step %s failed: %s", self.step, err)
         self.recorder.errors.clear()
+        columns = self._columns(records, lr) if records else None
+        if rank_and_world()[1] == 1:
+            return None if columns is None else (pd.DataFrame(columns), summarize_columns(self.step, columns))
         # every rank takes part in the gathering, even one that recorded nothing (a collective)
-        frame = gather_frames(self._frame(records, lr) if records else None)
-        if frame is None:
-            return None
-        return frame, summarize(frame)
+        frame = gather_frames(None if columns is None else pd.DataFrame(columns))
+        return None if frame is None else (frame, summarize(frame))
 
-    def _frame(self, records: list, lr: float) -> pd.DataFrame:
-        """The ``train_pairs`` rows of one step's records (micro-batches in order)."""
+    def _columns(self, records: list, lr: float) -> dict[str, np.ndarray]:
+        """The ``train_pairs`` columns of one step's records (micro-batches in order)."""
         def halves(get):         # per pair: (chosen, rejected) of every micro-batch, in order
             parts = [get(r).numpy() for r in records]
             return (np.concatenate([x[:len(x) // 2] for x in parts]), np.concatenate([x[len(x) // 2:] for x in parts]))
 
         sizes = [len(r.inner) for r in records]
         excluded = halves(lambda r: r.excluded)
-        return train_pair_frame(
+        return train_pair_columns(
             step=self.step, rank=self.rank, micro=np.repeat(np.arange(len(records)), sizes),
             pair=np.concatenate([np.arange(b) for b in sizes]),
             index=[self.keys.get(key, -1) for r in records for key in r.keys],

@@ -7,6 +7,8 @@ changes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
@@ -83,21 +85,43 @@ def summarize(frame: pd.DataFrame, pref_col: str | None = None, beta: float | No
         groups = [(steps[0], frame)]
     else:
         groups = frame.groupby("step", sort=True, dropna=False)
-    rows = [({"step": k} if steps is not None else {}) | _summarize_step(g, pref_col, beta) for k, g in groups]
+    rows = [({"step": k} if steps is not None else {}) | _summarize_step(_Columns(g), len(g), pref_col, beta)
+            for k, g in groups]
     return pd.DataFrame(rows)
 
 
-def _summarize_step(g: pd.DataFrame, pref_col: str | None, beta: float | None) -> dict[str, float]:
-    check = [c for c in _STAT_COLUMNS if c in g] + ([pref_col] if pref_col else [])
-    ok = np.ones(len(g), dtype=bool)
-    for c in check:                      # column by column: selecting them as one frame first costs more
-        ok &= np.isfinite(g[c].to_numpy(dtype=float))
+def summarize_columns(step: int, columns: Mapping[str, np.ndarray]) -> pd.DataFrame:
+    """``summarize`` of one step's pairs given as the arrays of their columns (a frame's, before the frame is built,
+    as a callback has them at every step): the same row, without pandas' per-column access (~50 µs a column)."""
+    n = len(next(iter(columns.values())))
+    return pd.DataFrame([{"step": step} | _summarize_step(columns, n, None, None)])
 
-    def col(name: str, dtype=float) -> np.ndarray:           # the included pairs' values (no copy of the frame)
-        return g[name].to_numpy(dtype=dtype)[ok]
+
+class _Columns:
+    """A frame's columns as arrays, read one by one (selecting them as one frame first costs more)."""
+
+    def __init__(self, frame: pd.DataFrame):
+        self.frame = frame
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.frame
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.frame[name].to_numpy()
+
+
+def _summarize_step(g: Mapping[str, ArrayLike], size: int, pref_col: str | None, beta: float | None
+                    ) -> dict[str, float]:
+    check = [c for c in _STAT_COLUMNS if c in g] + ([pref_col] if pref_col else [])
+    ok = np.ones(size, dtype=bool)
+    for c in check:
+        ok &= np.isfinite(np.asarray(g[c], dtype=float))
+
+    def col(name: str, dtype=float) -> np.ndarray:           # the included pairs' values
+        return np.asarray(g[name], dtype=dtype)[ok]
 
     n = int(ok.sum())
-    row: dict[str, float] = {"n_pairs": len(g), "n_excluded": len(g) - n}
+    row: dict[str, float] = {"n_pairs": size, "n_excluded": size - n}
     regime = col("regime", object)
     for r in REGIMES:
         row[f"share_{r}"] = float((regime == r).mean()) if n else np.nan
@@ -105,11 +129,12 @@ def _summarize_step(g: pd.DataFrame, pref_col: str | None, beta: float | None) -
         batch_regime = regime_of(col("batch_chosen_rises", bool), col("batch_rejected_falls", bool))
         for r in REGIMES:
             row[f"batch_share_{r}"] = float((batch_regime == r).mean()) if n else np.nan
-    for q in SUMMARY_QUANTITIES:
-        x = col(q)
-        row[f"{q}_mean"] = float(x.mean()) if n else np.nan
-        qs = np.quantile(x, (0.1, 0.5, 0.9)) if n else [np.nan] * 3
-        for p, v in zip((10, 50, 90), qs, strict=True):
+    x = np.stack([col(q) for q in SUMMARY_QUANTITIES])            # [quantities, pairs]: one quantile call
+    means = x.mean(1) if n else np.full(len(x), np.nan)
+    qs = np.quantile(x, (0.1, 0.5, 0.9), axis=1) if n else np.full((3, len(x)), np.nan)
+    for i, q in enumerate(SUMMARY_QUANTITIES):
+        row[f"{q}_mean"] = float(means[i])
+        for p, v in zip((10, 50, 90), qs[:, i], strict=True):
             row[f"{q}_q{p}"] = float(v)
     if "loss" in g:
         row["loss_mean"] = float(col("loss").mean()) if n else np.nan

@@ -1,6 +1,6 @@
-"""Per-pair frame of a training micro-batch measured inside the trainer's own pass (``entangle.schema.TRAIN_PAIRS``).
+"""Per-pair columns of the training micro-batches measured inside the trainer's own pass (``entangle.schema.TRAIN_PAIRS``).
 
-Torch-free: arrays in, a frame out. The coefficients are those the trainer's own loss put on each sequence
+Torch-free: arrays in, arrays out (a frame's columns). The coefficients are those the trainer's own loss put on each sequence
 (``coef = ∂L/∂s`` as its backward carried it); written per pair as in ``pair_frame``, ``a = -coef · N`` with N the pairs
 of the optimizer step on this process, which undoes the mean over the step's pairs (the micro-batch mean and the
 trainer's division by the accumulation steps): for DPO's sigmoid loss ``a_chosen = -a_rejected = βσ(-β·margin)``.
@@ -9,18 +9,17 @@ trainer's division by the accumulation steps): for DPO's sigmoid loss ``a_chosen
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 from numpy.typing import ArrayLike
 
 from entangle.metrics.summary import pair_changes, pair_geometry, regime_of
 from entangle.schema import TRAIN_PAIRS
 
 
-def train_pair_frame(*, step: int, rank: int, micro: ArrayLike, pair: ArrayLike, index: ArrayLike,
-                     logps: tuple[ArrayLike, ArrayLike], lengths: tuple[ArrayLike, ArrayLike],
-                     coef: tuple[ArrayLike, ArrayLike], norm2: tuple[ArrayLike, ArrayLike], inner: ArrayLike,
-                     excluded: ArrayLike, lr: float, pairs_in_step: int) -> pd.DataFrame:
-    """One row per measured pair of one optimizer step (all its micro-batches at once).
+def train_pair_columns(*, step: int, rank: int, micro: ArrayLike, pair: ArrayLike, index: ArrayLike,
+                       logps: tuple[ArrayLike, ArrayLike], lengths: tuple[ArrayLike, ArrayLike],
+                       coef: tuple[ArrayLike, ArrayLike], norm2: tuple[ArrayLike, ArrayLike], inner: ArrayLike,
+                       excluded: ArrayLike, lr: float, pairs_in_step: int) -> dict[str, np.ndarray]:
+    """The ``train_pairs`` columns of one optimizer step's measured pairs, as arrays in the schema's order.
 
     Args:
         micro, pair, index: [P] per pair: its micro-batch, its place in it, its row of the training dataset (-1: not
@@ -50,4 +49,4 @@ def train_pair_frame(*, step: int, rank: int, micro: ArrayLike, pair: ArrayLike,
         "a_chosen": a_w, "a_rejected": a_l, "pred_dlogp_chosen": lr * unit_w, "pred_dlogp_rejected": lr * unit_l,
         "chosen_rises": rises, "rejected_falls": falls, "regime": regime, "margin": s_w - s_l, "excluded": gone,
     }
-    return pd.DataFrame({name: columns[name] for name in TRAIN_PAIRS.columns})      # in the schema's order
+    return {name: columns[name] for name in TRAIN_PAIRS.columns}
