@@ -66,10 +66,33 @@ def test_numbers_agree(compared):
     fig = report.logprob_dynamics(dyn)
     ends = [float(line.get_ydata()[-1]) for line in fig.axes[0].get_lines() if line.get_label() in methods.index]
     assert ends == pytest.approx(methods.median_d_chosen.tolist())
+    labels = fig.axes[0].texts                   # each line's end value, written apart from the others
+    assert sorted(x.get_text() for x in labels) == sorted(f"{v:.3g}" for v in methods.median_d_chosen)
+    ys, (low, high) = sorted(x.get_position()[1] for x in labels), fig.axes[0].get_ylim()
+    assert (np.diff(ys) >= 0.05 * (high - low) * (1 - 1e-9)).all()
     texts = [x.get_text() for x in report.step_time(t["methods"].reset_index(drop=True)).axes[0].texts]
     assert all(f"({r:.2f}×)" in s for r, s in zip(methods.time_ratio, texts, strict=True))
     shares = report.regime_shares(t["methods"]).axes[0].texts
     assert [s.get_text() for s in shares] == [f"in band {v:.0%}" for v in methods.share_in_band]
+
+
+def test_end_labels_of_lines_ending_together_are_spread_apart():
+    """Two lines ending at nearly the same value get labels a gap apart, in the values' order, each with its own
+    value and colour; a lone label stays at its value."""
+    import matplotlib.pyplot as plt
+
+    from entangle.report.compare import _end_labels
+
+    fig, ax = plt.subplots()
+    for y, color in ((0.0, "r"), (0.001, "g"), (1.0, "b")):
+        ax.plot([0, 1], [0.5, y], color=color)
+    _end_labels(ax, [(1, 0.001, "g"), (1, 0.0, "r"), (1, 1.0, "b")])
+    low, high = ax.get_ylim()
+    got = {t.get_text(): (t.get_position()[1], t.get_color()) for t in ax.texts}
+    assert set(got) == {"0", "0.001", "1"} and got["0"][1] == "r" and got["0.001"][1] == "g"
+    assert got["0.001"][0] - got["0"][0] >= 0.05 * (high - low) * (1 - 1e-9)
+    assert got["1"][0] == pytest.approx(1.0)
+    plt.close(fig)
 
 
 def test_band_frame_by_hand():

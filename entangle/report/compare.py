@@ -15,6 +15,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib import transforms
 from matplotlib.figure import Figure
 
 from entangle.report.figures import REGIME_COLORS, REGIME_LABELS, STEP_LABEL, FigureSpec, _figure
@@ -63,15 +64,46 @@ def logprob_dynamics(dynamics: pd.DataFrame) -> Figure:
     """Median change of the probe's chosen and rejected log-probs since step 0, per method (two panels)."""
     ch, colors = changes(dynamics), _colors(dynamics)
     fig, axes = _figure(2, sharey=True)
+    ends = []
     for ax, col, title in ((axes[0], "d_chosen", "chosen"), (axes[1], "d_rejected", "rejected")):
         for m, f in ch.groupby("method", sort=False):
             ax.plot(f.step, f[col], marker="o", markersize=3.5, color=colors[m], label=m)
-            ax.annotate(f"{f[col].iloc[-1]:.3g}", (f.step.iloc[-1], f[col].iloc[-1]), fontsize=8, color=colors[m],
-                        xytext=(4, 0), textcoords="offset points", va="center")
+            ends.append((ax, f.step.iloc[-1], f[col].iloc[-1], colors[m]))
         ax.axhline(0, color="0.6", linewidth=0.6)
         ax.set(xlabel=STEP_LABEL, title=f"median Δ log π({title}) since step 0 (nats)")
+    for ax in axes[:2]:
+        _end_labels(ax, [(x, y, c) for a, x, y, c in ends if a is ax])
     axes[0].legend(fontsize=8.5)
     return fig
+
+
+def _end_labels(ax, ends: list[tuple[float, float, str]], gap: float = 0.05) -> None:
+    """Each line's last value written right of its last point, in its colour; labels closer than ``gap`` of the
+    axis height are spread apart vertically (their order kept) so that none hides another."""
+    if not ends:
+        return
+    left, right = ax.get_xlim()
+    ax.set_xlim(left, right + 0.1 * (right - left))          # room for the labels inside the panel
+    low, high = ax.get_ylim()
+    step = gap * (high - low)
+    order = sorted(range(len(ends)), key=lambda i: ends[i][1])
+    # clusters of labels, each stacked a gap apart around the mean of its values; merged while two overlap
+    clusters = [[ends[i][1]] for i in order]
+    merged = True
+    while merged:
+        merged = False
+        for k in range(len(clusters) - 1):
+            top = np.mean(clusters[k]) + (len(clusters[k]) - 1) / 2 * step
+            bottom = np.mean(clusters[k + 1]) - (len(clusters[k + 1]) - 1) / 2 * step
+            if bottom - top < step:
+                clusters[k:k + 2] = [clusters[k] + clusters[k + 1]]
+                merged = True
+                break
+    placed = [np.mean(c) + (j - (len(c) - 1) / 2) * step for c in clusters for j in range(len(c))]
+    shift = transforms.offset_copy(ax.transData, fig=ax.figure, x=4, y=0, units="points")
+    for k, i in enumerate(order):
+        x, y, color = ends[i]
+        ax.text(x, placed[k], f"{y:.3g}", transform=shift, fontsize=8, color=color, va="center")
 
 
 def margins(dynamics: pd.DataFrame) -> Figure:
