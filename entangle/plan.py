@@ -38,6 +38,7 @@ import pandas as pd
 import torch
 
 from .capture.contrib import CHUNK_ELEMS, PARTIAL_SUM, embedding_dense, factored_kind
+from .capture.engine import AFFINE_ELEMS
 from .capture.logprobs import model_logits, token_logps
 from .capture.rules import rule_for
 
@@ -297,10 +298,26 @@ class _Cost:
     kept: int = 0                   # bytes kept to the end of the pass (a parameter with several uses)
 
 
-def _factored(n: int, span: int, a: int, b: int, full: bool) -> _Cost:
-    """``Factored`` (Linear, Conv1D weights): L [m, a], R [m, b] over m = n·span positions (contrib.py)."""
+def _factored(n: int, span: int, a: int, b: int, full: bool, within: int | None = None, union: int | None = None
+              ) -> _Cost:
+    """``Factored`` (Linear, Conv1D weights): L [m, a], R [m, b] over m = n·span positions (contrib.py).
+
+    ``within``: the positions T of the pass when only each pair's entries are reduced (in-pass capture,
+    ``GramEngine(within=True)``): the ghost identity pair by pair, over all 2T positions of a pair when the layer is
+    reduced with the pass's other affine layers (``contrib.affine_within_blocks``), else over 2·``union`` (the
+    longest span of the layers of its shape, reduced with it as one stacked call; default ``span``)."""
     m = n * span
-    kind = factored_kind(m, n, a, b)
+    if within is not None:
+        b_pairs, t = n // 2, within
+        fused = factored_kind(n * t, n, a, b, pair_m=[2 * t] * b_pairs) == "ghost" and b_pairs * 4 * t * t <= AFFINE_ELEMS
+        kind = "ghost" if fused else factored_kind(m, n, a, b, pair_m=[2 * span] * b_pairs)
+        if kind == "ghost":
+            width = 2 * (t if fused else union or span)
+            step = b_pairs if fused else max(1, CHUNK_ELEMS // (width * width))
+            return _Cost(kind, 2 * b_pairs * width * width * (a + b),
+                         4 * n * width // 2 * (a + b) + 28 * min(step, b_pairs) * width * width)
+    else:
+        kind = factored_kind(m, n, a, b)
     if kind == "ghost":
         step = max(1, CHUNK_ELEMS // m)
         flops = 2 * m * m * (a + b) + 2 * n * m * m + 2 * n * n * m * math.ceil(m / step)
@@ -334,12 +351,14 @@ def _embedding(call: _Call, n: int, span: int) -> tuple[_Cost, int]:
     return _Cost("sparse", 0, kept + 40 * sharing + 8 * step * d, kept), distinct
 
 
-def _use_cost(call: _Call, n: int, span: int, wide_copy: bool, full: bool, pass_flops: int
-              ) -> tuple[dict[str, _Cost], int | None]:
+def _use_cost(call: _Call, n: int, span: int, wide_copy: bool, full: bool, pass_flops: int, within: bool = False,
+              union: int | None = None) -> tuple[dict[str, _Cost], int | None]:
     """The cost of each of the call's own parameters at this use, the same way the rule and the engine compute it
     (``full``: the whole Gram, else the pair statistics; a parameter with several uses always forms its Gram), and
     the distinct token ids of an embedding use. ``wide_copy``: the engine casts bf16 activations and gradients to
-    float32; ``pass_flops``: the module's own FLOPs in the pass (for the generic fallback)."""
+    float32; ``pass_flops``: the module's own FLOPs in the pass (for the generic fallback); ``within``: in-pass
+    capture, each pair's entries alone, ``union`` the longest span of the calls reduced with this one (see
+    :func:`_factored`)."""
     module, T, d_out = call.module, call.in_shape[1], call.out_width
     rule = rule_for(module)
     name = getattr(rule, "__name__", None)
@@ -350,10 +369,10 @@ def _use_cost(call: _Call, n: int, span: int, wide_copy: bool, full: bool, pass_
     costs, distinct = {}, None
     if name in ("linear", "conv1d"):
         a, b = (d_out, d_in) if name == "linear" else (d_in, d_out)
-        costs["weight"] = _factored(n, span, a, b, full)
+        costs["weight"] = _factored(n, span, a, b, full, T if within else None, union)
         costs["weight"].transient += hook + cast_in
-        if module._parameters.get("bias") is not None:
-            costs["bias"] = _Cost("dense", _dense(n, d_out, full), 4 * n * d_out)
+        if module._parameters.get("bias") is not None:     # within pairs: summed from the weight's output products
+            costs["bias"] = _Cost("dense", 0 if within else _dense(n, d_out, full), 4 * n * d_out)
     elif name == "embedding":
         costs["weight"], distinct = _embedding(call, n, span)
         costs["weight"].transient += hook
@@ -451,10 +470,17 @@ def plan(config_or_dir: str | Path | Mapping[str, Any], *, pairs: int, prompt: i
     def span(call: _Call) -> int:                 # positions whose output gradient is not zero
         return response if call.started > meas.last_attention else T - 1
 
+    def group(call: _Call) -> tuple:              # calls the engine stacks into one (equal shapes)
+        return type(call.module), call.in_shape[-1], call.out_width
+
+    union: dict[tuple, int] = {}                  # the longest span of each such group: the stacked call's
+    for call in meas.calls:
+        union[group(call)] = max(union.get(group(call), 0), span(call))
     for call in meas.calls:
         is_shared = any(n_uses[id(p)] > 1 for p in call.module._parameters.values() if p is not None)
         costs, distinct = _use_cost(call, n, span(call), wide_copy, full or is_shared,
-                                    meas.forward.get(prefix + call.name, 0) // (2 if in_pass else 1))
+                                    meas.forward.get(prefix + call.name, 0) // (2 if in_pass else 1),
+                                    within=in_pass and not is_shared, union=union[group(call)])
         row = rows.setdefault(type(call.module).__name__, {"uses": 0, "methods": {}, "product_flops": 0,
                                                            "product_bytes": 0, "modules": set()})
         row["uses"] += 1

@@ -66,6 +66,40 @@ def test_plan_matches_a_real_measurement(name, structure, stories_dir):
     assert "materialised" in rows.loc["Conv1D" if name == "gpt2" else "Linear", "method"]
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_plan_in_pass_matches_a_real_capture(name):
+    """plan(in_pass=True): the products of in-pass capture (each pair's entries alone, the affine layers reduced
+    together over the pass's positions) against the FLOPs a real capture adds to a real DPO step."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from entangle.capture.inpass import PassRecorder
+    from entangle.capture.params import select_params
+
+    pairs, prompt, response = 4, 24, 40
+    config = GPT2 if name == "gpt2" else LLAMA
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config)).train()
+    batch = _batch(pairs, prompt, response, model.config.vocab_size)
+
+    def step() -> int:
+        with flop_counter() as f:
+            dpo_loss(model, batch).backward()
+        model.zero_grad(set_to_none=True)
+        return f.get_total_flops()
+
+    plain = step()
+    recorder = PassRecorder(model, select_params(model), strict=True)
+    with recorder.recording() as records:
+        recorded = step()
+    recorder.close()
+    assert len(records) == 1 and torch.isfinite(records[0].inner).all()
+    frame = plan(config, pairs=pairs, prompt=prompt, response=response, dtype="float32", in_pass=True)
+    totals = frame.attrs["totals"]
+    assert totals["measure_flops"] == pytest.approx(recorded - plain, rel=0.15), (totals["measure_flops"],
+                                                                                  recorded - plain)
+    assert "ghost" in frame.set_index("layer_type").loc["Conv1D" if name == "gpt2" else "Linear", "method"]
+
+
 def test_plan_shards_state_not_activations():
     one = plan(LLAMA, pairs=4, prompt=8, response=8).attrs["totals"]
     two = plan(LLAMA, pairs=4, prompt=8, response=8, world_size=2, in_pass=True)
