@@ -540,17 +540,21 @@ class GramEngine:
         fused: dict[tuple, list] = {}
         rest = []
         for calls in pending.values():
-            part, rule, module, own, a, grad, _ = calls[0]
+            _, rule, module, own = calls[0][:4]
             if not (getattr(rule, "affine", False) and self.kept is None and set(own) <= {"weight", "bias"}):
                 rest.append(calls)
                 continue
-            n, t = a.shape[:2]
-            if factored_kind(n * t, n, a.shape[-1], grad.shape[-1], self.mode, [2 * t] * (n // 2)) != "ghost" \
-                    or n // 2 * 4 * t * t > AFFINE_ELEMS:
-                rest.append(calls)
-                continue
+            apart = []
             for call in calls:
-                fused.setdefault((call[4].shape[:2], call[4].device, self._dtype(module, own)), []).append(call)
+                a, grad = call[4], call[5]
+                n, t = a.shape[:2]
+                if factored_kind(n * t, n, a.shape[-1], grad.shape[-1], self.mode, [2 * t] * (n // 2)) == "ghost" \
+                        and n // 2 * 4 * t * t <= AFFINE_ELEMS:
+                    fused.setdefault((a.shape[:2], a.device, self._dtype(module, own)), []).append(call)
+                else:
+                    apart.append(call)
+            if apart:
+                rest.append(apart)
         for ((n, t), _, dtype), calls in fused.items():
             step = AFFINE_ELEMS // (n // 2 * 4 * t * t)
             for s in range(0, len(calls), step):

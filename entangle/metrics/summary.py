@@ -94,7 +94,7 @@ def summarize_columns(step: int, columns: Mapping[str, np.ndarray]) -> pd.DataFr
     """``summarize`` of one step's pairs given as the arrays of their columns (a frame's, before the frame is built,
     as a callback has them at every step): the same row, without pandas' per-column access (~50 µs a column)."""
     n = len(next(iter(columns.values())))
-    return pd.DataFrame([{"step": step} | _summarize_step(columns, n, None, None)])
+    return pd.DataFrame([{"step": step} | _summarize_step(_Arrays(columns), n, None, None)])
 
 
 class _Columns:
@@ -106,19 +106,28 @@ class _Columns:
     def __contains__(self, name: str) -> bool:
         return name in self.frame
 
-    def __getitem__(self, name: str) -> np.ndarray:
-        return self.frame[name].to_numpy()
+    def array(self, name: str, dtype) -> np.ndarray:
+        return self.frame[name].to_numpy(dtype=dtype)
 
 
-def _summarize_step(g: Mapping[str, ArrayLike], size: int, pref_col: str | None, beta: float | None
-                    ) -> dict[str, float]:
+class _Arrays(_Columns):
+    """Columns given as arrays already."""
+
+    def __init__(self, columns: Mapping[str, ArrayLike]):
+        self.frame = columns
+
+    def array(self, name: str, dtype) -> np.ndarray:
+        return np.asarray(self.frame[name], dtype=dtype)
+
+
+def _summarize_step(g: _Columns, size: int, pref_col: str | None, beta: float | None) -> dict[str, float]:
     check = [c for c in _STAT_COLUMNS if c in g] + ([pref_col] if pref_col else [])
     ok = np.ones(size, dtype=bool)
     for c in check:
-        ok &= np.isfinite(np.asarray(g[c], dtype=float))
+        ok &= np.isfinite(g.array(c, float))
 
     def col(name: str, dtype=float) -> np.ndarray:           # the included pairs' values
-        return np.asarray(g[name], dtype=dtype)[ok]
+        return g.array(name, dtype)[ok]
 
     n = int(ok.sum())
     row: dict[str, float] = {"n_pairs": size, "n_excluded": size - n}
