@@ -186,6 +186,7 @@ def test_broadcast_position_ids_take_the_aligned_rows_and_equal_the_key_sums():
     keyed = EmbeddingRows(ids.contiguous(), grads, valid, rows)
     assert isinstance(got, contrib.AlignedRows)
     torch.testing.assert_close(got.gram(), keyed.gram(), rtol=1e-12, atol=1e-12)
+    assert "_sorted" not in vars(got)                           # the Gram reads the positions in any order
     torch.testing.assert_close(got.rows(None), keyed.rows(None), rtol=1e-12, atol=1e-12)
     delta = torch.randn(rows, cols, generator=g, dtype=torch.float64)
     torch.testing.assert_close(got.dot(delta), keyed.dot(delta), rtol=1e-12, atol=1e-12)

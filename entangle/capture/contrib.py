@@ -371,12 +371,24 @@ class AlignedRows:
     kind = "sparse"
 
     def __init__(self, ids: torch.Tensor, grads: torch.Tensor, n_rows: int):
-        order = torch.argsort(ids)
-        self.touched, self.values = ids[order], grads[:, order]           # sorted ids, [N, T, d]
+        self.ids, self.grads = ids, grads
         self.n, self.n_rows, self.device = grads.shape[0], n_rows, grads.device
 
-    def gram(self) -> torch.Tensor:
-        return _gram64(self.values.reshape(self.n, -1))
+    @functools.cached_property
+    def _sorted(self) -> tuple[torch.Tensor, torch.Tensor]:
+        order = torch.argsort(self.ids)
+        return self.ids[order], self.grads[:, order]                      # sorted ids, [N, T, d]
+
+    @property
+    def touched(self) -> torch.Tensor:
+        return self._sorted[0]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._sorted[1]
+
+    def gram(self) -> torch.Tensor:                     # over every position, in any order: no sort needed
+        return _gram64(self.grads.reshape(self.n, -1))
 
     def rows(self, index: torch.Tensor | None) -> torch.Tensor:
         if index is None:

@@ -443,7 +443,8 @@ class GramEngine:
             key = (g.device, dtype, calls, g.dim())
             of, scale = self.scales.get(key, (None, None))
             if of is not self.row_scale:            # once per pass and shape of call, not per call
-                scale = self.row_scale.to(device=g.device, dtype=dtype).repeat(calls).view(-1, *[1] * (g.dim() - 1))
+                scale = self.row_scale.to(device=g.device, dtype=dtype)
+                scale = (scale.repeat(calls) if calls > 1 else scale).view(-1, *[1] * (g.dim() - 1))
                 self.scales[key] = (self.row_scale, scale)
             g = g * scale
         return g
