@@ -180,6 +180,8 @@ class GramEngine:
         # book-keeping (keep_contributions): every contribution of the pass per parameter, for weighted_grads
         self.kept: dict[str, list] | None = None
         self.owners, self.name_at = layout if layout is not None else engine_layout(model, self.named)
+        # calls of small layers may be held back and reduced together (_batch_key): plain full Gram views only
+        self.batchable = not pairs and delta is None and kinds == ["plain"]
 
     # -- the pass ----------------------------------------------------------------------------------------------
     def run(self, batch: Mapping[str, torch.Tensor], forward: Callable,
@@ -510,16 +512,20 @@ class GramEngine:
         of parameters with one use each, through rules that declare a ``batch_key``, on one input [N, T, d]; calls
         of different lengths T are padded with zeros (positions without a gradient, which add nothing)."""
         batch_key = getattr(rule, "batch_key", None)
-        if (batch_key is None or part.sink is not None or self.pairs or self.delta is not None
-                or set(self.geometries) != {"plain"} or len(args) != 1 or not torch.is_tensor(args[0])
-                or grad.dim() != 3 or args[0].dim() != 3 or args[0].shape[:2] != grad.shape[:2]):
+        if batch_key is None or part.sink is not None or not self.batchable or len(args) != 1:
             return None
-        names = [self.name_at[id(module), k] for k in own]
-        if any(len(self.uses[name]) != 1 for name in names):
+        a = args[0]
+        if not torch.is_tensor(a) or grad.dim() != 3 or a.dim() != 3:
             return None
+        sa, sg = a.shape, grad.shape
+        if sa[0] != sg[0] or sa[1] != sg[1]:
+            return None
+        names = tuple(self.name_at[id(module), k] for k in own)
+        for name in names:
+            if len(self.uses[name]) != 1:
+                return None
         return (rule, type(module), batch_key(module), tuple(own), tuple(self.shapes[name] for name in names),
-                self.mode, args[0].shape[0], args[0].shape[2], args[0].dtype, grad.shape[2], grad.dtype, grad.device,
-                self._dtype(module, own))
+                sa[0], sa[2], a.dtype, sg[2], grad.dtype, grad.device, self._dtype(module, own))
 
     def _flush_pending(self) -> None:
         """Reduce the calls held back: each group of equal keys as one stacked call, else call by call."""
