@@ -270,6 +270,12 @@ class Factored:
                  for s in range(0, self.n_rows, step)))
 
 
+def _field_of(cached: str, i: int) -> property:
+    """A read-only attribute that is item ``i`` of the tuple a ``cached_property`` named ``cached`` forms when first
+    read (several fields formed together, lazily)."""
+    return property(lambda self: getattr(self, cached)[i])
+
+
 class EmbeddingRows:
     """Per-example gradients of an embedding lookup, sparse by token id: ``g_i[v] = sum_{t: id_t = v} delta_t``.
 
@@ -297,17 +303,7 @@ class EmbeddingRows:
         self._lookup = None
         return keys // width, keys % width, sums
 
-    @property
-    def key_ex(self) -> torch.Tensor:
-        return self._keys[0]
-
-    @property
-    def key_id(self) -> torch.Tensor:
-        return self._keys[1]
-
-    @property
-    def sums(self) -> torch.Tensor:
-        return self._keys[2]
+    key_ex, key_id, sums = (_field_of("_keys", i) for i in range(3))
 
     @functools.cached_property
     def touched(self) -> torch.Tensor:
@@ -379,13 +375,7 @@ class AlignedRows:
         order = torch.argsort(self.ids)
         return self.ids[order], self.grads[:, order]                      # sorted ids, [N, T, d]
 
-    @property
-    def touched(self) -> torch.Tensor:
-        return self._sorted[0]
-
-    @property
-    def values(self) -> torch.Tensor:
-        return self._sorted[1]
+    touched, values = (_field_of("_sorted", i) for i in range(2))
 
     def gram(self) -> torch.Tensor:                     # over every position, in any order: no sort needed
         return _gram64(self.grads.reshape(self.n, -1))
