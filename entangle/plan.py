@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 
 from .capture.contrib import CHUNK_ELEMS, PARTIAL_SUM, embedding_dense, factored_kind
-from .capture.engine import AFFINE_ELEMS
+from .capture.engine import affine_together
 from .capture.logprobs import model_logits, token_logps
 from .capture.rules import rule_for
 
@@ -309,7 +309,7 @@ def _factored(n: int, span: int, a: int, b: int, full: bool, within: int | None 
     m = n * span
     if within is not None:
         b_pairs, t = n // 2, within
-        fused = factored_kind(n * t, n, a, b, pair_m=[2 * t] * b_pairs) == "ghost" and b_pairs * 4 * t * t <= AFFINE_ELEMS
+        fused = affine_together(n, t, a, b)
         kind = "ghost" if fused else factored_kind(m, n, a, b, pair_m=[2 * span] * b_pairs)
         if kind == "ghost":
             width = 2 * (t if fused else union or span)

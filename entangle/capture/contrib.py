@@ -608,8 +608,14 @@ def _ghost_pair_blocks(left: torch.Tensor, right: torch.Tensor, groups: int) -> 
     for s in range(0, lp.shape[0], step):
         ls, rs = lp[s:s + step], rp[s:s + step]
         prod = torch.bmm(ls, ls.transpose(1, 2)) * torch.bmm(rs, rs.transpose(1, 2))
-        out[s:s + step] = prod.to(torch.float64).view(-1, 2, span, 2, span).sum((2, 4))
+        out[s:s + step] = _pair_sums64(prod, span)
     return _from_pairs(out, groups)
+
+
+def _pair_sums64(prod: torch.Tensor, span: int) -> torch.Tensor:
+    """Position products [P, 2T, 2T] of pairs (chosen positions, then rejected) summed into their [P, 2, 2] blocks, in
+    float64."""
+    return prod.to(torch.float64).view(-1, 2, span, 2, span).sum((2, 4))
 
 
 def affine_within_blocks(inputs: list[torch.Tensor], grads: list[torch.Tensor], dtype: torch.dtype,
@@ -650,9 +656,8 @@ def affine_within_blocks(inputs: list[torch.Tensor], grads: list[torch.Tensor], 
         return k
 
     kg = pair_grams(grads, row_scale)
-    weight = (pair_grams(inputs, None) * kg).to(torch.float64).view(c * b, 2, t, 2, t).sum((2, 4))
-    bias = kg.to(torch.float64).view(c * b, 2, t, 2, t).sum((2, 4))
-    both = _from_pairs(torch.cat([weight, bias]), 2 * c)
+    weight = _pair_sums64((pair_grams(inputs, None) * kg).view(c * b, 2 * t, 2 * t), t)
+    both = _from_pairs(torch.cat([weight, _pair_sums64(kg.view(c * b, 2 * t, 2 * t), t)]), 2 * c)
     if not torch.isfinite(both.diagonal(0, 1, 2)).all():
         return None
     return both[:c], both[c:]

@@ -554,9 +554,7 @@ class GramEngine:
             apart = []
             for call in calls:
                 a, grad = call[4], call[5]
-                n, t = a.shape[:2]
-                if factored_kind(n * t, n, a.shape[-1], grad.shape[-1], self.mode, [2 * t] * (n // 2)) == "ghost" \
-                        and n // 2 * 4 * t * t <= AFFINE_ELEMS:
+                if affine_together(*a.shape[:2], a.shape[-1], grad.shape[-1], self.mode):
                     fused.setdefault((a.shape[:2], a.device, self._dtype(module, own)), []).append(call)
                 else:
                     apart.append(call)
@@ -754,6 +752,14 @@ class GramEngine:
                 out[name] = torch.zeros(*shape, dtype=torch.float64, device=p.device)
                 self.info.setdefault(name, "unused (zero gradient)")
         return out
+
+
+def affine_together(n: int, t: int, a: int, b: int, mode: str = "auto") -> bool:
+    """Whether a within-pair engine reduces an affine call (``n`` sequences over ``t`` positions, factors of widths
+    ``a`` and ``b``) with the pass's other affine layers (:func:`~entangle.capture.contrib.affine_within_blocks`):
+    its pair-by-pair ghost reduction over all ``2t`` positions of a pair is the cheaper and fits ``AFFINE_ELEMS``."""
+    return (factored_kind(n * t, n, a, b, mode, [2 * t] * (n // 2)) == "ghost"
+            and n // 2 * 4 * t * t <= AFFINE_ELEMS)
 
 
 def positions_with_gradient(g: torch.Tensor) -> torch.Tensor:

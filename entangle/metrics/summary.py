@@ -100,24 +100,21 @@ def summarize_columns(step: int, columns: Mapping[str, np.ndarray]) -> pd.DataFr
 class _Columns:
     """A frame's columns as arrays, read one by one (selecting them as one frame first costs more)."""
 
-    def __init__(self, frame: pd.DataFrame):
-        self.frame = frame
+    def __init__(self, columns: pd.DataFrame | Mapping[str, ArrayLike]):
+        self.columns = columns
 
     def __contains__(self, name: str) -> bool:
-        return name in self.frame
+        return name in self.columns
 
     def array(self, name: str, dtype) -> np.ndarray:
-        return self.frame[name].to_numpy(dtype=dtype)
+        return self.columns[name].to_numpy(dtype=dtype)
 
 
 class _Arrays(_Columns):
     """Columns given as arrays already."""
 
-    def __init__(self, columns: Mapping[str, ArrayLike]):
-        self.frame = columns
-
     def array(self, name: str, dtype) -> np.ndarray:
-        return np.asarray(self.frame[name], dtype=dtype)
+        return np.asarray(self.columns[name], dtype=dtype)
 
 
 def _summarize_step(g: _Columns, size: int, pref_col: str | None, beta: float | None) -> dict[str, float]:
