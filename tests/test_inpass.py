@@ -20,7 +20,7 @@ from entangle.builtin import builtin_model, builtin_pairs, builtin_tokenizer  # 
 from entangle.capture.inpass import InPassError, PassRecorder  # noqa: E402
 from entangle.capture.logprobs import token_logps  # noqa: E402
 from entangle.capture.params import select_params  # noqa: E402
-from entangle.integrations.training_pass import KEY_CHUNK, dataset_keys, pair_keys  # noqa: E402
+from entangle.integrations.training_pass import KEY_CHUNK, column_keys, dataset_keys, pair_keys  # noqa: E402
 from entangle.metrics.dataset import dataset_view, most_entangled  # noqa: E402
 from entangle.report import make_report  # noqa: E402
 from entangle.runio import read_run  # noqa: E402
@@ -86,12 +86,55 @@ def test_dpo_rows_equal_the_exact_twin_on_stories_hh(tmp_path, stories_dir, stor
     assert [h["entangle_train/cosine_q50"] for h in logged] == run["train_summary"]["cosine_q50"].tolist()
 
 
-def _assert_chunked_keys_equal_row_by_row(trainer):
-    """dataset_keys collates KEY_CHUNK rows at a time: the same keys as collating each row alone."""
+def _row_by_row_keys(data, collate) -> dict:
+    """The slow twin of dataset_keys: each row collated alone by the trainer's collator -> its first row."""
     alone: dict = {}
-    for i in range(len(trainer.train_dataset)):
-        alone.setdefault(pair_keys(trainer.data_collator([trainer.train_dataset[i]]))[0], i)
-    assert len(trainer.train_dataset) > KEY_CHUNK and dataset_keys(trainer) == alone
+    for i in range(len(data)):
+        alone.setdefault(pair_keys(collate([data[i]]))[0], i)
+    return alone
+
+
+def _assert_dataset_keys_equal_row_by_row(trainer):
+    """dataset_keys reads TRL's layouts from their token columns: the same keys as collating each row alone."""
+    data, collate = trainer.train_dataset, trainer.data_collator
+    assert column_keys(data, collate) is not None       # the token columns were read, not every row collated
+    assert len(data) > KEY_CHUNK and dataset_keys(trainer) == _row_by_row_keys(data, collate)
+
+
+@pytest.mark.parametrize("mode", [None, "keep_start", "keep_end"])
+def test_dataset_keys_from_token_columns_equal_the_collator_on_hh(stories_tokenizer, hh_rows, mode):
+    """TRL DPO's layout with real HH pairs, truncated by the collator (or not): the keys read from the columns equal
+    the collator's row by row; a collator that forms other sequences is noticed and every row collated instead."""
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from entangle.data import load_pairs
+
+    tok = stories_tokenizer
+    rows = [{"prompt_ids": tok(r["prompt"])["input_ids"], "chosen_ids": tok(r["chosen"])["input_ids"],
+             "rejected_ids": tok(r["rejected"])["input_ids"]} for r in load_pairs(hh_rows[:150])]
+    rows.append(dict(rows[3]))                      # a duplicate row: the first one is its index
+    data = Dataset.from_list(rows)
+    collate = DataCollatorForPreference(pad_token_id=0, **({} if mode is None else
+                                                           {"max_length": 96, "truncation_mode": mode}))
+    slow = _row_by_row_keys(data, collate)
+    assert len(slow) == len(rows) - 1 and slow[pair_keys(collate([rows[3]]))[0]] == 3
+    if mode is not None:                            # truncation changes some keys, and only those
+        assert sum(len(c) == 96 for c, _ in slow) > 5
+    assert column_keys(data, collate) is not None and dataset_keys(_Holder(data, collate)) == slow
+
+    class Shifted(DataCollatorForPreference):   # a collator the columns do not describe: one more token per row
+        def torch_call(self, examples):
+            return super().torch_call([{**e, "prompt_ids": [1, *e["prompt_ids"]]} for e in examples])
+
+    other = Shifted(pad_token_id=0, max_length=collate.max_length, truncation_mode=collate.truncation_mode)
+    assert column_keys(data, other) is None and dataset_keys(_Holder(data, other)) == _row_by_row_keys(data, other)
+
+
+class _Holder:
+    """What dataset_keys reads of a trainer."""
+
+    def __init__(self, data, collate):
+        self.train_dataset, self.data_collator = data, collate
 
 
 def _dpo_builtin(tmp_path, callbacks, **kw):
@@ -116,7 +159,7 @@ def test_in_pass_capture_does_not_change_training(tmp_path, checkpointing):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [h["loss"] for h in without.state.log_history if "loss" in h] == \
         [h["loss"] for h in with_cb.state.log_history if "loss" in h]
-    _assert_chunked_keys_equal_row_by_row(with_cb)
+    _assert_dataset_keys_equal_row_by_row(with_cb)
     run = read_run(tmp_path / "b" / "entangle")
     tp = run["train_pairs"]
     assert len(tp) == 3 * 4 and (tp["index"] >= 0).all() and np.isfinite(tp["cosine"]).all()
@@ -156,7 +199,7 @@ def test_cpo_simpo_logits_path_equals_the_exact_twin(tmp_path):
 
     _check_rows_against_twin(tp, snaps, batch_of)
     assert (tp["a_chosen"] > 0).all() and (tp["a_rejected"] < 0).all()
-    _assert_chunked_keys_equal_row_by_row(trainer)
+    _assert_dataset_keys_equal_row_by_row(trainer)
 
 
 def test_refused_at_train_begin_with_the_reason(tmp_path):

@@ -67,17 +67,27 @@ KEY_CHUNK = 64
 
 def dataset_keys(trainer: Any) -> dict[tuple, int]:
     """(chosen token ids, rejected token ids) as the model sees them -> first row of ``trainer.train_dataset`` with
-    them, by collating the rows with the trainer's own collator, ``KEY_CHUNK`` at a time (the keys keep only the
-    tokens the attention mask keeps, so padding to a chunk's longest row changes nothing); a chunk the collator
-    refuses is collated row by row, and rows it cannot collate alone are left out."""
+    them.
+
+    A dataset in a layout whose collator is known (TRL DPO's ``prompt_ids`` / ``chosen_ids`` / ``rejected_ids``,
+    CPO's ``chosen_input_ids`` / ``rejected_input_ids``) is read from its token columns (:func:`column_keys`), after
+    the trainer's own collator gave the same keys on a sample of rows (the first ``KEY_CHUNK`` and the longest, which
+    truncation would change). Otherwise the rows are collated with the trainer's collator, ``KEY_CHUNK`` at a time
+    (the keys keep only the tokens the attention mask keeps, so padding to a chunk's longest row changes nothing); a
+    chunk the collator refuses is collated row by row, and rows it cannot collate alone are left out."""
     data, collate = trainer.train_dataset, trainer.data_collator
     keys: dict[tuple, int] = {}
     if data is None or collate is None:
         return keys
+    fast = column_keys(data, collate)
+    if fast is not None:
+        for i, key in enumerate(fast):
+            keys.setdefault(key, i)
+        return keys
     n = len(data)
     with tqdm(total=n, desc="entangle: indexing the training pairs", leave=False, disable=n < 2000) as bar:
         for start in range(0, n, KEY_CHUNK):
-            rows = _rows(data, start, min(n, start + KEY_CHUNK))
+            rows = _rows(data, range(start, min(n, start + KEY_CHUNK)))
             for j, key in enumerate(_chunk_keys(collate, rows)):
                 if key is not None:
                     keys.setdefault(key, start + j)
@@ -85,13 +95,73 @@ def dataset_keys(trainer: Any) -> dict[tuple, int]:
     return keys
 
 
-def _rows(data: Any, start: int, stop: int) -> list:
-    """Rows ``start:stop`` of a dataset as a list of rows (one slice of a ``datasets.Dataset``, whose slices are
+# Token columns of the dataset layouts whose collators column_keys knows: TRL DPO (DataCollatorForPreference: prompt
+# and response concatenated, cut to its max_length by its truncation_mode) and the CPO/ORPO layout
+# (DPODataCollatorWithPadding: each sequence's ids where its attention mask is 1).
+DPO_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+CPO_COLUMNS = ("chosen_input_ids", "rejected_input_ids")
+# Rows of each response's longest whose column keys are checked against the collator (with the first KEY_CHUNK).
+CHECK_LONGEST = 8
+
+
+def column_keys(data: Any, collate: Any) -> list[tuple] | None:
+    """Per row of a ``datasets.Dataset``, its (chosen, rejected) key read from its token columns as its collator
+    forms them, without collating; None where the layout is not one of those known, or where the collator's own
+    keys of the checked rows (the first ``KEY_CHUNK`` and the ``CHECK_LONGEST`` longest of each response) differ."""
+    names = set(getattr(data, "column_names", None) or ())
+    if not hasattr(data, "select_columns") or len(data) == 0:
+        return None
+    if names.issuperset(DPO_COLUMNS):
+        cut = _truncation(collate)
+        if cut is None:
+            return None
+        cols = data.with_format(None).select_columns(list(DPO_COLUMNS))[:]
+        keys = [(tuple(cut(p + c)), tuple(cut(p + r)))
+                for p, c, r in zip(*(cols[k] for k in DPO_COLUMNS), strict=True)]
+    elif names.issuperset(CPO_COLUMNS):
+        masks = [f"{k.split('_')[0]}_attention_mask" for k in CPO_COLUMNS]
+        read = list(CPO_COLUMNS) + [m for m in masks if m in names]
+        cols = data.with_format(None).select_columns(read)[:]
+
+        def kept(ids: list, mask: list | None) -> tuple:
+            return tuple(ids) if mask is None else tuple(t for t, m in zip(ids, mask, strict=True) if m)
+
+        sides = [[kept(ids, mask) for ids, mask in zip(cols[k], cols.get(m) or [None] * len(cols[k]), strict=True)]
+                 for k, m in zip(CPO_COLUMNS, masks, strict=True)]
+        keys = list(zip(*sides, strict=True))
+    else:
+        return None
+    check = set(range(min(len(keys), KEY_CHUNK)))
+    for side in (0, 1):
+        check.update(sorted(range(len(keys)), key=lambda i: -len(keys[i][side]))[:CHECK_LONGEST])
+    check = sorted(check)
+    if _chunk_keys(collate, _rows(data, check)) != [keys[i] for i in check]:
+        logger.debug("entangle: the collator's keys differ from the dataset's token columns; collating every row")
+        return None
+    return keys
+
+
+def _truncation(collate: Any):
+    """The cut TRL's ``DataCollatorForPreference`` applies to a prompt+response (its ``max_length`` and
+    ``truncation_mode``), None for an unknown mode."""
+    limit, mode = getattr(collate, "max_length", None), getattr(collate, "truncation_mode", "keep_start")
+    if limit is None:
+        return lambda ids: ids
+    if mode == "keep_start":
+        return lambda ids: ids[:limit]
+    if mode == "keep_end":
+        return lambda ids: ids[-limit:]
+    return None
+
+
+def _rows(data: Any, indices: range | list[int]) -> list:
+    """Rows ``indices`` of a dataset as a list of rows (one read of a ``datasets.Dataset``, whose slices are
     columns)."""
-    chunk = data[start:stop] if hasattr(data, "column_names") else None
-    if isinstance(chunk, dict):
-        return [dict(zip(chunk, values, strict=True)) for values in zip(*chunk.values(), strict=True)]
-    return [data[i] for i in range(start, stop)]
+    if hasattr(data, "column_names"):
+        chunk = data[indices.start:indices.stop] if isinstance(indices, range) else data[list(indices)]
+        if isinstance(chunk, dict):
+            return [dict(zip(chunk, values, strict=True)) for values in zip(*chunk.values(), strict=True)]
+    return [data[i] for i in indices]
 
 
 def _chunk_keys(collate: Any, rows: list) -> list:
