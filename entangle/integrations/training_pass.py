@@ -8,6 +8,7 @@ pair's row of ``trainer.train_dataset``), a ``train_summary`` row and the scalar
 
 from __future__ import annotations
 
+import heapq
 import logging
 from typing import Any
 
@@ -133,7 +134,7 @@ def column_keys(data: Any, collate: Any) -> list[tuple] | None:
         return None
     check = set(range(min(len(keys), KEY_CHUNK)))
     for side in (0, 1):
-        check.update(sorted(range(len(keys)), key=lambda i: -len(keys[i][side]))[:CHECK_LONGEST])
+        check.update(heapq.nlargest(CHECK_LONGEST, range(len(keys)), key=lambda i: len(keys[i][side])))
     check = sorted(check)
     if _chunk_keys(collate, _rows(data, check)) != [keys[i] for i in check]:
         logger.debug("entangle: the collator's keys differ from the dataset's token columns; collating every row")
