@@ -33,7 +33,7 @@ from .contrib import (
 )
 from .logprobs import response_lengths, token_logps
 from .result import GramResult, Measurement, PairStats, stats_of_gram
-from .rules import rule_for, touched_rows
+from .rules import rule_for
 from .rules.generic import _tensors, generic
 from .sharding import is_sharded, reshard, whole
 
@@ -103,6 +103,19 @@ class _Use:
     index: dict = field(default_factory=dict)   # local param name -> index of this use among the param's uses
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What the hooks need of one module with measured parameters: the same for every pass over one layout (built
+    once per module and kept in the layout, so that a training run's hooks do not look it up again per call)."""
+
+    own: tuple[str, ...]             # the module's measured parameters (local names)
+    names: tuple[str, ...]           # their parameter names
+    rule: Callable | None            # None: the generic fallback
+    touched: Callable | None         # the rule's ``touched`` (None: a use may touch every row)
+    key: tuple | None                # the static part of the batching key (None: the rule declares no batch_key)
+    affine: bool = False             # an affine rule of its weight and bias (within pairs: reduced all together)
+
+
 @dataclass
 class _Part:
     """What is counted per separately differentiated part of a pass: the main graph, or one ``sub_pass``."""
@@ -156,6 +169,7 @@ class GramEngine:
         self.param_rows = {name: p.shape[0] if p.dim() else 1 for name, p in self.named}
         self.shapes = {name: tuple(p.shape) for name, p in self.named}
         self.pending: dict[tuple, list] = {}       # batch key -> calls of small layers held back (_flush_pending)
+        self.affine_pending: dict[tuple, list] = {}   # within pairs: (N, T, device, dtype) -> affine calls held back
         self.pending_elems = 0
         self.info: dict[str, str] = {}
         self.uses: dict[str, list] = {}           # param name -> touched rows of each use, in forward order
@@ -179,7 +193,7 @@ class GramEngine:
         self.handles = []
         # book-keeping (keep_contributions): every contribution of the pass per parameter, for weighted_grads
         self.kept: dict[str, list] | None = None
-        self.owners, self.name_at = layout if layout is not None else engine_layout(model, self.named)
+        self.owners, self.name_at, self.plans = layout if layout is not None else engine_layout(model, self.named)
         # calls of small layers may be held back and reduced together (_batch_key): plain full Gram views only
         self.batchable = not pairs and delta is None and kinds == ["plain"]
 
@@ -239,12 +253,14 @@ class GramEngine:
 
     def __enter__(self):
         for module, own in self.owners:
+            plan = self._plan(module, own)
             if id(module) in self.checkpointed:
                 self.handles.append(module.register_forward_pre_hook(self._rerun_inputs, with_kwargs=True))
             # first among the module's forward hooks: a module sharded by fully_shard on its own is resharded by
             # FSDP's hook, after which it no longer holds the tensor its call used
-            self.handles.append(module.register_forward_hook(self._make_forward_hook(own), with_kwargs=True,
-                                                             prepend=True))
+            self.handles.append(module.register_forward_hook(
+                lambda m, args, kwargs, out, plan=plan: self.on_forward(m, plan, args, kwargs, out),
+                with_kwargs=True, prepend=True))
         return self
 
     def __exit__(self, *exc):
@@ -330,56 +346,73 @@ class GramEngine:
         """A call of a checkpointed module while the backward pass recomputes its forward."""
         return id(module) in self.checkpointed and torch._C._current_graph_task_id() != -1
 
-    def _make_forward_hook(self, own: list[str]):
-        def hook(module, args, kwargs, output):
-            if self.is_paused:
-                return None
-            args, output, expanded = self._broadcast(args, output)
-            rerun = self._in_rerun(module)
-            if rerun or self.forward_done:       # a re-run's inputs were taken by its pre-hook
-                return output if expanded and rerun else None
-            self._record(module, own, args, kwargs, output)
-            return output if expanded else None
-        return hook
+    def _plan(self, module, own) -> _Plan:
+        """``module``'s :class:`_Plan` (built at its first call over this layout)."""
+        plan = self.plans.get(id(module))
+        if plan is None:
+            rule = rule_for(module)
+            names = tuple(self.name_at[id(module), k] for k in own)
+            batch_key = getattr(rule, "batch_key", None)
+            key = None if batch_key is None else (rule, type(module), batch_key(module), tuple(own),
+                                                  tuple(self.shapes[name] for name in names))
+            affine = bool(getattr(rule, "affine", False)) and set(own) <= {"weight", "bias"}
+            plan = self.plans[id(module)] = _Plan(tuple(own), names, rule, getattr(rule, "touched", None), key, affine)
+        return plan
+
+    def on_forward(self, module, plan: _Plan, args, kwargs, output):
+        """The forward hook of a module with measured parameters (installed by :meth:`__enter__`, or by a
+        :class:`HookSlot` that passes its calls to the engine of the moment); returns what the hook returns."""
+        if self.is_paused:
+            return None
+        args, output, expanded = self._broadcast(args, output)
+        rerun = id(module) in self.checkpointed and torch._C._current_graph_task_id() != -1
+        if rerun or self.forward_done:       # a re-run's inputs were taken by its pre-hook
+            return output if expanded and rerun else None
+        self._record(module, plan, args, kwargs, output)
+        return output if expanded else None
 
     def external_use(self, module: torch.nn.Module, args: tuple) -> Callable[[torch.Tensor], None]:
         """Record a call of ``module`` on ``args`` that the model made outside the module's forward (a fused kernel
         that uses its weight, such as TRL's fused LM head): returns the function to call with that call's output
         gradient [N, T, d_out] once the backward pass has it. The module must have a rule."""
         own = next((o for m, o in self.owners if m is module), None)
-        rule = rule_for(module)
-        if own is None or rule is None:
+        plan = None if own is None else self._plan(module, own)
+        if plan is None or plan.rule is None:
             raise ValueError(f"{type(module).__name__} has no measured parameter or no rule for an external use")
-        part, use_index = self.part, self._use_index(module, own, rule, args)
-        self._count_calls(part, module, own)
-        return lambda g: self._apply_rule(part, rule, module, own, (args, {}), g, use_index)
+        part, use_index = self.part, self._use_index(module, plan, args)
+        self._count_calls(part, module, plan)
+        return lambda g: self._apply_rule(part, plan.rule, module, plan.own, (args, {}), g, use_index)
 
-    def _use_index(self, module, own, rule, args) -> dict:
+    def _use_index(self, module, plan: _Plan, args) -> dict:
         """Record a use of each of ``module``'s measured parameters; local name -> index among the param's uses."""
-        part, use_index = self.part, {}
-        for k in own:
-            name = self.name_at[id(module), k]
-            if self.part_of.setdefault(name, part.key) is not part.key:
+        part, use_index, key = self.part, {}, self.part.key
+        for k, name in zip(plan.own, plan.names, strict=True):
+            if self.part_of.setdefault(name, key) is not key:
                 raise SeparatePartsError(f"parameter {name!r} is used in more than one separately "
                                          "differentiated part of the model")
             if part.sink is None:             # uses of the main graph (a sub-pass's go to its sink)
-                use_index[k] = len(self.uses.setdefault(name, []))
-                self.uses[name].append(touched_rows(rule, module, args))
+                uses = self.uses.get(name)
+                if uses is None:
+                    uses = self.uses[name] = []
+                use_index[k] = len(uses)
+                uses.append(None if plan.touched is None else plan.touched(module, args))
         return use_index
 
-    def _record(self, module, own: list[str], args: tuple, kwargs: dict, output) -> None:
+    def _record(self, module, plan: _Plan, args: tuple, kwargs: dict, output) -> None:
         """One hooked call of a module with measured parameters: its uses, and hooks on its outputs.
 
         A checkpointed module's inputs are not held from here to its output gradient (gradient checkpointing frees
         them): the hook on its output takes them from the backward pass's re-run of the same call."""
-        part = self.part
-        rule = rule_for(module)
-        use_index = self._use_index(module, own, rule, args)
-        outs = [o for o in _tensors(output) if o.requires_grad]
+        part, rule, own = self.part, plan.rule, plan.own
+        use_index = self._use_index(module, plan, args)
+        if type(output) is torch.Tensor:
+            outs = [output] if output.requires_grad else []
+        else:
+            outs = [o for o in _tensors(output) if o.requires_grad]
         for o in outs:
             if o.dim() == 0 or o.shape[0] != part.n:
                 raise RuntimeError(
-                    f"{type(module).__name__} (parameters {[self.name_at[id(module), k] for k in own]}) "
+                    f"{type(module).__name__} (parameters {list(plan.names)}) "
                     f"returned an output of shape {tuple(o.shape)} whose first dimension is not the batch of "
                     f"{part.n} sequences (the model flattens or broadcasts the batch there), so per-sequence "
                     "gradients cannot be separated at this layer; use method='exact' or leave these parameters "
@@ -398,7 +431,7 @@ class GramEngine:
                 raise ValueError(f"{type(module).__name__} has no rule, and the generic fallback needs its parameters "
                                  "whole, which torch.distributed.fsdp.fully_shard shards; register a rule for it "
                                  "or leave its parameters out (params=...)")
-            part.generic_params.update(self.name_at[id(module), k] for k in own)
+            part.generic_params.update(plan.names)
             part.generic_uses.append(use)
             for j, o in enumerate(outs):
                 o.register_hook(self._make_generic_hook(use, j))
@@ -406,7 +439,7 @@ class GramEngine:
         if len(outs) != 1:
             raise RuntimeError(f"{type(module).__name__} returned {len(outs)} differentiable outputs; "
                                "its rule expects one")
-        self._count_calls(part, module, own)
+        self._count_calls(part, module, plan)
         outs[0].register_hook(lambda g: self._apply_rule(part, rule, module, own, held, g, use_index))
 
     def _inputs(self, module, held: tuple | None) -> tuple:
@@ -419,13 +452,13 @@ class GramEngine:
                                "gradient arrived (reentrant gradient checkpointing is not supported in-pass)")
         return reruns.pop()
 
-    def _count_calls(self, part: _Part, module, own: list[str]) -> None:
-        """Count a rule-handled call of ``module``'s parameters ``own``, and the tensors it uses (for
+    def _count_calls(self, part: _Part, module, plan: _Plan) -> None:
+        """Count a rule-handled call of ``module``'s measured parameters, and the tensors it uses (for
         :meth:`_check_all_uses_hooked`)."""
-        for k in own:
-            name = self.name_at[id(module), k]
-            part.calls[name] = part.calls.get(name, 0) + 1
-            part.leaves[id(module._parameters[k])] = name
+        calls, leaves, params = part.calls, part.leaves, module._parameters
+        for k, name in zip(plan.own, plan.names, strict=True):
+            calls[name] = calls.get(name, 0) + 1
+            leaves[id(params[k])] = name
 
     def _make_generic_hook(self, use: _Use, j: int):
         def hook(grad):
@@ -487,8 +520,15 @@ class GramEngine:
         if key is None:
             self._contribute(part, rule, module, own, args, grad, use_index)
             return
-        self.pending.setdefault(key, []).append((part, rule, module, own, args[0].detach(), grad.detach(), use_index))
-        self.pending_elems += args[0].numel() + grad.numel()
+        a = args[0]
+        call = (part, rule, module, own, a.detach(), grad.detach(), use_index)
+        sa = a.shape
+        if (self.within and self.kept is None and self.plans[id(module)].affine
+                and affine_together(sa[0], sa[1], sa[2], grad.shape[2], self.mode)):
+            self.affine_pending.setdefault((sa[0], sa[1], a.device, key[-1]), []).append(call)
+        else:
+            self.pending.setdefault(key, []).append(call)
+        self.pending_elems += a.numel() + grad.numel()
         if self.pending_elems > PENDING_ELEMS:
             self._flush_pending()
 
@@ -511,8 +551,8 @@ class GramEngine:
         """What calls must share to be reduced as one (``None``: reduce this call now). Only plain full Gram views
         of parameters with one use each, through rules that declare a ``batch_key``, on one input [N, T, d]; calls
         of different lengths T are padded with zeros (positions without a gradient, which add nothing)."""
-        batch_key = getattr(rule, "batch_key", None)
-        if batch_key is None or part.sink is not None or not self.batchable or len(args) != 1:
+        plan = self.plans[id(module)]
+        if plan.key is None or part.sink is not None or not self.batchable or len(args) != 1:
             return None
         a = args[0]
         if not torch.is_tensor(a) or grad.dim() != 3 or a.dim() != 3:
@@ -520,47 +560,33 @@ class GramEngine:
         sa, sg = a.shape, grad.shape
         if sa[0] != sg[0] or sa[1] != sg[1]:
             return None
-        names = tuple(self.name_at[id(module), k] for k in own)
-        for name in names:
-            if len(self.uses[name]) != 1:
+        uses = self.uses
+        for name in plan.names:
+            if len(uses[name]) != 1:
                 return None
-        return (rule, type(module), batch_key(module), tuple(own), tuple(self.shapes[name] for name in names),
-                sa[0], sa[2], a.dtype, sg[2], grad.dtype, grad.device, self._dtype(module, own))
+        return (plan.key, sa[0], sa[2], a.dtype, sg[2], grad.dtype, grad.device, self._dtype(module, own))
 
     def _flush_pending(self) -> None:
         """Reduce the calls held back: each group of equal keys as one stacked call, else call by call."""
         pending, self.pending, self.pending_elems = self.pending, {}, 0
+        fused, self.affine_pending = self.affine_pending, {}
         if self.failed:
             return
-        groups = self._contribute_affine(pending) if self.within else list(pending.values())
+        groups = [*self._contribute_affine(fused), *pending.values()]
         for calls in groups:
             if len(calls) > 1 and self._contribute_batched(calls):
                 continue
             for part, rule, module, own, a, grad, use_index in calls:
                 self._contribute(part, rule, module, own, (a,), grad, use_index)
 
-    def _contribute_affine(self, pending: dict[tuple, list]) -> list[list]:
-        """Within pairs: the held calls of affine layers whose pair-by-pair ghost reduction is the cheaper, all
-        reduced together (:func:`~entangle.capture.contrib.affine_within_blocks`, in chunks of at most
-        ``AFFINE_ELEMS`` position products), without their rules. Returns the groups of calls left to reduce
-        otherwise (the rest, and a chunk whose result is not finite)."""
-        fused: dict[tuple, list] = {}
+    def _contribute_affine(self, fused: dict[tuple, list]) -> list[list]:
+        """Within pairs: the held calls of affine layers whose pair-by-pair ghost reduction is the cheaper
+        (:func:`affine_together`, sorted out as they arrive), all reduced together
+        (:func:`~entangle.capture.contrib.affine_within_blocks`, in chunks of at most ``AFFINE_ELEMS`` position
+        products), without their rules. Returns the calls of a chunk whose result is not finite, one group each, to
+        reduce otherwise."""
         rest = []
-        for calls in pending.values():
-            _, rule, module, own = calls[0][:4]
-            if not (getattr(rule, "affine", False) and self.kept is None and set(own) <= {"weight", "bias"}):
-                rest.append(calls)
-                continue
-            apart = []
-            for call in calls:
-                a, grad = call[4], call[5]
-                if affine_together(*a.shape[:2], a.shape[-1], grad.shape[-1], self.mode):
-                    fused.setdefault((a.shape[:2], a.device, self._dtype(module, own)), []).append(call)
-                else:
-                    apart.append(call)
-            if apart:
-                rest.append(apart)
-        for ((n, t), _, dtype), calls in fused.items():
+        for (n, t, _, dtype), calls in fused.items():
             step = AFFINE_ELEMS // (n // 2 * 4 * t * t)
             for s in range(0, len(calls), step):
                 chunk = calls[s:s + step]
@@ -569,9 +595,11 @@ class GramEngine:
                 if got is None:                 # each call on its own (they may be of different layers)
                     rest.extend([call] for call in chunk)
                     continue
-                for i, (_, rule, module, own, *_) in enumerate(chunk):
-                    for k in own:
-                        self.add_gram(self.name_at[id(module), k], got[k == "bias"][i], f"{rule.__name__}:ghost")
+                weight, bias = got[0].unbind(0), got[1].unbind(0)
+                for i, (_, rule, module, *_) in enumerate(chunk):
+                    plan = self.plans[id(module)]
+                    for k, name in zip(plan.own, plan.names, strict=True):
+                        self.add_gram(name, weight[i] if k == "weight" else bias[i], f"{rule.__name__}:ghost")
         return rest
 
     def _contribute_batched(self, calls: list) -> bool:
@@ -589,6 +617,7 @@ class GramEngine:
                 grams[k] = block_grams(contribs[k], len(calls), self.mode, self.within)
                 if grams[k] is None:
                     return False
+        grams = {k: (blocks.unbind(0), kinds) for k, (blocks, kinds) in grams.items()}
         for i, call in enumerate(calls):
             for k in own:
                 blocks, kinds = grams[k]
@@ -714,7 +743,7 @@ class GramEngine:
         self.rerun_inputs.clear()
         self.waiting.clear()
         self.scales.clear()
-        self.pending, self.pending_elems = {}, 0
+        self.pending, self.affine_pending, self.pending_elems = {}, {}, 0
         self.geometries = {k: {"blocks": {}, "shared": {}} for k in self.geometries}
         self.dots = {}
 
@@ -752,6 +781,45 @@ class GramEngine:
                 out[name] = torch.zeros(*shape, dtype=torch.float64, device=p.device)
                 self.info.setdefault(name, "unused (zero gradient)")
         return out
+
+
+class HookSlot:
+    """The engine's module hooks installed once for many passes over one layout (in-pass capture: every micro-batch
+    of a recorded optimizer step), each call passed to the engine in :attr:`engine` (``None``: not recorded). What
+    the hooks do is the same as an engine's own (:meth:`GramEngine.__enter__`); only installing and removing them
+    once per pass (two hooks on each measured module) is saved.
+
+    Args:
+        layout: :func:`engine_layout` of the engines that will use it.
+        checkpointed: ids of the modules re-run by gradient checkpointing (their pre-hooks take the re-run's inputs).
+    """
+
+    def __init__(self, layout: tuple, checkpointed: set[int]):
+        self.engine: GramEngine | None = None
+        self.handles = []
+        for module, own in layout[0]:
+            if id(module) in checkpointed:
+                self.handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
+            self.handles.append(module.register_forward_hook(self._hook(own), with_kwargs=True, prepend=True))
+
+    def _pre(self, module, args, kwargs):
+        engine = self.engine
+        if engine is not None:
+            engine._rerun_inputs(module, args, kwargs)
+
+    def _hook(self, own: list[str]):
+        def hook(module, args, kwargs, output):
+            engine = self.engine
+            if engine is None:
+                return None
+            return engine.on_forward(module, engine._plan(module, own), args, kwargs, output)
+        return hook
+
+    def remove(self) -> None:
+        self.engine = None
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
 
 
 def affine_together(n: int, t: int, a: int, b: int, mode: str = "auto") -> bool:
@@ -797,10 +865,11 @@ def _stack(xs: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def engine_layout(model: torch.nn.Module, named_params) -> tuple[list, dict]:
-    """``(owners, name_at)`` of a :class:`GramEngine` (its ``layout``, which a caller running many passes over the same
-    model and parameters builds once): the modules holding measured parameters with their local names, in module
-    order, and ``(id(module), local name) -> parameter name``. A hooked call's parameter is found by (module, local
+def engine_layout(model: torch.nn.Module, named_params) -> tuple[list, dict, dict]:
+    """``(owners, name_at, plans)`` of a :class:`GramEngine` (its ``layout``, which a caller running many passes over
+    the same model and parameters builds once): the modules holding measured parameters with their local names, in
+    module order, ``(id(module), local name) -> parameter name``, and the hooks' per-module facts (``_Plan``, filled
+    by the engines as modules are first called). A hooked call's parameter is found by (module, local
     name), not by the tensor it holds then: FSDP2 (fully_shard) swaps the registered DTensor for a whole plain tensor
     during the module's forward."""
     name_of = {id(p): name for name, p in named_params}
@@ -813,7 +882,7 @@ def engine_layout(model: torch.nn.Module, named_params) -> tuple[list, dict]:
         name_at.update({(id(module), k): name_of[id(module._parameters[k])] for k in own})
         if own:
             owners.append((module, own))
-    return owners, name_at
+    return owners, name_at, {}
 
 
 def pair_weights(weights, logps: torch.Tensor, n: int) -> torch.Tensor:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .engine import GramEngine, engine_layout
+from .engine import GramEngine, HookSlot, engine_layout
 from .sharding import check_supported, is_sharded, whole
 
 # a coefficient at or below this magnitude has (nearly) underflowed: the sequence's gradients cannot be recovered
@@ -131,12 +131,14 @@ class PassRecorder:
         self.armed = False
         self.current: _Pass | None = None
         self.open: list[_Pass] = []          # passes whose backward has not ended (their engine hooks installed)
+        self.slot: HookSlot | None = None    # the engines' module hooks, installed once per recording
         self.handles = [model.register_forward_pre_hook(self._begin, with_kwargs=True),
                         model.register_forward_hook(self._end, with_kwargs=True)]
 
     def close(self) -> None:
         """Remove the hooks."""
         self._close_open()
+        self._remove_slot()
         for h in self.handles:
             h.remove()
         self.handles.clear()
@@ -150,6 +152,12 @@ class PassRecorder:
         finally:
             self.armed = False
             self._close_open()
+            self._remove_slot()
+
+    def _remove_slot(self) -> None:
+        if self.slot is not None:
+            self.slot.remove()
+            self.slot = None
 
     def _close_open(self) -> None:
         """Release the passes whose backward never ended (an evaluation with gradients, an error)."""
@@ -206,7 +214,9 @@ class PassRecorder:
         engine.checkpointed, engine.on_error = self.checkpointed, self._failed
         p = _Pass(engine, ids.detach(), attention.detach(), kwargs.get("labels"))
         p.fused = bool(kwargs.get("fused_lm_head", False))
-        engine.__enter__()
+        if self.slot is None:                # the engines' module hooks, installed at the recording's first pass
+            self.slot = HookSlot(self.layout, self.checkpointed)
+        self.slot.engine = engine
         # the coefficient hooks go first, before the engine's, so that their tensor hooks fire first in the backward
         p.handles.append(self.head.register_forward_hook(lambda m, a, out: self._guard(self._on_logits, p, a, out),
                                                          prepend=True))
@@ -251,8 +261,8 @@ class PassRecorder:
     def _close_forward(self, p: _Pass, kwargs, output) -> None:
         # the engine's module hooks stay until the backward pass ends: gradient checkpointing re-runs modules there
         p.engine.forward_done = True
-        if not self.checkpointed:
-            p.engine.__exit__(None, None, None)
+        if not self.checkpointed and self.slot is not None:
+            self.slot.engine = None
         self.open.append(p)
         for h in p.handles:
             h.remove()
@@ -363,7 +373,8 @@ class PassRecorder:
     def _forget(self, p: _Pass) -> None:
         """Release a pass: its hooks, and every reference to its tensors (the hooks autograd keeps on them hold the
         pass, so a reference back would keep each micro-batch's activations alive)."""
-        p.engine.__exit__(None, None, None)
+        if self.slot is not None and self.slot.engine is p.engine:
+            self.slot.engine = None
         p.engine._release()
         p.hidden = p.head_use = None
         if p in self.open:
