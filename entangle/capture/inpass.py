@@ -78,7 +78,7 @@ class _Pass:
 
     def __init__(self, engine: GramEngine, ids: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor | None):
         self.engine, self.ids, self.labels = engine, ids, labels
-        self.keys = [token_key(row, mask) for row, mask in zip(ids, attention, strict=True)]
+        self.keys = token_keys(ids, attention)
         self.hidden: torch.Tensor | None = None          # fused head: the final hidden states
         self.token_logps: torch.Tensor | None = None     # logits path, per position [n, T-1]: ℓ_t,
         self.one_minus: torch.Tensor | None = None       # 1 - p_{y_t} and Σ_{v != y_t} p_v²
@@ -395,10 +395,14 @@ class PassRecorder:
                                        excluded, keys, dict(p.engine.info)))
 
 
-def token_key(ids: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[int, ...]:
-    """The token ids of one sequence that its attention mask keeps: what identifies a training row in-pass (the
-    recorder keys each micro-batch's sequences by it; ``training_pass.dataset_keys`` each dataset row)."""
-    return tuple((ids if mask is None else ids[mask.bool()]).tolist())
+def token_keys(ids: torch.Tensor, mask: torch.Tensor | None = None) -> list[tuple[int, ...]]:
+    """The token ids of each sequence (row of ``ids`` [N, T]) that its attention mask keeps: what identifies a training
+    row in-pass (the recorder keys each micro-batch's sequences by it; ``training_pass.dataset_keys`` each dataset
+    row)."""
+    rows = ids.tolist()
+    if mask is None:
+        return [tuple(r) for r in rows]
+    return [tuple(i for i, m in zip(r, k, strict=True) if m) for r, k in zip(rows, mask.tolist(), strict=True)]
 
 
 def checkpointed_modules(model: torch.nn.Module) -> set[int]:

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from entangle.capture.inpass import InPassError, PassRecorder, checkpointed_modules, token_key
+from entangle.capture.inpass import InPassError, PassRecorder, checkpointed_modules, token_keys
 from entangle.capture.params import ParamSpec, select_params
 from entangle.capture.sharding import check_supported
 from entangle.integrations.distributed import rank_and_world
@@ -187,16 +187,13 @@ def pair_keys(batch: dict) -> list[tuple] | None:
     """Per pair, the (chosen, rejected) token ids of a batch from a preference collator: TRL's DPO layout
     (``input_ids`` [2B, T], the B chosen sequences then their B rejected ones) or the CPO/ORPO layout
     (``chosen_input_ids`` / ``rejected_input_ids`` [B, T]); None for another layout."""
-    def keys(ids, mask) -> list[tuple[int, ...]]:
-        return [token_key(ids[i], None if mask is None else mask[i]) for i in range(ids.shape[0])]
-
     if "input_ids" in batch and batch["input_ids"].shape[0] % 2 == 0:
-        seqs = keys(batch["input_ids"], batch.get("attention_mask"))
+        seqs = token_keys(batch["input_ids"], batch.get("attention_mask"))
         b = len(seqs) // 2
         return list(zip(seqs[:b], seqs[b:], strict=True))
     if "chosen_input_ids" in batch and "rejected_input_ids" in batch:
-        chosen = keys(batch["chosen_input_ids"], batch.get("chosen_attention_mask"))
-        rejected = keys(batch["rejected_input_ids"], batch.get("rejected_attention_mask"))
+        chosen = token_keys(batch["chosen_input_ids"], batch.get("chosen_attention_mask"))
+        rejected = token_keys(batch["rejected_input_ids"], batch.get("rejected_attention_mask"))
         return list(zip(chosen, rejected, strict=True))
     return None
 
