@@ -717,7 +717,8 @@ class SharedParameter:
     instead summed over its uses, materialised, and its Gram is one product (fewer, larger operations).
     """
 
-    def __init__(self, touched_per_use: list[torch.Tensor | None], n_rows: int, row_numel: int | None = None):
+    def __init__(self, touched_per_use: list, n_rows: int, row_numel: int | None = None):
+        # per use: its touched rows (None: all), or a function of nothing returning them (formed when first needed)
         self.touched, self.n_rows, self.row_numel = touched_per_use, n_rows, row_numel
         self.kept: list[tuple[torch.Tensor | None, object]] = []
         self.own = None
@@ -729,11 +730,17 @@ class SharedParameter:
         if self.dense:                              # summed and reduced at gram()
             self.kept.append((None, contrib))
             return
-        others = _union([t for k, t in enumerate(self.touched) if k != use])
+        others = _union([self._touched(k) for k in range(len(self.touched)) if k != use])
         index = _intersect(contrib.touched, others)
         self.kept.append((index, contrib.restricted(index)))
         g = contrib.gram()
         self.own = g if self.own is None else self.own + g
+
+    def _touched(self, use: int) -> torch.Tensor | None:
+        t = self.touched[use]
+        if callable(t):
+            t = self.touched[use] = t()
+        return t
 
     def gram(self) -> torch.Tensor:
         if self.dense:

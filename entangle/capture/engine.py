@@ -15,6 +15,7 @@ differentiates it on its own (block-wise token maps) uses the narrow interface o
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -172,7 +173,7 @@ class GramEngine:
         self.affine_pending: dict[tuple, list] = {}   # within pairs: (N, T, device, dtype) -> affine calls held back
         self.pending_elems = 0
         self.info: dict[str, str] = {}
-        self.uses: dict[str, list] = {}           # param name -> touched rows of each use, in forward order
+        self.uses: dict[str, list] = {}           # param name -> touched rows of each use (lazily), forward order
         self.part_of: dict[str, object] = {}      # param name -> key of the part its uses were recorded in
         self.part = _Part(n)
         self.is_paused = False
@@ -395,7 +396,8 @@ class GramEngine:
                 if uses is None:
                     uses = self.uses[name] = []
                 use_index[k] = len(uses)
-                uses.append(None if plan.touched is None else plan.touched(module, args))
+                # the rows it touches are formed only if a SharedParameter asks (several uses, reduced apart)
+                uses.append(None if plan.touched is None else functools.partial(plan.touched, module, args))
         return use_index
 
     def _record(self, module, plan: _Plan, args: tuple, kwargs: dict, output) -> None:
@@ -757,11 +759,15 @@ class GramEngine:
                 g = acc.gram()
                 values[name] = stats_of_gram(g, self.weights) if self.pairs else g
             per_param = self._complete(values, (3, self.n) if self.pairs else (self.n, self.n))
-            if self.within:                         # only the entries within each pair were measured
-                per_param = dict(zip(per_param, _within_only(torch.stack(list(per_param.values()))), strict=True))
             fields = {"logps": logps, "lengths": lengths, "method": self.mode, "info": self.info, "geometry": kind}
-            views[kind] = PairStats.from_stats(per_param, self.weights, **fields) if self.pairs else \
-                GramResult(matrix=torch.stack(list(per_param.values())).sum(0), per_param=per_param, **fields)
+            if self.pairs:
+                views[kind] = PairStats.from_stats(per_param, self.weights, **fields)
+                continue
+            stacked = torch.stack(list(per_param.values()))
+            if self.within:                         # only the entries within each pair were measured
+                stacked = _within_only(stacked)
+                per_param = dict(zip(per_param, stacked.unbind(0), strict=True))
+            views[kind] = GramResult(matrix=stacked.sum(0), per_param=per_param, **fields)
         update = None
         if self.delta is not None:
             update = torch.zeros(self.n, dtype=torch.float64)

@@ -130,7 +130,7 @@ class PassRecorder:
         self.errors: list[BaseException] = []
         self.armed = False
         self.current: _Pass | None = None
-        self.open: list[_Pass] = []          # passes whose backward has not ended (their engine hooks installed)
+        self.open: list[_Pass] = []          # passes whose backward has not ended (their engine may still be the slot's)
         self.slot: HookSlot | None = None    # the engines' module hooks, installed once per recording
         self.handles = [model.register_forward_pre_hook(self._begin, with_kwargs=True),
                         model.register_forward_hook(self._end, with_kwargs=True)]

@@ -10,10 +10,11 @@ A rule is a function ``rule(module, inputs, grad_out, valid, mode) -> {param_nam
 Rules are registered per module class with :func:`register_rule`; a new layer type is one new
 file and one decorator. Modules without a rule fall back to :mod:`entangle.capture.rules.generic`.
 
-A rule whose per-example gradients are non-zero only on some parameter rows says which, at forward time, with
+A rule whose per-example gradients are non-zero only on some parameter rows says which with
 ``register_rule(..., touched=fn)``: ``fn(module, inputs) -> sorted LongTensor`` (an embedding lookup touches the rows
-of its token ids). The engine uses it for parameters with several uses (tied input/output embeddings), whose
-cross terms then only need those rows.
+of its token ids), on the call's inputs. The engine uses it for parameters with several uses (tied input/output
+embeddings) reduced use by use, whose cross terms then only need those rows; it calls ``fn`` only then (after the
+backward pass, the inputs held until the pass ends).
 
 A rule whose result depends on the module only through a few settings (not its parameter values) says which, with
 ``register_rule(..., batch_key=fn)``: ``fn(module) -> hashable``. The engine may then reduce several calls of such
@@ -52,12 +53,6 @@ def register_rule(*classes: type | str, touched: Callable[..., torch.Tensor] | N
         return rule
 
     return deco
-
-
-def touched_rows(rule: Rule | None, module: torch.nn.Module, inputs: tuple) -> torch.Tensor | None:
-    """The parameter rows one use of ``module`` can touch (``None``: all, or no rule)."""
-    fn = getattr(rule, "touched", None)
-    return None if fn is None else fn(module, inputs)
 
 
 def rule_for(module: torch.nn.Module) -> Rule | None:
