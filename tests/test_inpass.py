@@ -219,6 +219,39 @@ def _loop(model, batch, weights, recorder):
     return records
 
 
+def _module_hooks(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_engine_hooks_live_while_recording_and_see_only_training_passes():
+    """The engines' module hooks are installed once per recording (at its first pass) and removed with it; a forward
+    without gradients between two training passes (a reference model's, an evaluation) is not recorded into either."""
+    model = tiny_llama(dtype=torch.float32).train()
+    batch = random_batch(3, 101, seed=4)
+    weights = torch.tensor([0.7, 0.2, -0.2, -0.5, 0.3, 1.1])
+    before = _module_hooks(model)
+    recorder = PassRecorder(model, select_params(model), strict=True)
+    assert _module_hooks(model) == before + 2                       # the recorder's own, on the model
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with recorder.recording() as records:
+        for _ in range(2):
+            lp = token_logps(model(**inputs).logits, batch)
+            (lp.sum(-1) * weights).sum().backward()
+            assert _module_hooks(model) == before + 2 + len(recorder.layout[0])   # one hook per measured module
+            with torch.no_grad():                                   # not a training pass: nothing recorded
+                model(**inputs)
+    assert _module_hooks(model) == before + 2
+    assert len(records) == 2 and not recorder.errors
+    for field in ("norm2", "inner", "coef", "logps"):               # the same pass twice: the same record
+        assert torch.equal(getattr(records[0], field), getattr(records[1], field))
+    twin = sequence_gram(model.eval(), batch, method="exact").matrix
+    want = torch.cat([twin.diagonal(), torch.stack([twin[k, 3 + k] for k in range(3)])])
+    got = torch.cat([records[1].norm2, records[1].inner])
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    recorder.close()
+    assert _module_hooks(model) == before
+
+
 def test_hand_written_loop_vanished_coefficient_and_token_weights():
     """A pair whose coefficient is exactly 0 is excluded (NaN, not divided by zero); the others equal the twin. A loss
     weighting tokens unequally is detected; without strict it is reported and training is untouched."""
