@@ -540,7 +540,7 @@ class GramEngine:
         if g.dim() == 2:
             g = g.unsqueeze(1)
             args = tuple(a.unsqueeze(1) if torch.is_tensor(a) and a.dim() >= 1 else a for a in args)
-        valid = positions_with_gradient(g)
+        valid = positions_with_gradient(g) if getattr(rule, "positions", True) else None
         args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
         # a backward run inside autocast runs this hook in it too
         with torch.no_grad(), autocast_off(g.device):
@@ -613,7 +613,8 @@ class GramEngine:
         g = self._scaled(_stack([c[5] for c in calls]), dtype, len(calls))
         a = _stack([c[4] for c in calls])
         with torch.no_grad(), autocast_off(g.device):
-            contribs = self._rule_contribs(rule, module, own, (a,), g, positions_with_gradient(g), self.mode)
+            valid = positions_with_gradient(g) if getattr(rule, "positions", True) else None
+            contribs = self._rule_contribs(rule, module, own, (a,), g, valid, self.mode)
             grams = {}
             for k in own:
                 grams[k] = block_grams(contribs[k], len(calls), self.mode, self.within)

@@ -315,10 +315,13 @@ class PassRecorder:
         h = p.hidden[:, :-1].detach()
         weight, bias = p.head_params or (self.head.weight, self.head.bias)
         with torch.no_grad():
-            z = h.float() @ weight.float().T + (0 if bias is None else bias.float())
-            out_grad = -torch.softmax(z, -1)
-            out_grad.scatter_add_(-1, p.labels[:, 1:].clamp(min=0)[..., None], torch.ones_like(out_grad[..., :1]))
-            out_grad *= p.head_grad[..., None]
+            z = h.float() @ weight.float().T
+            if bias is not None:
+                z += bias.float()
+            # ∂L/∂ℓ_t (e_y - p_t): -p_t scaled, then the label's entry added (masked positions: ∂L/∂ℓ_t = 0)
+            coef = p.head_grad[..., None]
+            out_grad = torch.softmax(z, -1).mul_(-coef)
+            out_grad.scatter_add_(-1, p.labels[:, 1:].clamp(min=0)[..., None], coef)
         p.head_use(out_grad)
 
     def _logits_grad(self, p: _Pass, g: torch.Tensor) -> None:

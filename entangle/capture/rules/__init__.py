@@ -4,7 +4,8 @@ A rule is a function ``rule(module, inputs, grad_out, valid, mode) -> {param_nam
 
 * ``inputs``   the module's positional inputs as seen in the forward pass (a tuple),
 * ``grad_out`` gradient of ``sum_i s_i`` w.r.t. the module's output, [N, T, d_out], float32/float64,
-* ``valid``    [N, T] bool, positions where ``grad_out`` is non-zero,
+* ``valid``    [N, T] bool, positions where ``grad_out`` is non-zero (``None`` for a rule registered with
+  ``positions=False``: one that never reads it, such as the norms', spares the engine a read of the gradient),
 * ``mode``     ``"auto"``, ``"ghost"`` or ``"materialise"`` for rules that can do both.
 
 Rules are registered per module class with :func:`register_rule`; a new layer type is one new
@@ -40,14 +41,14 @@ RULES_BY_NAME: dict[str, Rule] = {}
 
 
 def register_rule(*classes: type | str, touched: Callable[..., torch.Tensor] | None = None,
-                  batch_key: Callable[[torch.nn.Module], object] | None = None, affine: bool = False
-                  ) -> Callable[[Rule], Rule]:
+                  batch_key: Callable[[torch.nn.Module], object] | None = None, affine: bool = False,
+                  positions: bool = True) -> Callable[[Rule], Rule]:
     """Register ``rule`` for module classes (or class names, for classes we do not want to import); ``touched``,
-    ``batch_key`` and ``affine`` as in the module docstring (default: a use may touch every row; never batched; not
-    affine)."""
+    ``batch_key``, ``affine`` and ``positions`` as in the module docstring (default: a use may touch every row; never
+    batched; not affine; ``valid`` given)."""
 
     def deco(rule: Rule) -> Rule:
-        rule.touched, rule.batch_key, rule.affine = touched, batch_key, affine
+        rule.touched, rule.batch_key, rule.affine, rule.positions = touched, batch_key, affine, positions
         for c in classes:
             (RULES_BY_NAME if isinstance(c, str) else RULES)[c if isinstance(c, str) else c] = rule
         return rule

@@ -12,7 +12,7 @@ def _norm_key(module) -> tuple:
     return (tuple(module.normalized_shape), module.eps, module.weight is None, getattr(module, "bias", None) is None)
 
 
-@register_rule(torch.nn.LayerNorm, batch_key=_norm_key)
+@register_rule(torch.nn.LayerNorm, batch_key=_norm_key, positions=False)
 def layer_norm(module, inputs, grad_out, valid, mode):
     """y = x_hat * w + b over the last dim: g_i(w) = sum_t delta_t * x_hat_t, g_i(b) = sum_t delta_t."""
     # x_hat by the kernel the forward used (one fused op; the mean/var/rsqrt chain costs five at small shapes)
@@ -26,7 +26,7 @@ def layer_norm(module, inputs, grad_out, valid, mode):
 
 
 @register_rule("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MixtralRMSNorm",
-               batch_key=lambda m: m.variance_epsilon)
+               batch_key=lambda m: m.variance_epsilon, positions=False)
 def llama_rms_norm(module, inputs, grad_out, valid, mode):
     """y = w * (x / rms(x)).to(input dtype), normalised in float32 (transformers' LlamaRMSNorm)."""
     x = inputs[0]
@@ -35,7 +35,7 @@ def llama_rms_norm(module, inputs, grad_out, valid, mode):
     return {"weight": Dense((grad_out * x_hat.to(grad_out.dtype)).sum(1))}
 
 
-@register_rule(torch.nn.RMSNorm, batch_key=_norm_key)
+@register_rule(torch.nn.RMSNorm, batch_key=_norm_key, positions=False)
 def rms_norm(module, inputs, grad_out, valid, mode):
     """torch.nn.RMSNorm: y = w * x / sqrt(mean(x^2) + eps)."""
     x = inputs[0].to(grad_out.dtype)
