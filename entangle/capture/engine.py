@@ -191,7 +191,7 @@ class GramEngine:
         # a pass whose backward the engine does not own: failures in its hooks go to ``on_error`` (then it stops)
         self.on_error: Callable[[BaseException], None] | None = None
         self.failed = False
-        self.handles = []
+        self.handles: list[HookSlot] = []        # the hooks of its own pass (__enter__)
         # book-keeping (keep_contributions): every contribution of the pass per parameter, for weighted_grads
         self.kept: dict[str, list] | None = None
         self.owners, self.name_at, self.plans = layout if layout is not None else engine_layout(model, self.named)
@@ -253,20 +253,14 @@ class GramEngine:
         self.weights = pair_weights(weights, logps, self.n)
 
     def __enter__(self):
-        for module, own in self.owners:
-            plan = self._plan(module, own)
-            if id(module) in self.checkpointed:
-                self.handles.append(module.register_forward_pre_hook(self._rerun_inputs, with_kwargs=True))
-            # first among the module's forward hooks: a module sharded by fully_shard on its own is resharded by
-            # FSDP's hook, after which it no longer holds the tensor its call used
-            self.handles.append(module.register_forward_hook(
-                lambda m, args, kwargs, out, plan=plan: self.on_forward(m, plan, args, kwargs, out),
-                with_kwargs=True, prepend=True))
+        slot = HookSlot((self.owners, self.name_at, self.plans), self.checkpointed)
+        slot.engine = self
+        self.handles.append(slot)
         return self
 
     def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
+        for slot in self.handles:
+            slot.remove()
         self.handles.clear()
 
     # -- the narrow interface for passes that re-run parts of the model ----------------------------------------
@@ -366,7 +360,7 @@ class GramEngine:
         if self.is_paused:
             return None
         args, output, expanded = self._broadcast(args, output)
-        rerun = id(module) in self.checkpointed and torch._C._current_graph_task_id() != -1
+        rerun = self._in_rerun(module)
         if rerun or self.forward_done:       # a re-run's inputs were taken by its pre-hook
             return output if expanded and rerun else None
         self._record(module, plan, args, kwargs, output)
@@ -540,7 +534,7 @@ class GramEngine:
         if g.dim() == 2:
             g = g.unsqueeze(1)
             args = tuple(a.unsqueeze(1) if torch.is_tensor(a) and a.dim() >= 1 else a for a in args)
-        valid = positions_with_gradient(g) if getattr(rule, "positions", True) else None
+        valid = _positions(rule, g)
         args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
         # a backward run inside autocast runs this hook in it too
         with torch.no_grad(), autocast_off(g.device):
@@ -613,8 +607,7 @@ class GramEngine:
         g = self._scaled(_stack([c[5] for c in calls]), dtype, len(calls))
         a = _stack([c[4] for c in calls])
         with torch.no_grad(), autocast_off(g.device):
-            valid = positions_with_gradient(g) if getattr(rule, "positions", True) else None
-            contribs = self._rule_contribs(rule, module, own, (a,), g, valid, self.mode)
+            contribs = self._rule_contribs(rule, module, own, (a,), g, _positions(rule, g), self.mode)
             grams = {}
             for k in own:
                 grams[k] = block_grams(contribs[k], len(calls), self.mode, self.within)
@@ -791,10 +784,10 @@ class GramEngine:
 
 
 class HookSlot:
-    """The engine's module hooks installed once for many passes over one layout (in-pass capture: every micro-batch
-    of a recorded optimizer step), each call passed to the engine in :attr:`engine` (``None``: not recorded). What
-    the hooks do is the same as an engine's own (:meth:`GramEngine.__enter__`); only installing and removing them
-    once per pass (two hooks on each measured module) is saved.
+    """The engine's module hooks, each call passed to the engine in :attr:`engine` (``None``: not recorded). An
+    engine installs one for its own pass (:meth:`GramEngine.__enter__`); in-pass capture installs one for many passes
+    over one layout (every micro-batch of a recorded optimizer step), saving the installing and removing of two
+    hooks on each measured module per pass.
 
     Args:
         layout: :func:`engine_layout` of the engines that will use it.
@@ -807,6 +800,8 @@ class HookSlot:
         for module, own in layout[0]:
             if id(module) in checkpointed:
                 self.handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
+            # first among the module's forward hooks: a module sharded by fully_shard on its own is resharded by
+            # FSDP's hook, after which it no longer holds the tensor its call used
             self.handles.append(module.register_forward_hook(self._hook(own), with_kwargs=True, prepend=True))
 
     def _pre(self, module, args, kwargs):
@@ -835,6 +830,12 @@ def affine_together(n: int, t: int, a: int, b: int, mode: str = "auto") -> bool:
     its pair-by-pair ghost reduction over all ``2t`` positions of a pair is the cheaper and fits ``AFFINE_ELEMS``."""
     return (factored_kind(n * t, n, a, b, mode, [2 * t] * (n // 2)) == "ghost"
             and n // 2 * 4 * t * t <= AFFINE_ELEMS)
+
+
+def _positions(rule, g: torch.Tensor) -> torch.Tensor | None:
+    """The ``valid`` a rule is given: :func:`positions_with_gradient`, or None for a rule registered with
+    ``positions=False`` (it never reads it)."""
+    return positions_with_gradient(g) if getattr(rule, "positions", True) else None
 
 
 def positions_with_gradient(g: torch.Tensor) -> torch.Tensor:
