@@ -321,3 +321,47 @@ def test_train_rows_are_written_every_few_steps_and_at_each_save(tmp_path, monke
     run = read_run(tmp_path / "entangle")
     assert run["train_pairs"]["step"].tolist() == [s for s in range(5) for _ in range(4)]
     assert run["train_summary"]["step"].tolist() == list(range(5))
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_dpo_lora_rows_equal_the_exact_twin_and_training_is_untouched(tmp_path, checkpointing):
+    """TRL DPO with a LoRA ``peft_config`` (no ref_model: the reference pass is the policy with its adapters disabled,
+    without gradients, and is not recorded): the adapters' rows equal the exact twin at the step's parameters, the
+    base weights are not measured, and training is bit-identical without the callback."""
+    peft = pytest.importorskip("peft")
+    tok = builtin_tokenizer()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
+                             lora_dropout=0.0, task_type="CAUSAL_LM")
+
+    def make():
+        return peft.get_peft_model(builtin_model(tok), config)
+
+    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in builtin_pairs(40, seed=3)]
+
+    def train(callbacks, out):
+        torch.manual_seed(0)
+        args = DPOConfig(output_dir=str(out), max_steps=3, per_device_train_batch_size=2,
+                         gradient_accumulation_steps=2, gradient_checkpointing=checkpointing, **COMMON)
+        trainer = DPOTrainer(model=builtin_model(tok), args=args, train_dataset=Dataset.from_list(rows),
+                             processing_class=tok, peft_config=config, callbacks=callbacks)
+        trainer.train()
+        return trainer
+
+    snaps = Snapshots(make)
+    trainer = train([snaps, EntanglementCallback(train_every=1, strict=True)], tmp_path / "with")
+    assert any(getattr(m, "gradient_checkpointing", False) for m in trainer.model.modules()) == checkpointing
+    without = train(None, tmp_path / "without")
+    a, b = without.model.state_dict(), trainer.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["loss"] for h in without.state.log_history if "loss" in h] == \
+        [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    run = read_run(tmp_path / "with" / "entangle")
+    tp = run["train_pairs"]
+    manifest = run["manifest"]
+    assert manifest["params"]["tensors"] == sum("lora_" in n for n, _ in trainer.model.named_parameters())
+    assert manifest["params"]["tensors"] == 2 * 2 * trainer.model.config.n_layer      # A and B of c_attn and c_fc
+    assert manifest["model_class"] == "PeftModelForCausalLM" and manifest["train_pairs"]["every"] == 1
+    assert manifest["train_pairs"]["trainer"] == "DPOTrainer" and manifest["train_pairs"]["loss_type"] == ["sigmoid"]
+    assert len(tp) == 3 * 4 and tp.groupby("step")["micro"].nunique().tolist() == [2, 2, 2]
+    # LoRA B starts at zero: at step 0 only the B matrices have a gradient (the twin agrees), later both
+    _check_rows_against_twin(tp, snaps, lambda i: trainer.data_collator([trainer.train_dataset[i]]))

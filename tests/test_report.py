@@ -430,6 +430,8 @@ def test_title_names_the_objective_and_the_model(report):
     assert report_title({}, "/somewhere/run") == "Entanglement report: run"
     assert report_title({"objective": "ipo", "hyper": {"beta": 0.5}, "model": "/m/tiny-llama"}, "run") == \
         "IPO (ipo, β=0.5) on tiny-llama — entanglement report"
+    assert report_title({"model": "/m/tiny-llama", "train_pairs": {"every": 1}}, "run") == \
+        "tiny-llama — entanglement report"                     # an in-pass run: no objective
 
 
 def test_sign_agreement_in_the_figure_is_the_one_definition(run_dir):

@@ -44,7 +44,7 @@ import pandas as pd
 from transformers import Trainer, TrainerCallback
 
 from entangle.capture.params import ParamSpec
-from entangle.integrations.monitor import Monitor
+from entangle.integrations.monitor import Monitor, model_manifest
 from entangle.integrations.reference import has_ref_columns
 from entangle.integrations.training_pass import TrainingPass
 from entangle.metrics import resolve_objective
@@ -173,6 +173,14 @@ class EntanglementCallback(TrainerCallback):
                 self.training_pass.close()
             self.training_pass = TrainingPass(trainer, model, self.train_every, params=self.params,
                                               method=self.monitor_kwargs.get("method", "auto"), strict=self.strict)
+            if self.writer is not None:
+                # what the train_pairs rows measure (with a probe, added to the monitor's manifest)
+                self.writer.write_manifest({
+                    **({} if self.monitor is not None else model_manifest(model, self.params)),
+                    "train_pairs": {"every": self.train_every, "trainer": type(trainer).__name__,
+                                    "loss_type": getattr(args, "loss_type", None),
+                                    "method": self.monitor_kwargs.get("method", "auto"),
+                                    "world_size": args.world_size}})
             texts = self.training_pass.texts()
             if self.writer is not None and texts is not None:    # the report shows the entangled pairs' text
                 self.writer.write("pairs_text", texts, 0)

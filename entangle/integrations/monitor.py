@@ -502,21 +502,29 @@ class Monitor:
                           logger=logger)
 
     def _manifest(self) -> dict:
-        model = unwrap_model(self.model)
-        named = select_params(model, self.params)
         return {
-            "model": getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__,
-            "model_class": type(model).__name__,
+            **model_manifest(self.model, self.params),
             "tokenizer": getattr(self.probe.tokenizer, "name_or_path", None),
             "objective": self.objective.name,
             "hyper": {**self.objective.defaults, **self.hyper},
-            "params": {"spec": repr(self.params), "tensors": len(named), "numel": sum(p.numel() for _, p in named)},
             "probe": {"pairs": self.n_pairs, "sha256": self.probe.sha256, **self.probe.encoding},
             "reference": self.reference,
             "method": self.method, "world_size": self.world,
-            "versions": {"entangle": entangle.__version__, **{k: _version(k) for k in
-                                                               ("torch", "transformers", "trl", "peft", "accelerate")}},
         }
+
+
+def model_manifest(model: torch.nn.Module, params: ParamSpec = None) -> dict:
+    """What a run's manifest says of the model measured: its name and class, the measured parameters (``params``
+    spec, tensors, numel) and the versions of the packages involved."""
+    model = unwrap_model(model)
+    named = select_params(model, params)
+    return {
+        "model": getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__,
+        "model_class": type(model).__name__,
+        "params": {"spec": repr(params), "tensors": len(named), "numel": sum(p.numel() for _, p in named)},
+        "versions": {"entangle": entangle.__version__, **{k: _version(k) for k in
+                                                           ("torch", "transformers", "trl", "peft", "accelerate")}},
+    }
 
 
 def _wide(p: torch.Tensor) -> torch.dtype:

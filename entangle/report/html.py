@@ -392,5 +392,6 @@ def report_title(manifest: dict[str, Any], run_dir: str | os.PathLike) -> str:
         settings = ", ".join([str(objective)] + [f"{_SYMBOLS.get(k, k)}={v:g}" if isinstance(v, float)
                                                  else f"{_SYMBOLS.get(k, k)}={v}" for k, v in hyper.items()])
         what = f"{_METHODS.get(objective, objective)} ({settings})"
-    on = f"{what} on {Path(str(model)).name}" if model else what
+    name = Path(str(model)).name if model else ""
+    on = f"{what} on {name}" if what and name else what or name       # an in-pass run's manifest names no objective
     return f"{on.strip()} — entanglement report"
