@@ -286,25 +286,33 @@ def test_hand_written_loop_vanished_coefficient_and_token_weights():
     assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters(), strict=True))
 
 
-@pytest.mark.parametrize("loss_type", ["ipo", "bco_pair"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
+                                       "sppo_hard", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"])
 def test_coefficients_recovered_from_the_backward_equal_the_registry(tmp_path, loss_type):
     """At step 0 the policy is its reference: every pair's a_w, a_l read from the trainer's backward equal the
-    registry's coefficients of the same loss at those log-probs (length-normalised and asymmetric losses too)."""
+    registry's coefficients of the same loss at those log-probs, for every TRL DPO loss type the registry reproduces
+    (length-normalised and asymmetric losses too). A vanished coefficient excludes its pair: SFT's rejected one
+    always, APO-down's chosen one at step 0 (β σ'(r_w) - β σ'(βm) = 0 at r_w = m = 0)."""
     from entangle.metrics.objectives import coefficients
 
+    # TRL's sft is the token mean over the micro-batch's chosen responses: the registry's nll_norm="batch", per micro
+    hyper = {"sft": {"nll_norm": "batch"}, "exo_pair": {"beta": 0.1, "label_smoothing": 1e-3}}.get(loss_type,
+                                                                                                   {"beta": 0.1})
     trainer = _dpo_builtin(tmp_path, [EntanglementCallback(train_every=1, strict=True)], loss_type=loss_type,
-                           max_steps=1)
+                           max_steps=1, **{k: v for k, v in hyper.items() if k == "label_smoothing"})
     tp = read_run(tmp_path / "entangle")["train_pairs"]
     assert len(tp) == 4 and trainer.state.global_step == 1
+    vanished = loss_type in ("sft", "apo_down")
+    assert tp["excluded"].tolist() == [vanished] * 4 and np.isfinite(tp["cosine"]).all() != vanished
+    for _, micro in tp.groupby("micro"):
+        def col(c, rows=micro):
+            return torch.tensor(rows[c].to_numpy(), dtype=torch.float64)
 
-    def col(c):
-        return torch.tensor(tp[c].to_numpy(), dtype=torch.float64)
-
-    a_w, a_l, _ = coefficients(loss_type, col("logp_chosen"), col("logp_rejected"), ref_chosen_logps=col("logp_chosen"),
-                               ref_rejected_logps=col("logp_rejected"), chosen_lengths=col("len_chosen"),
-                               rejected_lengths=col("len_rejected"), beta=0.1)
-    np.testing.assert_allclose(tp["a_chosen"], a_w.numpy(), rtol=1e-5, atol=1e-9)
-    np.testing.assert_allclose(tp["a_rejected"], a_l.numpy(), rtol=1e-5, atol=1e-9)
+        a_w, a_l, _ = coefficients(loss_type, col("logp_chosen"), col("logp_rejected"),
+                                   ref_chosen_logps=col("logp_chosen"), ref_rejected_logps=col("logp_rejected"),
+                                   chosen_lengths=col("len_chosen"), rejected_lengths=col("len_rejected"), **hyper)
+        np.testing.assert_allclose(micro["a_chosen"], a_w.numpy(), rtol=1e-5, atol=1e-9)
+        np.testing.assert_allclose(micro["a_rejected"], a_l.numpy(), rtol=1e-5, atol=1e-9)
 
 
 def test_train_rows_are_written_every_few_steps_and_at_each_save(tmp_path, monkeypatch):
