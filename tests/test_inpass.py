@@ -12,7 +12,7 @@ from helpers import random_batch, tiny_llama
 
 pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
-from transformers import AutoModelForCausalLM, TrainerCallback  # noqa: E402
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 from entangle import EntanglementCallback, sequence_gram  # noqa: E402
@@ -373,3 +373,64 @@ def test_dpo_lora_rows_equal_the_exact_twin_and_training_is_untouched(tmp_path, 
     assert len(tp) == 3 * 4 and tp.groupby("step")["micro"].nunique().tolist() == [2, 2, 2]
     # LoRA B starts at zero: at step 0 only the B matrices have a gradient (the twin agrees), later both
     _check_rows_against_twin(tp, snaps, lambda i: trainer.data_collator([trainer.train_dataset[i]]))
+
+
+class _SimPOTrainer(Trainer):
+    """A hand-written preference trainer on ``transformers.Trainer``: SimPO on the summed response log-probs of a
+    preference batch (TRL's collator: the B chosen sequences, then their B rejected ones)."""
+
+    HYPER = {"beta": 2.0, "simpo_gamma": 0.5}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        from entangle.metrics.objectives import get_objective
+
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        s = token_logps(out.logits, inputs).sum(-1)
+        n, b = inputs["completion_mask"][:, 1:].sum(-1), s.shape[0] // 2
+        objective = get_objective("simpo")
+        loss = objective.fn(s[:b], s[b:], chosen_lengths=n[:b], rejected_lengths=n[b:],
+                            **{**objective.defaults, **self.HYPER}).mean()
+        return (loss, out) if return_outputs else loss
+
+
+def test_plain_trainer_with_objective_rows_equal_the_twin_and_coefficients_the_registry(tmp_path):
+    """transformers.Trainer with a hand-written SimPO loss, TRL's preference collator, gradient accumulation 2, and
+    both measurements: the probe (``objective=`` names the loss) and the training pairs in-pass. The rows equal the
+    exact twin; their a_w, a_l equal the registry's SimPO coefficients at the measured log-probs."""
+    from transformers import TrainingArguments
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from entangle.metrics.objectives import coefficients
+
+    tok = builtin_tokenizer()
+    rows = [{"prompt_ids": tok(r["prompt"])["input_ids"], "chosen_ids": tok(" " + r["chosen"])["input_ids"],
+             "rejected_ids": tok(" " + r["rejected"])["input_ids"]} for r in builtin_pairs(40, seed=5)]
+    snaps = Snapshots(lambda: builtin_model(tok))
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2,
+                             gradient_accumulation_steps=2, remove_unused_columns=False, **COMMON)
+    collator = DataCollatorForPreference(pad_token_id=tok.pad_token_id)
+    probe = builtin_pairs(4, seed=6)
+    untokenised = _SimPOTrainer(model=builtin_model(tok), args=args, train_dataset=Dataset.from_list(rows),
+                                data_collator=collator)
+    with pytest.raises(ValueError, match="processing_class"):
+        EntanglementCallback(probe, objective="simpo", strict=True).attach(untokenised).on_train_begin(
+            args, untokenised.state, untokenised.control, model=untokenised.model)
+    trainer = _SimPOTrainer(model=builtin_model(tok), args=args, train_dataset=Dataset.from_list(rows),
+                            data_collator=collator, processing_class=tok, callbacks=[snaps])
+    cb = EntanglementCallback(probe, objective="simpo", every=1, train_every=1, strict=True,
+                              **_SimPOTrainer.HYPER).attach(trainer)
+    trainer.train()
+    run = read_run(tmp_path / "out" / "entangle")
+    tp = run["train_pairs"]
+    assert len(tp) == 2 * 4 and sorted(run["summary"]["step"].unique()) == [0, 1, 2]     # probe: steps 0, 1, end
+    assert run["manifest"]["objective"] == "simpo" and run["manifest"]["train_pairs"]["trainer"] == "_SimPOTrainer"
+    assert cb.trainer is trainer
+    _check_rows_against_twin(tp, snaps, lambda i: trainer.data_collator([trainer.train_dataset[i]]))
+
+    def col(c):
+        return torch.tensor(tp[c].to_numpy(), dtype=torch.float64)
+
+    a_w, a_l, _ = coefficients("simpo", col("logp_chosen"), col("logp_rejected"), chosen_lengths=col("len_chosen"),
+                               rejected_lengths=col("len_rejected"), **_SimPOTrainer.HYPER)
+    np.testing.assert_allclose(tp["a_chosen"], a_w.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(tp["a_rejected"], a_l.numpy(), rtol=1e-5)

@@ -162,8 +162,11 @@ class EntanglementCallback(TrainerCallback):
         out_dir = self.out_dir or os.path.join(args.output_dir, "entangle")
         if self.probe is not None:
             rows = self._probe_rows(trainer)
-            self.monitor = Monitor(model, processing_class if processing_class is not None else
-                                   trainer.processing_class, rows, out_dir=out_dir, params=self.params,
+            tokenizer = processing_class if processing_class is not None else trainer.processing_class
+            if tokenizer is None:
+                raise ValueError("the probe's pairs are tokenised with the trainer's tokenizer, and this trainer has "
+                                 "none: pass processing_class=tokenizer to it")
+            self.monitor = Monitor(model, tokenizer, rows, out_dir=out_dir, params=self.params,
                                    strict=self.strict, **self._monitor_settings(trainer, rows))
             self.writer = self.monitor.writer
         elif args.process_index == 0:
