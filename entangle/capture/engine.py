@@ -374,24 +374,30 @@ class GramEngine:
         plan = None if own is None else self._plan(module, own)
         if plan is None or plan.rule is None:
             raise ValueError(f"{type(module).__name__} has no measured parameter or no rule for an external use")
-        part, use_index = self.part, self._use_index(module, plan, args)
-        self._count_calls(part, module, plan)
+        part, use_index = self.part, self._use_index(module, plan, args, count=True)
         return lambda g: self._apply_rule(part, plan.rule, module, plan.own, (args, {}), g, use_index)
 
-    def _use_index(self, module, plan: _Plan, args) -> dict:
-        """Record a use of each of ``module``'s measured parameters; local name -> index among the param's uses."""
-        part, use_index, key = self.part, {}, self.part.key
+    def _use_index(self, module, plan: _Plan, args, count: bool = False) -> dict:
+        """Record a use of each of ``module``'s measured parameters; local name -> index among the param's uses.
+        ``count``: also count the call of a rule-handled module and the tensors it uses (for
+        :meth:`_check_all_uses_hooked`), in the same loop."""
+        part, use_index, key, part_of, all_uses = self.part, {}, self.part.key, self.part_of, self.uses
+        calls, leaves, params = part.calls, part.leaves, module._parameters
+        touched = plan.touched
         for k, name in zip(plan.own, plan.names, strict=True):
-            if self.part_of.setdefault(name, key) is not key:
+            if part_of.setdefault(name, key) is not key:
                 raise SeparatePartsError(f"parameter {name!r} is used in more than one separately "
                                          "differentiated part of the model")
             if part.sink is None:             # uses of the main graph (a sub-pass's go to its sink)
-                uses = self.uses.get(name)
+                uses = all_uses.get(name)
                 if uses is None:
-                    uses = self.uses[name] = []
+                    uses = all_uses[name] = []
                 use_index[k] = len(uses)
                 # the rows it touches are formed only if a SharedParameter asks (several uses, reduced apart)
-                uses.append(None if plan.touched is None else functools.partial(plan.touched, module, args))
+                uses.append(None if touched is None else functools.partial(touched, module, args))
+            if count:
+                calls[name] = calls.get(name, 0) + 1
+                leaves[id(params[k])] = name
         return use_index
 
     def _record(self, module, plan: _Plan, args: tuple, kwargs: dict, output) -> None:
@@ -400,26 +406,31 @@ class GramEngine:
         A checkpointed module's inputs are not held from here to its output gradient (gradient checkpointing frees
         them): the hook on its output takes them from the backward pass's re-run of the same call."""
         part, rule, own = self.part, plan.rule, plan.own
-        use_index = self._use_index(module, plan, args)
+        use_index = self._use_index(module, plan, args, count=rule is not None)
         if type(output) is torch.Tensor:
             outs = [output] if output.requires_grad else []
         else:
             outs = [o for o in _tensors(output) if o.requires_grad]
+        n = part.n
         for o in outs:
-            if o.dim() == 0 or o.shape[0] != part.n:
+            if o.dim() == 0 or o.shape[0] != n:
                 raise RuntimeError(
                     f"{type(module).__name__} (parameters {list(plan.names)}) "
                     f"returned an output of shape {tuple(o.shape)} whose first dimension is not the batch of "
                     f"{part.n} sequences (the model flattens or broadcasts the batch there), so per-sequence "
                     "gradients cannot be separated at this layer; use method='exact' or leave these parameters "
                     "out (params=...)")
-        if not any(torch.is_tensor(a) and a.requires_grad for a in (*args, *kwargs.values())):
+        first = args[0] if args else None
+        if not (type(first) is torch.Tensor and first.requires_grad) and \
+                not any(torch.is_tensor(a) and a.requires_grad for a in (*args, *kwargs.values())):
             part.sources.extend(outs)
-        held = None if id(module) in self.checkpointed else (args, kwargs)
-        if held is None and id(module) in self.checkpointed_calls:
+        if id(module) not in self.checkpointed:
+            held = (args, kwargs)
+        elif id(module) in self.checkpointed_calls:
             raise RuntimeError(f"{type(module).__name__} is called more than once inside gradient-checkpointed "
                                "blocks of one pass; in-pass capture cannot pair its calls with their re-runs")
-        if held is None:
+        else:
+            held = None
             self.checkpointed_calls.add(id(module))
         if rule is None:
             use = _Use(module, own, *(held or (None, None)), grads=[None] * len(outs), index=use_index)
@@ -435,7 +446,6 @@ class GramEngine:
         if len(outs) != 1:
             raise RuntimeError(f"{type(module).__name__} returned {len(outs)} differentiable outputs; "
                                "its rule expects one")
-        self._count_calls(part, module, plan)
         outs[0].register_hook(lambda g: self._apply_rule(part, rule, module, own, held, g, use_index))
 
     def _inputs(self, module, held: tuple | None) -> tuple:
@@ -447,14 +457,6 @@ class GramEngine:
             raise RuntimeError(f"{type(module).__name__} is checkpointed but was not re-run before its output "
                                "gradient arrived (reentrant gradient checkpointing is not supported in-pass)")
         return reruns.pop()
-
-    def _count_calls(self, part: _Part, module, plan: _Plan) -> None:
-        """Count a rule-handled call of ``module``'s measured parameters, and the tensors it uses (for
-        :meth:`_check_all_uses_hooked`)."""
-        calls, leaves, params = part.calls, part.leaves, module._parameters
-        for k, name in zip(plan.own, plan.names, strict=True):
-            calls[name] = calls.get(name, 0) + 1
-            leaves[id(params[k])] = name
 
     def _make_generic_hook(self, use: _Use, j: int):
         def hook(grad):
