@@ -83,6 +83,44 @@ def test_tied_embedding_cross_terms_are_required(monkeypatch):
     assert rel_err(wrong.matrix, exact.matrix) > 1e-4
 
 
+def test_small_tied_weight_summed_whole_over_its_uses(monkeypatch):
+    """A small tied embedding and output layer: each use's whole per-example gradients (the rules' ``dense``) summed
+    over the uses, one product. The same as the exact twin with the output layer's use through its contribution
+    instead (the two mixed), and with a padding row, which PyTorch never updates."""
+    from entangle.capture.rules import embedding, linear
+
+    dense = embedding.embedding.dense
+    models = {"gpt2": tiny_gpt2(dtype=torch.float64),
+              "llama, padding_idx 5": tiny_llama(tie=True, dtype=torch.float64, pad_token_id=5)}
+    batch = random_batch(3, 101, seed=6)
+    batch["input_ids"][[0, 4], 1] = 5                      # the padding id as a real prompt token
+    for what, model in models.items():
+        name = next(n for n, p in model.named_parameters() if p is model.get_output_embeddings().weight)
+        exact = sequence_gram(model, batch, method="exact")
+        got = sequence_gram(model, batch)
+        assert got.info[name].endswith(":dense (shared by 2 uses)"), (what, got.info[name])
+        assert rel_err(got.per_param[name], exact.per_param[name]) < 1e-10, what
+        with monkeypatch.context() as m:                   # the output layer's use by its rule's contribution
+            m.setattr(linear.linear, "dense", lambda *a: None)
+            mixed = sequence_gram(model, batch)
+        assert mixed.info[name].startswith("embedding:dense") and "linear" not in mixed.info[name], what
+        assert rel_err(mixed.per_param[name], exact.per_param[name]) < 1e-10, what
+        with monkeypatch.context() as m:                   # a dense rule returning new rows instead of adding to into
+            m.setattr(embedding.embedding, "dense", lambda mod, inputs, g, into: dense(mod, inputs, g, {}))
+            apart = sequence_gram(model, batch)
+        assert rel_err(apart.per_param[name], exact.per_param[name]) < 1e-10, what
+    assert models["llama, padding_idx 5"].model.embed_tokens.padding_idx == 5
+    # a non-finite input at a position without a gradient: no whole rows (the engine then takes the contribution,
+    # which skips that position)
+    head, act, grad = torch.nn.Linear(4, 3, bias=False), torch.randn(2, 5, 4), torch.randn(2, 5, 3)
+    grad[1, 4], act[1, 4, 0] = 0.0, float("nan")
+    assert linear.linear.dense(head, (act,), grad, {}) is None
+    grad[1, 4] = 1.0
+    act[1, 4, 0] = 0.5
+    torch.testing.assert_close(linear.linear.dense(head, (act,), grad, {})["weight"],
+                               torch.stack([grad[i].T @ act[i] for i in range(2)]))
+
+
 def _forward_without_position_ids(model, batch):
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 

@@ -722,12 +722,27 @@ class SharedParameter:
         self.touched, self.n_rows, self.row_numel = touched_per_use, n_rows, row_numel
         self.kept: list[tuple[torch.Tensor | None, object]] = []
         self.own = None
-        self.dense = False
+        self.dense: bool | None = None              # decided by the number of examples, at the first use
+        self.summed: torch.Tensor | None = None     # dense: the whole per-example gradients added so far
+
+    def is_dense(self, n: int) -> bool:
+        """Whether the per-example gradients of ``n`` examples are small enough to be summed over the uses whole."""
+        if self.dense is None:
+            self.dense = self.row_numel is not None and n * self.n_rows * self.row_numel <= SHARED_DENSE
+        return self.dense
+
+    def add_rows(self, rows: torch.Tensor) -> None:
+        """Add one use's whole per-example gradients [N, n_rows, ...] (a dense parameter only); ``rows`` may be
+        :attr:`summed` itself, already added to in place."""
+        if not self.is_dense(rows.shape[0]):
+            raise ValueError("add_rows needs a parameter small enough to be materialised (is_dense)")
+        if self.summed is None:
+            self.summed = rows
+        elif rows is not self.summed:
+            self.summed = self.summed + rows
 
     def add(self, use: int, contrib) -> None:
-        if not self.kept and self.row_numel is not None:
-            self.dense = contrib.n * self.n_rows * self.row_numel <= SHARED_DENSE
-        if self.dense:                              # summed and reduced at gram()
+        if self.is_dense(contrib.n):                # summed and reduced at gram()
             self.kept.append((None, contrib))
             return
         others = _union([self._touched(k) for k in range(len(self.touched)) if k != use])
@@ -744,9 +759,9 @@ class SharedParameter:
 
     def gram(self) -> torch.Tensor:
         if self.dense:
-            total = self.kept[0][1].rows(None)
-            for _, c in self.kept[1:]:
-                total = total + c.rows(None)
+            total = self.summed
+            for _, c in self.kept:
+                total = c.rows(None) if total is None else total + c.rows(None)
             return _gram64(total.flatten(1))
         out = self.own.clone()
         for u in range(len(self.kept)):

@@ -533,6 +533,9 @@ class GramEngine:
     def _contribute(self, part: _Part, rule, module, own, args: tuple, grad, use_index) -> None:
         """Reduce one call: its rule on its inputs and output gradient, each contribution added to the views."""
         g = self._scaled(grad, self._dtype(module, own))
+        if getattr(rule, "dense", None) is not None and g.dim() == 3 and self._add_dense(part, rule, module, own,
+                                                                                        args, g):
+            return
         if g.dim() == 2:
             g = g.unsqueeze(1)
             args = tuple(a.unsqueeze(1) if torch.is_tensor(a) and a.dim() >= 1 else a for a in args)
@@ -660,10 +663,35 @@ class GramEngine:
 
     def _accumulate(self, kind: str, name: str, use: int, contrib: Contribution) -> None:
         """Add one use of a parameter with several uses (tied embeddings, reused layers) via SharedParameter."""
+        self._shared(kind, name).add(use, contrib)
+
+    def _shared(self, kind: str, name: str) -> SharedParameter:
         shared = self.geometries[kind]["shared"]
         if name not in shared:
             shared[name] = SharedParameter(self.uses[name], self.param_rows[name], math.prod(self.shapes[name][1:]))
-        shared[name].add(use, contrib)
+        return shared[name]
+
+    def _add_dense(self, part: _Part, rule, module, own, args: tuple, g: torch.Tensor) -> bool:
+        """A call whose measured parameters all have several uses and are small enough to be materialised (a small
+        tied embedding and output layer), in a plain Gram view alone: its whole per-example gradients from the
+        rule's ``dense`` are added to the parameter's sum over uses (one product at the end), without forming the
+        rule's contribution. False (nothing added) when this call does not qualify or its gradients are not finite
+        (a non-finite input at a position without a gradient, which the rule's contribution skips)."""
+        if part.sink is not None or self.kept is not None or not self.batchable:
+            return False
+        names = [self.name_at[id(module), k] for k in own]
+        if any(len(self.uses[name]) < 2 or not self._shared("plain", name).is_dense(g.shape[0]) for name in names):
+            return False
+        shared = [self._shared("plain", name) for name in names]
+        with torch.no_grad(), autocast_off(g.device):
+            rows = rule.dense(module, tuple(a.detach() if torch.is_tensor(a) else a for a in args), g,
+                              {k: s.summed for k, s in zip(own, shared, strict=True)})
+        if rows is None:
+            return False
+        for k, name, s in zip(own, names, shared, strict=True):
+            s.add_rows(rows[k])
+            self.info[name] = f"{rule.__name__}:dense (shared by {len(self.uses[name])} uses)"
+        return True
 
     def backward(self, total: torch.Tensor, retain_graph: bool = False) -> None:
         """Backward pass of ``total`` that reaches every hooked output but computes no parameter gradient.

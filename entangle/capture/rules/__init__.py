@@ -27,6 +27,13 @@ A rule for an affine layer ``y = x W (+ b)`` on its one input (``nn.Linear``, GP
 gradient over positions, its ``bias`` gradient the output gradient summed over positions. An engine that only needs
 each pair's entries (``GramEngine(within=True)``) then reduces all such calls of a pass at once, without calling the
 rule (:func:`~entangle.capture.contrib.affine_within_blocks`).
+
+A rule that can also give its per-example gradients whole in a few operations says how, with
+``register_rule(..., dense=fn)``: ``fn(module, inputs, grad_out, into) -> {param_name: [N, rows, ...] tensor} | None``,
+each added in place to ``into[param_name]`` when that is given (the sum of the other uses so far); ``None``: not for
+this call (nothing added). The engine uses it for a small parameter with several uses (a small tied embedding
+and output layer), whose per-example gradients it sums over the uses and reduces with one product, instead of forming
+the rule's contribution for each use.
 """
 
 from __future__ import annotations
@@ -42,13 +49,14 @@ RULES_BY_NAME: dict[str, Rule] = {}
 
 def register_rule(*classes: type | str, touched: Callable[..., torch.Tensor] | None = None,
                   batch_key: Callable[[torch.nn.Module], object] | None = None, affine: bool = False,
-                  positions: bool = True) -> Callable[[Rule], Rule]:
+                  positions: bool = True, dense: Callable[..., dict | None] | None = None) -> Callable[[Rule], Rule]:
     """Register ``rule`` for module classes (or class names, for classes we do not want to import); ``touched``,
-    ``batch_key``, ``affine`` and ``positions`` as in the module docstring (default: a use may touch every row; never
-    batched; not affine; ``valid`` given)."""
+    ``batch_key``, ``affine``, ``positions`` and ``dense`` as in the module docstring (default: a use may touch every
+    row; never batched; not affine; ``valid`` given; no whole per-example gradients)."""
 
     def deco(rule: Rule) -> Rule:
         rule.touched, rule.batch_key, rule.affine, rule.positions = touched, batch_key, affine, positions
+        rule.dense = dense
         for c in classes:
             (RULES_BY_NAME if isinstance(c, str) else RULES)[c if isinstance(c, str) else c] = rule
         return rule
