@@ -8,7 +8,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from helpers import random_batch, tiny_llama
+from helpers import random_batch, tiny_gpt2, tiny_llama
 
 pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
@@ -250,6 +250,23 @@ def test_engine_hooks_live_while_recording_and_see_only_training_passes():
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
     recorder.close()
     assert _module_hooks(model) == before
+
+
+def test_gpt2_small_embeddings_materialised_whole_equal_the_twin():
+    """GPT-2 in a hand-written loop: its tied embedding and head (two uses) and its broadcast position embedding (one
+    use) are small, so each is materialised whole by the rules' ``dense``; every record entry equals the exact twin."""
+    model = tiny_gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0).train()      # no dropout: the twin's pass
+    batch = random_batch(3, 101, seed=8)
+    recorder = PassRecorder(model, select_params(model), strict=True)
+    weights = torch.tensor([0.4, -0.3, 0.9, -0.6, 0.2, -1.1])
+    (record,) = _loop(model, batch, weights, recorder)
+    recorder.close()
+    assert record.info["transformer.wte.weight"] == "embedding:dense (shared by 2 uses)"
+    assert record.info["transformer.wpe.weight"] == "embedding:dense"
+    twin = sequence_gram(model.eval(), batch, method="exact").matrix
+    want = torch.cat([twin.diagonal(), torch.stack([twin[k, 3 + k] for k in range(3)])])
+    got = torch.cat([record.norm2, record.inner])
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
 
 def test_hand_written_loop_vanished_coefficient_and_token_weights():

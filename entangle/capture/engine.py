@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import contrib as contrib_module
 from .contrib import (
     Contribution,
     Scaled,
@@ -672,25 +673,36 @@ class GramEngine:
         return shared[name]
 
     def _add_dense(self, part: _Part, rule, module, own, args: tuple, g: torch.Tensor) -> bool:
-        """A call whose measured parameters all have several uses and are small enough to be materialised (a small
-        tied embedding and output layer), in a plain Gram view alone: its whole per-example gradients from the
-        rule's ``dense`` are added to the parameter's sum over uses (one product at the end), without forming the
-        rule's contribution. False (nothing added) when this call does not qualify or its gradients are not finite
-        (a non-finite input at a position without a gradient, which the rule's contribution skips)."""
+        """A call whose measured parameters are all small enough to be materialised, in a plain Gram view alone, by
+        its rule's ``dense`` (whole per-example gradients in a few operations) instead of the rule's contribution:
+        a parameter with several uses (a small tied embedding and output layer) adds them to its sum over the uses
+        (one product at the end); one used once, in a within-pair engine (GPT-2's position embedding), gets its Gram
+        now. False (nothing added) when this call does not qualify or its gradients are not finite (a non-finite
+        input at a position without a gradient, which the rule's contribution skips)."""
         if part.sink is not None or self.kept is not None or not self.batchable:
             return False
-        names = [self.name_at[id(module), k] for k in own]
-        if any(len(self.uses[name]) < 2 or not self._shared("plain", name).is_dense(g.shape[0]) for name in names):
+        n, names = g.shape[0], [self.name_at[id(module), k] for k in own]
+        counts = [len(self.uses[name]) for name in names]
+        if all(c == 1 for c in counts):
+            if not self.within or any(n * math.prod(self.shapes[name]) > contrib_module.SHARED_DENSE
+                                     for name in names):
+                return False
+            shared = None
+        elif all(c > 1 and self._shared("plain", name).is_dense(n) for c, name in zip(counts, names, strict=True)):
+            shared = [self._shared("plain", name) for name in names]
+        else:
             return False
-        shared = [self._shared("plain", name) for name in names]
         with torch.no_grad(), autocast_off(g.device):
             rows = rule.dense(module, tuple(a.detach() if torch.is_tensor(a) else a for a in args), g,
-                              {k: s.summed for k, s in zip(own, shared, strict=True)})
-        if rows is None:
-            return False
-        for k, name, s in zip(own, names, shared, strict=True):
-            s.add_rows(rows[k])
-            self.info[name] = f"{rule.__name__}:dense (shared by {len(self.uses[name])} uses)"
+                              {} if shared is None else {k: s.summed for k, s in zip(own, shared, strict=True)})
+            if rows is None:
+                return False
+            for i, (k, name) in enumerate(zip(own, names, strict=True)):
+                if shared is None:
+                    self.add_gram(name, contrib_module.gram64(rows[k].reshape(n, -1)), f"{rule.__name__}:dense")
+                else:
+                    shared[i].add_rows(rows[k])
+                    self.info[name] = f"{rule.__name__}:dense (shared by {counts[i]} uses)"
         return True
 
     def backward(self, total: torch.Tensor, retain_graph: bool = False) -> None:
