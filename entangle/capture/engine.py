@@ -676,16 +676,18 @@ class GramEngine:
         """A call whose measured parameters are all small enough to be materialised, in a plain Gram view alone, by
         its rule's ``dense`` (whole per-example gradients in a few operations) instead of the rule's contribution:
         a parameter with several uses (a small tied embedding and output layer) adds them to its sum over the uses
-        (one product at the end); one used once, in a within-pair engine (GPT-2's position embedding), gets its Gram
-        now. False (nothing added) when this call does not qualify or its gradients are not finite (a non-finite
-        input at a position without a gradient, which the rule's contribution skips)."""
+        (one product at the end); one used once by a layer that is not affine, in a within-pair engine (GPT-2's
+        position embedding), gets its Gram now. False (nothing added) when this call does not qualify or its
+        gradients are not finite (a non-finite input at a position without a gradient, which the rule's contribution
+        skips)."""
         if part.sink is not None or self.kept is not None or not self.batchable:
             return False
         n, names = g.shape[0], [self.name_at[id(module), k] for k in own]
         counts = [len(self.uses[name]) for name in names]
         if all(c == 1 for c in counts):
-            if not self.within or any(n * math.prod(self.shapes[name]) > contrib_module.SHARED_DENSE
-                                     for name in names):
+            # an affine layer used once is reduced within pairs by the cheaper of ghost and materialised already
+            if not self.within or rule.affine or any(n * math.prod(self.shapes[name]) > contrib_module.SHARED_DENSE
+                                                     for name in names):
                 return False
             shared = None
         elif all(c > 1 and self._shared("plain", name).is_dense(n) for c, name in zip(counts, names, strict=True)):
