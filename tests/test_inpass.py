@@ -252,21 +252,31 @@ def test_engine_hooks_live_while_recording_and_see_only_training_passes():
     assert _module_hooks(model) == before
 
 
-def test_gpt2_small_embeddings_materialised_whole_equal_the_twin():
+def test_gpt2_small_embeddings_materialised_whole_equal_the_twin(monkeypatch):
     """GPT-2 in a hand-written loop: its tied embedding and head (two uses) and its broadcast position embedding (one
-    use) are small, so each is materialised whole by the rules' ``dense``; every record entry equals the exact twin."""
+    use) are small, so each is materialised whole by the rules' ``dense``; every record entry equals the exact twin,
+    and so it does when the embeddings' ``dense`` declines (their contributions instead)."""
+    from entangle.capture.rules import embedding
+
     model = tiny_gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0).train()      # no dropout: the twin's pass
     batch = random_batch(3, 101, seed=8)
-    recorder = PassRecorder(model, select_params(model), strict=True)
     weights = torch.tensor([0.4, -0.3, 0.9, -0.6, 0.2, -1.1])
-    (record,) = _loop(model, batch, weights, recorder)
-    recorder.close()
-    assert record.info["transformer.wte.weight"] == "embedding:dense (shared by 2 uses)"
-    assert record.info["transformer.wpe.weight"] == "embedding:dense"
     twin = sequence_gram(model.eval(), batch, method="exact").matrix
+    model.train()
     want = torch.cat([twin.diagonal(), torch.stack([twin[k, 3 + k] for k in range(3)])])
-    got = torch.cat([record.norm2, record.inner])
-    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    for declined in (False, True):
+        if declined:
+            monkeypatch.setattr(embedding.embedding, "dense", lambda *a: None)
+        recorder = PassRecorder(model, select_params(model), strict=True)
+        (record,) = _loop(model, batch, weights, recorder)
+        recorder.close()
+        model.zero_grad()
+        assert record.info["transformer.wpe.weight"] == ("embedding:sparse" if declined else "embedding:dense")
+        # backward order: the head's use, then the embedding's (whose entry is the one left)
+        assert record.info["transformer.wte.weight"] == ("embedding:sparse" if declined else "embedding:dense") + \
+            " (shared by 2 uses)"
+        got = torch.cat([record.norm2, record.inner])
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), declined
 
 
 def test_hand_written_loop_vanished_coefficient_and_token_weights():

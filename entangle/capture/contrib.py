@@ -32,9 +32,6 @@ def _gram64(flat: torch.Tensor) -> torch.Tensor:
     return _cross64(flat, flat)
 
 
-gram64 = _gram64     # for the engine's whole per-example gradients
-
-
 def _cross64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b.T`` for [N, P] and [M, P] with float32 partial sums accumulated in float64."""
     out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
@@ -710,6 +707,12 @@ def _union(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
     return torch.unique(torch.cat(parts))
 
 
+def dense_enough(n: int, numel: int) -> bool:
+    """Whether the per-example gradients of ``n`` examples of a parameter of ``numel`` elements are small enough to be
+    materialised whole (``SHARED_DENSE``)."""
+    return n * numel <= SHARED_DENSE
+
+
 class SharedParameter:
     """Accumulates a parameter used more than once in the forward pass (tied embeddings, reused layers).
 
@@ -731,7 +734,7 @@ class SharedParameter:
     def is_dense(self, n: int) -> bool:
         """Whether the per-example gradients of ``n`` examples are small enough to be summed over the uses whole."""
         if self.dense is None:
-            self.dense = self.row_numel is not None and n * self.n_rows * self.row_numel <= SHARED_DENSE
+            self.dense = self.row_numel is not None and dense_enough(n, self.n_rows * self.row_numel)
         return self.dense
 
     def add_rows(self, rows: torch.Tensor) -> None:

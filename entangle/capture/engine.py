@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import contrib as contrib_module
 from .contrib import (
     Contribution,
     Scaled,
     SharedParameter,
     affine_within_blocks,
     block_grams,
+    dense_enough,
     dual_gram,
     factored_kind,
     weighted_sum,
@@ -421,9 +421,7 @@ class GramEngine:
                     f"{part.n} sequences (the model flattens or broadcasts the batch there), so per-sequence "
                     "gradients cannot be separated at this layer; use method='exact' or leave these parameters "
                     "out (params=...)")
-        first = args[0] if args else None
-        if not (type(first) is torch.Tensor and first.requires_grad) and \
-                not any(torch.is_tensor(a) and a.requires_grad for a in (*args, *kwargs.values())):
+        if not any(torch.is_tensor(a) and a.requires_grad for a in (*args, *kwargs.values())):
             part.sources.extend(outs)
         if id(module) not in self.checkpointed:
             held = (args, kwargs)
@@ -677,34 +675,28 @@ class GramEngine:
         its rule's ``dense`` (whole per-example gradients in a few operations) instead of the rule's contribution:
         a parameter with several uses (a small tied embedding and output layer) adds them to its sum over the uses
         (one product at the end); one used once by a layer that is not affine, in a within-pair engine (GPT-2's
-        position embedding), gets its Gram now. False (nothing added) when this call does not qualify or its
-        gradients are not finite (a non-finite input at a position without a gradient, which the rule's contribution
-        skips)."""
+        position embedding), is materialised the same way. False (nothing added) when this call does not qualify or
+        its gradients are not finite (a non-finite input at a position without a gradient, which the rule's
+        contribution skips)."""
         if part.sink is not None or self.kept is not None or not self.batchable:
             return False
         n, names = g.shape[0], [self.name_at[id(module), k] for k in own]
         counts = [len(self.uses[name]) for name in names]
-        if all(c == 1 for c in counts):
-            # an affine layer used once is reduced within pairs by the cheaper of ghost and materialised already
-            if not self.within or rule.affine or any(n * math.prod(self.shapes[name]) > contrib_module.SHARED_DENSE
-                                                     for name in names):
-                return False
-            shared = None
-        elif all(c > 1 and self._shared("plain", name).is_dense(n) for c, name in zip(counts, names, strict=True)):
-            shared = [self._shared("plain", name) for name in names]
-        else:
+        # an affine layer used once is reduced within pairs by the cheaper of ghost and materialised already
+        once = all(c == 1 for c in counts) and self.within and not rule.affine
+        if not (once or all(c > 1 for c in counts)):
             return False
+        if not all(dense_enough(n, math.prod(self.shapes[name])) for name in names):
+            return False
+        # the sum of the other uses so far (a parameter used once gets its accumulator only once it has rows)
+        into = {} if once else {k: self._shared("plain", name).summed for k, name in zip(own, names, strict=True)}
         with torch.no_grad(), autocast_off(g.device):
-            rows = rule.dense(module, tuple(a.detach() if torch.is_tensor(a) else a for a in args), g,
-                              {} if shared is None else {k: s.summed for k, s in zip(own, shared, strict=True)})
-            if rows is None:
-                return False
-            for i, (k, name) in enumerate(zip(own, names, strict=True)):
-                if shared is None:
-                    self.add_gram(name, contrib_module.gram64(rows[k].reshape(n, -1)), f"{rule.__name__}:dense")
-                else:
-                    shared[i].add_rows(rows[k])
-                    self.info[name] = f"{rule.__name__}:dense (shared by {counts[i]} uses)"
+            rows = rule.dense(module, tuple(a.detach() if torch.is_tensor(a) else a for a in args), g, into)
+        if rows is None:
+            return False
+        for k, name, c in zip(own, names, counts, strict=True):
+            self._shared("plain", name).add_rows(rows[k])
+            self.info[name] = f"{rule.__name__}:dense" + (f" (shared by {c} uses)" if c > 1 else "")
         return True
 
     def backward(self, total: torch.Tensor, retain_graph: bool = False) -> None:

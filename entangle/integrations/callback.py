@@ -174,15 +174,16 @@ class EntanglementCallback(TrainerCallback):
         if self.train_every is not None:
             if self.training_pass is not None:
                 self.training_pass.close()
-            self.training_pass = TrainingPass(trainer, model, self.train_every, params=self.params,
-                                              method=self.monitor_kwargs.get("method", "auto"), strict=self.strict)
+            method = self.monitor_kwargs.get("method", "auto")
+            self.training_pass = TrainingPass(trainer, model, self.train_every, params=self.params, method=method,
+                                              strict=self.strict)
             if self.writer is not None:
                 # what the train_pairs rows measure (with a probe, added to the monitor's manifest)
                 self.writer.write_manifest({
                     **({} if self.monitor is not None else model_manifest(model, self.params)),
                     "train_pairs": {"every": self.train_every, "trainer": type(trainer).__name__,
                                     "loss_type": getattr(args, "loss_type", None),
-                                    "method": self.monitor_kwargs.get("method", "auto"),
+                                    "method": method,
                                     "world_size": args.world_size}})
             texts = self.training_pass.texts()
             if self.writer is not None and texts is not None:    # the report shows the entangled pairs' text

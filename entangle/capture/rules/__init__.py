@@ -33,7 +33,8 @@ A rule that can also give its per-example gradients whole in a few operations sa
 each added in place to ``into[param_name]`` when that is given (the sum of the other uses so far); ``None``: not for
 this call (nothing added). The engine uses it for a small parameter with several uses (a small tied embedding
 and output layer), whose per-example gradients it sums over the uses and reduces with one product, instead of forming
-the rule's contribution for each use.
+the rule's contribution for each use; an engine that only needs each pair's entries does the same for a small
+parameter used once by a layer that is not affine (GPT-2's position embedding).
 """
 
 from __future__ import annotations
