@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from helpers import ScaledLinear, random_batch, tiny_gpt2, tiny_llama
@@ -495,9 +497,9 @@ def test_within_pair_engine_reduces_the_affine_layers_of_a_pass_together(arch, m
     batch = random_batch(3, 101, seed=6)
     fused, real = [], engine.affine_within_blocks
 
-    def spy(inputs, *args):
+    def spy(inputs, *args, **kwargs):
         fused.append(len(inputs))
-        return real(inputs, *args)
+        return real(inputs, *args, **kwargs)
 
     monkeypatch.setattr(engine, "affine_within_blocks", spy)
 
@@ -532,6 +534,43 @@ def test_within_pair_engine_reduces_the_affine_layers_of_a_pass_together(arch, m
         for name, block in apart.per_param.items():
             assert float((got.per_param[name][mask] - block[mask]).abs().max()) <= 1e-6 * scale, name
         assert got.matrix[~mask].isnan().all()
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_within_pair_engine_total_alone_equals_the_sum_of_its_blocks(arch):
+    """GramEngine(within=True, per_param=False) (what in-pass capture runs) adds every block into one total as it
+    arrives: its matrix equals the per-parameter engine's, with every parameter measured and with a selection where
+    some affine layers have only their weight or only their bias measured, in ghost and auto mode; info still names
+    every parameter, per_param is empty, and per_param=False without within is refused."""
+    from entangle.capture.logprobs import model_logits
+    from entangle.capture.measure import measured
+
+    model = MODELS[arch](torch.float32)
+    batch = random_batch(3, 101, seed=8)
+    n = batch["input_ids"].shape[0]
+    odd = re.compile(r"\.(\d+)\.")
+
+    def partial(name, _):                   # layer 0: weights only; layer 1: biases and norms only
+        layer = odd.search(name)
+        return layer is None or (layer.group(1) == "0") == name.endswith("weight") or "norm" in name or "ln_" in name
+
+    for params in (None, partial):
+        for mode in ("ghost", "auto"):
+            got = {}
+            for per_param in (True, False):
+                with measured(model, batch, params, None, None) as (inner, named):
+                    engine = GramEngine(inner, named, n, mode, within=True, per_param=per_param)
+                    got[per_param] = engine.run(batch, model_logits).plain
+            mask = _within_entries(got[True].matrix)
+            scale = float(got[True].matrix[mask].abs().max())
+            assert float((got[False].matrix[mask] - got[True].matrix[mask]).abs().max()) <= 1e-9 * scale, (params, mode)
+            assert got[False].matrix[~mask].isnan().all()
+            assert got[False].per_param == {} and got[False].info.keys() == got[True].info.keys()
+            assert got[False].info == got[True].info
+    if arch == "gpt2":
+        assert len([nm for nm, _ in named if nm.endswith("bias") and odd.search(nm)]) > 0
+    with pytest.raises(ValueError, match="within"):
+        GramEngine(model, list(model.named_parameters()), n, per_param=False)
 
 
 @pytest.mark.parametrize("whole", [True, False], ids=["small", "large"])

@@ -619,7 +619,8 @@ def _pair_sums64(prod: torch.Tensor, span: int) -> torch.Tensor:
 
 
 def affine_within_blocks(inputs: list[torch.Tensor], grads: list[torch.Tensor], dtype: torch.dtype,
-                         row_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+                         row_scale: torch.Tensor | None = None, ordered: bool = True
+                         ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Within-pair Gram blocks of ``C`` calls of affine layers (y = x W + b) on one pass of 2B sequences, B pairs
     (chosen ``k``, rejected ``B + k``), all at once: a few stacked products for the whole pass instead of one
     reduction per call.
@@ -632,12 +633,14 @@ def affine_within_blocks(inputs: list[torch.Tensor], grads: list[torch.Tensor], 
     measured), as :func:`block_grams` gives them within pairs. ``None`` when a squared norm is not finite (a
     non-finite input at a position without a gradient, which the per-call reductions skip): the caller reduces the
     calls otherwise. Factors of equal width are stacked into one product; memory grows as ``C B (2T)^2``, which the
-    caller bounds."""
+    caller bounds. ``ordered=False``: the calls in some order of the function's choosing (for a caller that sums
+    them)."""
     c, n, t = len(inputs), inputs[0].shape[0], inputs[0].shape[1]
     b = n // 2
 
-    def pair_grams(xs: list[torch.Tensor], scale: torch.Tensor | None) -> torch.Tensor:
-        """[C, B, 2T, 2T]: per call and pair, the products of the pair's 2T position rows."""
+    def pair_grams(xs: list[torch.Tensor], scale: torch.Tensor | None) -> tuple[torch.Tensor, list[int]]:
+        """[C, B, 2T, 2T]: per call and pair, the products of the pair's 2T position rows; calls grouped by width
+        (the order of the calls is returned with it)."""
         classes: dict[int, list[int]] = {}
         for i, x in enumerate(xs):
             classes.setdefault(x.shape[-1], []).append(i)
@@ -650,16 +653,20 @@ def affine_within_blocks(inputs: list[torch.Tensor], grads: list[torch.Tensor], 
             s = s.view(len(idx) * b, 2 * t, -1)
             parts.append(torch.bmm(s, s.transpose(1, 2)))
             order.extend(idx)
-        k = (torch.cat(parts) if len(parts) > 1 else parts[0]).view(c, b, 2 * t, 2 * t)
-        if order != list(range(c)):
-            k = k.index_select(0, torch.tensor(order, device=k.device).argsort())
-        return k
+        return (torch.cat(parts) if len(parts) > 1 else parts[0]).view(c, b, 2 * t, 2 * t), order
 
-    kg = pair_grams(grads, row_scale)
-    weight = _pair_sums64((pair_grams(inputs, None) * kg).view(c * b, 2 * t, 2 * t), t)
+    kx, order = pair_grams(inputs, None)
+    kg, g_order = pair_grams(grads, row_scale)
+    if g_order != order:                        # the output gradients' products in the inputs' order of calls
+        at = {call: j for j, call in enumerate(g_order)}
+        kg = kg.index_select(0, torch.tensor([at[call] for call in order], device=kg.device))
+    weight = _pair_sums64((kx * kg).view(c * b, 2 * t, 2 * t), t)
     both = _from_pairs(torch.cat([weight, _pair_sums64(kg.view(c * b, 2 * t, 2 * t), t)]), 2 * c)
     if not torch.isfinite(both.diagonal(0, 1, 2)).all():
         return None
+    if ordered and order != list(range(c)):     # back to the calls' order (the small results only)
+        back = torch.tensor(order, device=both.device).argsort()
+        return both[:c].index_select(0, back), both[c:].index_select(0, back)
     return both[:c], both[c:]
 
 

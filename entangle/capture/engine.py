@@ -50,6 +50,8 @@ SMALL_GRADIENT = 1 << 19
 # Within pairs, the held calls of affine layers are reduced together in chunks of at most this many position products
 # (calls x pairs x (2T)^2; about 28 bytes each while a chunk is reduced)
 AFFINE_ELEMS = 1 << 20
+# the key of the one Gram block a GramEngine(per_param=False) keeps: the total over its parameters
+TOTAL = ""
 
 
 class SeparatePartsError(RuntimeError):
@@ -150,15 +152,20 @@ class GramEngine:
             pair's inner product are asked for (the plain view alone): they are reduced pair by pair (the ghost
             identity over a pair's 2T positions, not the batch's 2BT), and the plain Gram blocks hold NaN between
             different pairs (not measured).
+        per_param: keep each parameter's Gram block (``GramResult.per_param``). ``False`` (a ``within`` engine only)
+            sums every block into the total as it arrives: the result's ``per_param`` is empty and ``info`` still says
+            how each parameter was measured (in-pass capture needs the totals alone).
     """
 
     def __init__(self, model: torch.nn.Module, named_params, n: int, mode: str = "auto", plain: bool = True,
                  preconditioner: Mapping[str, torch.Tensor] | None = None,
                  delta: Mapping[str, torch.Tensor] | None = None, pairs: bool = False, layout: tuple | None = None,
-                 within: bool = False):
+                 within: bool = False, per_param: bool = True):
         if within and (not plain or preconditioner is not None or delta is not None or pairs or n % 2):
             raise ValueError("within=True measures the plain view of an even batch (B pairs) alone")
-        self.model, self.n, self.mode, self.within = model, n, mode, within
+        if not per_param and not within:
+            raise ValueError("per_param=False needs within=True")
+        self.model, self.n, self.mode, self.within, self.per_param = model, n, mode, within, per_param
         self.pairs, self.weights = pairs, None
         self.scale = None if preconditioner is None else {k: v.sqrt() for k, v in preconditioner.items()}
         kinds = (["plain"] if plain else []) + (["preconditioned"] if self.scale is not None else [])
@@ -304,9 +311,14 @@ class GramEngine:
         """Add a plain Gram block [n, n] of parameter ``name`` reduced by the caller (from a ``sub_pass`` sink)."""
         if self.scale is not None or self.delta is not None or self.pairs or "plain" not in self.geometries:
             raise ValueError("add_gram adds plain full Gram blocks only")
-        blocks = self.geometries["plain"]["blocks"]
-        blocks[name] = blocks[name] + block if name in blocks else block
+        self._add_block(name, block)
         self.info[name] = how
+
+    def _add_block(self, name: str, block: torch.Tensor) -> None:
+        """Add a plain Gram block to parameter ``name``'s (to the total, without ``per_param``)."""
+        key = name if self.per_param else TOTAL
+        blocks = self.geometries["plain"]["blocks"]
+        blocks[key] = blocks[key] + block if key in blocks else block
 
     # -- hooks -------------------------------------------------------------------------------------------------
     def _broadcast(self, args: tuple, output):
@@ -591,9 +603,21 @@ class GramEngine:
             for s in range(0, len(calls), step):
                 chunk = calls[s:s + step]
                 with torch.no_grad(), autocast_off(chunk[0][4].device):
-                    got = affine_within_blocks([c[4] for c in chunk], [c[5] for c in chunk], dtype, self.row_scale)
+                    # a total of calls that all measure the same parameters needs them in no particular order
+                    ordered = self.per_param or len({self.plans[id(c[2])].own for c in chunk}) > 1
+                    got = affine_within_blocks([c[4] for c in chunk], [c[5] for c in chunk], dtype, self.row_scale,
+                                               ordered=ordered)
                 if got is None:                 # each call on its own (they may be of different layers)
                     rest.extend([call] for call in chunk)
+                    continue
+                if not self.per_param:          # the total alone: one sum over the chunk's calls
+                    for k, blocks in zip(("weight", "bias"), got, strict=True):
+                        measured = [i for i, call in enumerate(chunk) if k in self.plans[id(call[2])].own]
+                        if measured:            # the blocks of the layers with this parameter measured
+                            self._add_block(TOTAL, (blocks if len(measured) == len(chunk) else blocks[measured]).sum(0))
+                    for _, rule, module, *_ in chunk:
+                        for name in self.plans[id(module)].names:
+                            self.info[name] = f"{rule.__name__}:ghost"
                     continue
                 weight, bias = got[0].unbind(0), got[1].unbind(0)
                 for i, (_, rule, module, *_) in enumerate(chunk):
@@ -617,6 +641,12 @@ class GramEngine:
                 grams[k] = block_grams(contribs[k], len(calls), self.mode, self.within)
                 if grams[k] is None:
                     return False
+        if not self.per_param:                      # the total alone: one sum over the calls
+            self._add_block(TOTAL, sum(blocks.sum(0) for blocks, _ in grams.values()))
+            for i, call in enumerate(calls):
+                for k in own:
+                    self.info[self.name_at[id(call[2]), k]] = f"{rule.__name__}:{grams[k][1][i]}"
+            return True
         grams = {k: (blocks.unbind(0), kinds) for k, (blocks, kinds) in grams.items()}
         for i, call in enumerate(calls):
             for k in own:
@@ -788,8 +818,15 @@ class GramEngine:
             for name, acc in geometry["shared"].items():
                 g = acc.gram()
                 values[name] = stats_of_gram(g, self.weights) if self.pairs else g
-            per_param = self._complete(values, (3, self.n) if self.pairs else (self.n, self.n))
             fields = {"logps": logps, "lengths": lengths, "method": self.mode, "info": self.info, "geometry": kind}
+            if not self.per_param:                  # the total alone (a within engine)
+                for name, _ in self.named:
+                    self.info.setdefault(name, "unused (zero gradient)")
+                total = (sum(values.values()) if values else
+                         torch.zeros(self.n, self.n, dtype=torch.float64, device=self.named[0][1].device))
+                views[kind] = GramResult(matrix=_within_only(total), **fields)
+                continue
+            per_param = self._complete(values, (3, self.n) if self.pairs else (self.n, self.n))
             if self.pairs:
                 views[kind] = PairStats.from_stats(per_param, self.weights, **fields)
                 continue
@@ -863,9 +900,17 @@ class HookSlot:
 def affine_together(n: int, t: int, a: int, b: int, mode: str = "auto") -> bool:
     """Whether a within-pair engine reduces an affine call (``n`` sequences over ``t`` positions, factors of widths
     ``a`` and ``b``) with the pass's other affine layers (:func:`~entangle.capture.contrib.affine_within_blocks`):
-    its pair-by-pair ghost reduction over all ``2t`` positions of a pair is the cheaper and fits ``AFFINE_ELEMS``."""
-    return (factored_kind(n * t, n, a, b, mode, [2 * t] * (n // 2)) == "ghost"
-            and n // 2 * 4 * t * t <= AFFINE_ELEMS)
+    its pair-by-pair ghost reduction over all ``2t`` positions of a pair is the cheaper and fits ``AFFINE_ELEMS``.
+    Remembered per shape (a training run asks it for every affine call of every micro-batch)."""
+    key = (n, t, a, b, mode, AFFINE_ELEMS)
+    got = _AFFINE_TOGETHER.get(key)
+    if got is None:
+        got = _AFFINE_TOGETHER[key] = (factored_kind(n * t, n, a, b, mode, [2 * t] * (n // 2)) == "ghost"
+                                       and n // 2 * 4 * t * t <= AFFINE_ELEMS)
+    return got
+
+
+_AFFINE_TOGETHER: dict[tuple, bool] = {}
 
 
 def _positions(rule, g: torch.Tensor) -> torch.Tensor | None:

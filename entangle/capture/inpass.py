@@ -210,7 +210,8 @@ class PassRecorder:
         if self.layout is None:
             self.layout = engine_layout(self.model, named)
         # the rows need each sequence's norm and each pair's inner product only: reduced pair by pair
-        engine = GramEngine(self.model, named, ids.shape[0], self.mode, plain=True, layout=self.layout, within=True)
+        engine = GramEngine(self.model, named, ids.shape[0], self.mode, plain=True, layout=self.layout, within=True,
+                            per_param=False)
         engine.checkpointed, engine.on_error = self.checkpointed, self._failed
         p = _Pass(engine, ids.detach(), attention.detach(), kwargs.get("labels"))
         p.fused = bool(kwargs.get("fused_lm_head", False))
