@@ -174,9 +174,6 @@ class GramEngine:
         self.delta = delta
         self.dots: dict[str, torch.Tensor] = {}   # param name -> <g_i, delta> [N]
         self.named = list(named_params)
-        self.sharded = any(is_sharded(p) for _, p in self.named)
-        self.param_rows = {name: p.shape[0] if p.dim() else 1 for name, p in self.named}
-        self.shapes = {name: tuple(p.shape) for name, p in self.named}
         self.pending: dict[tuple, list] = {}       # batch key -> calls of small layers held back (_flush_pending)
         self.affine_pending: dict[tuple, list] = {}   # within pairs: (N, T, device, dtype) -> affine calls held back
         self.pending_elems = 0
@@ -202,7 +199,8 @@ class GramEngine:
         self.handles: list[HookSlot] = []        # the hooks of its own pass (__enter__)
         # book-keeping (keep_contributions): every contribution of the pass per parameter, for weighted_grads
         self.kept: dict[str, list] | None = None
-        self.owners, self.name_at, self.plans = layout if layout is not None else engine_layout(model, self.named)
+        layout = layout if layout is not None else engine_layout(model, self.named)
+        self.owners, self.name_at, self.plans, (self.sharded, self.param_rows, self.shapes) = layout
         # calls of small layers may be held back and reduced together (_batch_key): plain full Gram views only
         self.batchable = not pairs and delta is None and kinds == ["plain"]
 
@@ -954,13 +952,15 @@ def _stack(xs: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def engine_layout(model: torch.nn.Module, named_params) -> tuple[list, dict, dict]:
-    """``(owners, name_at, plans)`` of a :class:`GramEngine` (its ``layout``, which a caller running many passes over
-    the same model and parameters builds once): the modules holding measured parameters with their local names, in
-    module order, ``(id(module), local name) -> parameter name``, and the hooks' per-module facts (``_Plan``, filled
-    by the engines as modules are first called). A hooked call's parameter is found by (module, local
-    name), not by the tensor it holds then: FSDP2 (fully_shard) swaps the registered DTensor for a whole plain tensor
-    during the module's forward."""
+def engine_layout(model: torch.nn.Module, named_params) -> tuple[list, dict, dict, tuple]:
+    """``(owners, name_at, plans, params)`` of a :class:`GramEngine` (its ``layout``, which a caller running many passes
+    over the same model and parameters builds once): the modules holding measured parameters with their local names,
+    in module order, ``(id(module), local name) -> parameter name``, the hooks' per-module facts (``_Plan``, filled
+    by the engines as modules are first called), and the parameters' own: ``(sharded, rows, shapes)``, whether any is
+    sharded by fully_shard and, per name, its first dimension and its (whole) shape. A hooked call's parameter is found
+    by (module, local name), not by the tensor it holds then: FSDP2 (fully_shard) swaps the registered DTensor for a
+    whole plain tensor during the module's forward."""
+    named_params = list(named_params)
     name_of = {id(p): name for name, p in named_params}
     owners, name_at, seen = [], {}, set()
     for module in model.modules():
@@ -971,7 +971,10 @@ def engine_layout(model: torch.nn.Module, named_params) -> tuple[list, dict, dic
         name_at.update({(id(module), k): name_of[id(module._parameters[k])] for k in own})
         if own:
             owners.append((module, own))
-    return owners, name_at, {}
+    params = (any(is_sharded(p) for _, p in named_params),
+              {name: p.shape[0] if p.dim() else 1 for name, p in named_params},
+              {name: tuple(p.shape) for name, p in named_params})
+    return owners, name_at, {}, params
 
 
 def pair_weights(weights, logps: torch.Tensor, n: int) -> torch.Tensor:

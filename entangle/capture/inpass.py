@@ -302,7 +302,7 @@ class PassRecorder:
 
     # -- backward ------------------------------------------------------------------------------------------------
     def _fused_grad(self, p: _Pass, g: torch.Tensor, mask: torch.Tensor) -> None:
-        self._set_coefficients(p, g.detach().double(), torch.ones_like(g, dtype=torch.float64), mask)
+        self._set_coefficients(p, g.detach().double(), None, mask)
         p.head_grad = g.detach().float() * mask
         if p.head_use is not None and not p.hidden.requires_grad:
             self._head_grad(p)
@@ -349,14 +349,21 @@ class PassRecorder:
         p.lengths = mask.sum(-1).cpu()
         torch.autograd.Variable._execution_engine.queue_callback(lambda: self._guard(self._finish, p))
 
-    def _set_coefficients(self, p: _Pass, value: torch.Tensor, basis: torch.Tensor, mask: torch.Tensor
+    def _set_coefficients(self, p: _Pass, value: torch.Tensor, basis: torch.Tensor | None, mask: torch.Tensor
                           ) -> torch.Tensor:
-        """c_i fitted to ``value_t = c_i basis_t`` over the response tokens (which must agree), set as the engine's
-        row scale (1 / c_i; 0 for a vanished c_i); returns c [2B]."""
-        b = basis * mask
-        coef = (value * b).sum(-1) / (b * b).sum(-1).clamp(min=1e-300)
-        off = mask & ((value - coef[:, None] * basis).abs() > coef.abs()[:, None] * (TOKEN_TOLERANCE * basis + ROUNDING)
-                      + 1e-300)
+        """c_i fitted to ``value_t = c_i basis_t`` over the response tokens (which must agree; ``basis`` None: all 1),
+        set as the engine's row scale (1 / c_i; 0 for a vanished c_i); returns c [2B]."""
+        if basis is None:                    # value_t = c_i: the mean over the tokens
+            b = mask.to(value.dtype)
+            coef = (value * b).sum(-1) / b.sum(-1).clamp(min=1e-300)
+            spread = (value - coef[:, None]).abs()
+            allowed = coef.abs()[:, None] * (TOKEN_TOLERANCE + ROUNDING) + 1e-300
+        else:
+            b = basis * mask
+            coef = (value * b).sum(-1) / (b * b).sum(-1).clamp(min=1e-300)
+            spread = (value - coef[:, None] * basis).abs()
+            allowed = coef.abs()[:, None] * (TOKEN_TOLERANCE * basis + ROUNDING) + 1e-300
+        off = mask & (spread > allowed)
         excluded = coef.abs() <= TINY_COEFFICIENT
         off &= ~excluded[:, None]
         if off.any():
