@@ -670,6 +670,18 @@ def affine_within_blocks(inputs: list[torch.Tensor], grads: list[torch.Tensor], 
     return both[:c], both[c:]
 
 
+def dense_total(contribs: list, groups: int) -> torch.Tensor | None:
+    """The sum over ``groups`` batched calls (as in :func:`block_grams`) and over ``contribs`` of their Gram blocks,
+    float64 [N, N], when every contribution is materialised (``Dense`` rows): one product of each example's rows of
+    all calls and parameters side by side. ``None`` otherwise."""
+    if not all(isinstance(c, Dense) and c.values.dim() > 1 for c in contribs):
+        return None
+    n = contribs[0].n // groups
+    rows = torch.cat([c.values.reshape(groups, n, -1) for c in contribs], -1) if len(contribs) > 1 else \
+        contribs[0].values.reshape(groups, n, -1)
+    return _gram64(rows.transpose(0, 1).reshape(n, -1))
+
+
 def _block_gram64(x: torch.Tensor) -> torch.Tensor:
     """``x @ x.T`` per block for [G, N, P]: float32 partial sums over column blocks, accumulated in float64."""
     out = torch.zeros(x.shape[0], x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)

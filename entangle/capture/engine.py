@@ -29,6 +29,7 @@ from .contrib import (
     affine_within_blocks,
     block_grams,
     dense_enough,
+    dense_total,
     dual_gram,
     factored_kind,
     weighted_sum,
@@ -634,6 +635,13 @@ class GramEngine:
         a = _stack([c[4] for c in calls])
         with torch.no_grad(), autocast_off(g.device):
             contribs = self._rule_contribs(rule, module, own, (a,), g, _positions(rule, g), self.mode)
+            total = None if self.per_param else dense_total([contribs[k] for k in own], len(calls))
+            if total is not None:                   # the total alone, of materialised rows: one product
+                self._add_block(TOTAL, total)
+                for call in calls:
+                    for k in own:
+                        self.info[self.name_at[id(call[2]), k]] = f"{rule.__name__}:{contribs[k].kind}"
+                return True
             grams = {}
             for k in own:
                 grams[k] = block_grams(contribs[k], len(calls), self.mode, self.within)
