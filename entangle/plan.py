@@ -37,7 +37,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from .capture.contrib import CHUNK_ELEMS, PARTIAL_SUM, embedding_dense, factored_kind
+from .capture.contrib import CHUNK_ELEMS, PARTIAL_SUM, embedding_dense, factored_kind, pair_products
 from .capture.engine import affine_together
 from .capture.logprobs import model_logits, token_logps
 from .capture.rules import rule_for
@@ -303,7 +303,7 @@ def _factored(n: int, span: int, a: int, b: int, full: bool, within: int | None 
     """``Factored`` (Linear, Conv1D weights): L [m, a], R [m, b] over m = n·span positions (contrib.py).
 
     ``within``: the positions T of the pass when only each pair's entries are reduced (in-pass capture,
-    ``GramEngine(within=True)``): the ghost identity pair by pair, over all 2T positions of a pair when the layer is
+    ``GramEngine(within=True)``): the ghost identity pair by pair, ``contrib.pair_products`` per pair when the layer is
     reduced with the pass's other affine layers (``contrib.affine_within_blocks``), else over 2·``union`` (the
     longest span of the layers of its shape, reduced with it as one stacked call; default ``span``)."""
     m = n * span
@@ -314,8 +314,9 @@ def _factored(n: int, span: int, a: int, b: int, full: bool, within: int | None 
         if kind == "ghost":
             width = 2 * (t if fused else union or span)
             step = b_pairs if fused else max(1, CHUNK_ELEMS // (width * width))
-            return _Cost(kind, 2 * b_pairs * width * width * (a + b),
-                         4 * n * width // 2 * (a + b) + 28 * min(step, b_pairs) * width * width)
+            square = pair_products(t) if fused else width * width
+            return _Cost(kind, 2 * b_pairs * square * (a + b),
+                         4 * n * width // 2 * (a + b) + 28 * min(step, b_pairs) * square)
     else:
         kind = factored_kind(m, n, a, b)
     if kind == "ghost":

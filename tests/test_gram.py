@@ -453,13 +453,16 @@ def test_within_pair_blocks_are_the_whole_blocks_entries_and_nan_between_pairs()
     assert factored_kind(4 * 100, 4, 512, 512, pair_m=[200, 200]) == "ghost"
 
 
-def test_affine_within_blocks_are_each_calls_weight_and_bias_blocks():
+@pytest.mark.parametrize("split", [False, True], ids=["pair", "split"])
+def test_affine_within_blocks_are_each_calls_weight_and_bias_blocks(split, monkeypatch):
     """affine_within_blocks: calls of several widths (two share a width, stacked into one product, out of call order),
     rows scaled, positions without a gradient: each call's within-pair entries equal block_grams' of its weight
     (Factored) and of its bias (the summed output gradients, Dense); NaN between pairs; None when a position without
-    a gradient holds a non-finite input (the reductions per call skip it)."""
+    a gradient holds a non-finite input (the reductions per call skip it). Both forms of the position products: one
+    2T x 2T block per pair, and three T x T blocks (from SPLIT_PAIRS positions on); in any order for a sum."""
     from entangle.capture.contrib import Dense, Factored, affine_within_blocks, block_grams
 
+    monkeypatch.setattr(contrib, "SPLIT_PAIRS", 1 if split else 10**9)
     torch.manual_seed(3)
     n, t = 6, 5
     widths = [(4, 7), (9, 4), (4, 3), (9, 7)]          # (input, output) per call
@@ -480,18 +483,25 @@ def test_affine_within_blocks_are_each_calls_weight_and_bias_blocks():
         torch.testing.assert_close(bias[c][mask], want_b[mask], rtol=1e-12, atol=1e-12)
         assert weight[c][~mask].isnan().all() and bias[c][~mask].isnan().all()
     assert (weight[:, 3, mask[3]] == 0).all() and (bias[:, 3, mask[3]] == 0).all()      # row scale 0
+    loose = affine_within_blocks(inputs, grads, torch.float64, scale, ordered=False)
+    for got, want in zip(loose, (weight, bias), strict=True):
+        torch.testing.assert_close(got[:, mask].sum(0), want[:, mask].sum(0), rtol=1e-12, atol=1e-12)
     inputs[2][1, 4, 0] = float("inf")                   # at a position of sequence 1 without a gradient
     assert affine_within_blocks(inputs, grads, torch.float64, scale) is None
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["pair", "split"])
 @pytest.mark.parametrize("arch", list(MODELS))
-def test_within_pair_engine_reduces_the_affine_layers_of_a_pass_together(arch, monkeypatch):
+def test_within_pair_engine_reduces_the_affine_layers_of_a_pass_together(arch, split, monkeypatch):
     """GramEngine(within=True) reduces its held affine calls (Linear, Conv1D) whose ghost reduction is the cheaper all
     at once: the same entries as with them reduced group by group through their rules (and as the exact twin), in
-    one chunk or several; a call priced cheaper materialised keeps its rule."""
+    one chunk or several; a call priced cheaper materialised keeps its rule. With both forms of the position products
+    (one 2T x 2T block per pair, or three T x T blocks)."""
     from entangle.capture import engine
     from entangle.capture.logprobs import model_logits
     from entangle.capture.measure import measured
+
+    monkeypatch.setattr(contrib, "SPLIT_PAIRS", 1 if split else 10**9)
 
     model = MODELS[arch](torch.float32)
     batch = random_batch(3, 101, seed=6)

@@ -17,6 +17,10 @@ from .result import stats_of_gram
 
 # Work on chunks of at most this many float elements when materialising (bounds peak memory).
 CHUNK_ELEMS = 1 << 21
+# affine_within_blocks forms each pair's position products as three T x T blocks (chosen, rejected, between them) from
+# this many positions per sequence on, and as one 2T x 2T block below it (fewer operations; measured on CPU: the three
+# blocks are 8-15% slower at T = 20-25, 20-45% faster at T = 32-128)
+SPLIT_PAIRS = 32
 # A parameter with several uses whose per-example gradients total at most this many elements is summed over its uses
 # and materialised (SharedParameter), instead of reducing each use and the cross terms between uses apart.
 SHARED_DENSE = 1 << 21
@@ -46,18 +50,23 @@ def _row_chunks(index: torch.Tensor, n: int, width: int):
     return [index[s:s + step] for s in range(0, index.numel(), step)]
 
 
-def factored_kind(m: int, n: int, a: int, b: int, mode: str = "auto", pair_m: list[int] | None = None) -> str:
+def factored_kind(m: int, n: int, a: int, b: int, mode: str = "auto", pair_m: list[int] | None = None,
+                  halves: bool = False) -> str:
     """How a :class:`Factored` contribution computes its Gram: ``"ghost"`` or ``"materialised"``.
 
     ``m`` positions with a gradient over ``n`` examples, factors of widths ``a`` (L) and ``b`` (R); ``"auto"``
     picks the fewer multiply-adds: ghost ``m^2 (a + b)`` against materialised ``m a b + n^2 a b`` (THEORY §6).
     With ``pair_m`` (the positions of each pair, when only the within-pair entries are asked for), ghost
-    ``sum_k m_k^2 (a + b)`` against materialised ``m a b + 2 n a b``.
+    ``sum_k m_k^2 (a + b)`` against materialised ``m a b + 2 n a b``; ``halves``: each pair's positions are two equal
+    sequences whose three products (each with itself, and with the other) are formed apart from ``SPLIT_PAIRS``
+    positions on, ``3/4 sum_k m_k^2 (a + b)`` (:func:`affine_within_blocks`).
     """
     if pair_m is None:
         ghost_cost, mat_cost = m * m * (a + b), m * a * b + n * n * a * b
     else:
         ghost_cost, mat_cost = sum(k * k for k in pair_m) * (a + b), m * a * b + 2 * n * a * b
+        if halves and pair_m and pair_m[0] >= 2 * SPLIT_PAIRS:
+            ghost_cost = ghost_cost * 3 // 4
     return {"auto": "ghost" if ghost_cost < mat_cost else "materialised",
             "ghost": "ghost", "materialise": "materialised"}[mode]
 
@@ -618,6 +627,11 @@ def _pair_sums64(prod: torch.Tensor, span: int) -> torch.Tensor:
     return prod.to(torch.float64).view(-1, 2, span, 2, span).sum((2, 4))
 
 
+def pair_products(t: int) -> int:
+    """Position products per pair that :func:`affine_within_blocks` forms for sequences of ``t`` positions."""
+    return 3 * t * t if t >= SPLIT_PAIRS else 4 * t * t
+
+
 def affine_within_blocks(inputs: list[torch.Tensor], grads: list[torch.Tensor], dtype: torch.dtype,
                          row_scale: torch.Tensor | None = None, ordered: bool = True
                          ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -628,46 +642,86 @@ def affine_within_blocks(inputs: list[torch.Tensor], grads: list[torch.Tensor], 
     ``inputs[c]`` [2B, T, a_c] and ``grads[c]`` [2B, T, d_c] (every call over the same T positions), in ``dtype``
     once stacked; each sequence's output gradients multiplied by ``row_scale[i]`` (if given) before any product.
     Returns float64 ``(weight, bias)`` [C, 2B, 2B], each call's Gram matrix of the per-example gradients of its
-    weight (the ghost identity over each pair's 2T positions, THEORY §6: ``sum_ts (X X^T)_ts (G G^T)_ts``) and of its
-    bias (the output gradients summed over positions: ``sum_ts (G G^T)_ts``), with NaN between different pairs (not
-    measured), as :func:`block_grams` gives them within pairs. ``None`` when a squared norm is not finite (a
-    non-finite input at a position without a gradient, which the per-call reductions skip): the caller reduces the
-    calls otherwise. Factors of equal width are stacked into one product; memory grows as ``C B (2T)^2``, which the
-    caller bounds. ``ordered=False``: the calls in some order of the function's choosing (for a caller that sums
-    them)."""
+    weight (the ghost identity, THEORY §6: ``<g_i, g_j> = sum_ts (X_i X_j^T)_ts (G_i G_j^T)_ts``) and of its bias (the
+    output gradients summed over positions: ``sum_ts (G_i G_j^T)_ts``), with NaN between different pairs (not
+    measured), as :func:`block_grams` gives them within pairs. From ``SPLIT_PAIRS`` positions on, per pair three
+    T x T position products: the chosen sequence's with itself, the rejected one's with itself and the chosen one's
+    with the rejected one's (3 T^2 instead of the (2T)^2 of the pair's positions together, which is fewer operations
+    at small T). ``None`` when a squared norm is not finite (a non-finite input at a position without a gradient,
+    which the per-call reductions skip): the caller reduces the calls otherwise. Factors of equal width are stacked
+    into one product per kind of block; memory grows as ``C B (2T)^2``, which the caller bounds. ``ordered=False``:
+    the calls in some order of the function's choosing (for a caller that sums them)."""
     c, n, t = len(inputs), inputs[0].shape[0], inputs[0].shape[1]
     b = n // 2
-
-    def pair_grams(xs: list[torch.Tensor], scale: torch.Tensor | None) -> tuple[torch.Tensor, list[int]]:
-        """[C, B, 2T, 2T]: per call and pair, the products of the pair's 2T position rows; calls grouped by width
-        (the order of the calls is returned with it)."""
-        classes: dict[int, list[int]] = {}
-        for i, x in enumerate(xs):
-            classes.setdefault(x.shape[-1], []).append(i)
-        parts, order = [], []
-        for idx in classes.values():
-            # pair-major: pair k of a call is its rows k and B + k, side by side [B, 2, T, d]
-            s = torch.cat([xs[i].unflatten(0, (2, b)).transpose(0, 1) for i in idx]).to(dtype)
-            if scale is not None:
-                s.view(len(idx), b, 2, t, -1).mul_(scale.to(dtype).view(2, b).T.reshape(1, b, 2, 1, 1))
-            s = s.view(len(idx) * b, 2 * t, -1)
-            parts.append(torch.bmm(s, s.transpose(1, 2)))
-            order.extend(idx)
-        return (torch.cat(parts) if len(parts) > 1 else parts[0]).view(c, b, 2 * t, 2 * t), order
-
-    kx, order = pair_grams(inputs, None)
-    kg, g_order = pair_grams(grads, row_scale)
+    split = t >= SPLIT_PAIRS
+    products = _split_products if split else _pair_products
+    x, order = products(inputs, None, b, dtype)
+    g, g_order = products(grads, row_scale, b, dtype)
     if g_order != order:                        # the output gradients' products in the inputs' order of calls
         at = {call: j for j, call in enumerate(g_order)}
-        kg = kg.index_select(0, torch.tensor([at[call] for call in order], device=kg.device))
-    weight = _pair_sums64((kx * kg).view(c * b, 2 * t, 2 * t), t)
-    both = _from_pairs(torch.cat([weight, _pair_sums64(kg.view(c * b, 2 * t, 2 * t), t)]), 2 * c)
+        index = torch.tensor([at[call] for call in order], device=g[0].device)
+        g = [p.index_select(p.dim() - 4, index) for p in g]        # the calls' dimension of each kind
+    if split:
+        def blocks(own: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+            """[C * B, 2, 2] per call and pair from its products summed over positions (float64 sums)."""
+            own, cross = own.to(torch.float64).sum((-2, -1)), cross.to(torch.float64).sum((-2, -1))
+            return torch.stack([own[0], cross, cross, own[1]], -1).view(c * b, 2, 2)
+
+        weight, bias = blocks(x[0] * g[0], x[1] * g[1]), blocks(*g)
+    else:
+        weight = _pair_sums64((x[0] * g[0]).view(c * b, 2 * t, 2 * t), t)
+        bias = _pair_sums64(g[0].view(c * b, 2 * t, 2 * t), t)
+    both = _from_pairs(torch.cat([weight, bias]), 2 * c)
     if not torch.isfinite(both.diagonal(0, 1, 2)).all():
         return None
     if ordered and order != list(range(c)):     # back to the calls' order (the small results only)
         back = torch.tensor(order, device=both.device).argsort()
         return both[:c].index_select(0, back), both[c:].index_select(0, back)
     return both[:c], both[c:]
+
+
+def _width_classes(xs: list[torch.Tensor]) -> list[list[int]]:
+    """The calls grouped by the width of their factor (stacked into one product each)."""
+    classes: dict[int, list[int]] = {}
+    for i, x in enumerate(xs):
+        classes.setdefault(x.shape[-1], []).append(i)
+    return list(classes.values())
+
+
+def _pair_products(xs: list[torch.Tensor], scale: torch.Tensor | None, b: int, dtype: torch.dtype
+                   ) -> tuple[list[torch.Tensor], list[int]]:
+    """``[K]``, K [C, B, 2T, 2T]: per call and pair, the products of the pair's 2T position rows (chosen, then
+    rejected); the calls grouped by width, their order returned with them."""
+    parts, order, t = [], [], xs[0].shape[1]
+    for idx in _width_classes(xs):
+        # pair-major: pair k of a call is its rows k and B + k, side by side [B, 2, T, d]
+        s = torch.cat([xs[i].unflatten(0, (2, b)).transpose(0, 1) for i in idx]).to(dtype)
+        if scale is not None:
+            s.view(len(idx), b, 2, t, -1).mul_(scale.to(dtype).view(2, b).T.reshape(1, b, 2, 1, 1))
+        s = s.view(len(idx) * b, 2 * t, -1)
+        parts.append(torch.bmm(s, s.transpose(1, 2)))
+        order.extend(idx)
+    return [(torch.cat(parts) if len(parts) > 1 else parts[0]).view(len(xs), b, 2 * t, 2 * t)], order
+
+
+def _split_products(xs: list[torch.Tensor], scale: torch.Tensor | None, b: int, dtype: torch.dtype
+                    ) -> tuple[list[torch.Tensor], list[int]]:
+    """``[own, cross]``: per call and pair, the position products within its chosen and within its rejected sequence
+    (own [2, C, B, T, T]) and between the two (cross [C, B, T, T]); the calls grouped by width, their order returned
+    with them."""
+    own, cross, order, t = [], [], [], xs[0].shape[1]
+    for idx in _width_classes(xs):
+        # side-major: the chosen halves of the width's calls, then their rejected halves [2, L, B, T, d]
+        s = torch.cat([xs[i][:b] for i in idx] + [xs[i][b:] for i in idx]).to(dtype)
+        if scale is not None:
+            s.view(2, len(idx), b, -1).mul_(scale.to(dtype).view(2, 1, b, 1))
+        own.append(torch.bmm(s, s.transpose(1, 2)).view(2, len(idx), b, t, t))
+        sides = s.view(2, len(idx) * b, t, -1)
+        cross.append(torch.bmm(sides[0], sides[1].transpose(1, 2)).view(len(idx), b, t, t))
+        order.extend(idx)
+    if len(own) == 1:
+        return [own[0], cross[0]], order
+    return [torch.cat(own, 1), torch.cat(cross)], order
 
 
 def dense_total(contribs: list, groups: int) -> torch.Tensor | None:

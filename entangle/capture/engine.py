@@ -32,6 +32,7 @@ from .contrib import (
     dense_total,
     dual_gram,
     factored_kind,
+    pair_products,
     weighted_sum,
 )
 from .logprobs import response_lengths, token_logps
@@ -49,7 +50,7 @@ PENDING_ELEMS = 1 << 22
 # about 1M elements, slower above)
 SMALL_GRADIENT = 1 << 19
 # Within pairs, the held calls of affine layers are reduced together in chunks of at most this many position products
-# (calls x pairs x (2T)^2; about 28 bytes each while a chunk is reduced)
+# (calls x pairs x contrib.pair_products(T); about 28 bytes each while a chunk is reduced)
 AFFINE_ELEMS = 1 << 20
 # the key of the one Gram block a GramEngine(per_param=False) keeps: the total over its parameters
 TOTAL = ""
@@ -598,7 +599,7 @@ class GramEngine:
         reduce otherwise."""
         rest = []
         for (n, t, _, dtype), calls in fused.items():
-            step = AFFINE_ELEMS // (n // 2 * 4 * t * t)
+            step = AFFINE_ELEMS // (n // 2 * pair_products(t))
             for s in range(0, len(calls), step):
                 chunk = calls[s:s + step]
                 with torch.no_grad(), autocast_off(chunk[0][4].device):
@@ -906,13 +907,13 @@ class HookSlot:
 def affine_together(n: int, t: int, a: int, b: int, mode: str = "auto") -> bool:
     """Whether a within-pair engine reduces an affine call (``n`` sequences over ``t`` positions, factors of widths
     ``a`` and ``b``) with the pass's other affine layers (:func:`~entangle.capture.contrib.affine_within_blocks`):
-    its pair-by-pair ghost reduction over all ``2t`` positions of a pair is the cheaper and fits ``AFFINE_ELEMS``.
-    Remembered per shape (a training run asks it for every affine call of every micro-batch)."""
-    key = (n, t, a, b, mode, AFFINE_ELEMS)
+    its pair-by-pair ghost reduction (:func:`~entangle.capture.contrib.pair_products`) is the cheaper and fits
+    ``AFFINE_ELEMS``. Remembered per shape (a training run asks it for every affine call of every micro-batch)."""
+    key = (n, t, a, b, mode, AFFINE_ELEMS, pair_products(t))
     got = _AFFINE_TOGETHER.get(key)
     if got is None:
-        got = _AFFINE_TOGETHER[key] = (factored_kind(n * t, n, a, b, mode, [2 * t] * (n // 2)) == "ghost"
-                                       and n // 2 * 4 * t * t <= AFFINE_ELEMS)
+        got = _AFFINE_TOGETHER[key] = (factored_kind(n * t, n, a, b, mode, [2 * t] * (n // 2), halves=True) == "ghost"
+                                       and n // 2 * pair_products(t) <= AFFINE_ELEMS)
     return got
 
 
