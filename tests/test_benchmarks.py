@@ -110,3 +110,15 @@ def test_bench_inpass_prints_every_variant_against_no_hooks():
     assert rows["no hooks"][1].strip() == "+0.0%" and base > 0
     for ms, overhead in rows.values():                # each overhead is its own median against the base's
         assert math.isclose(float(overhead.strip().rstrip("%")), 100 * (float(ms) / base - 1), abs_tol=0.2)
+
+
+def test_bench_affine_times_both_forms_and_names_the_picked_one():
+    """Both forms of the within-pair affine products run (and agree, or the script raises) at a length below and one
+    above SPLIT_PAIRS; the table names the form the library picks."""
+    out = _run("bench_affine.py", "--lengths", "4", "40", "--layers", "1", "--width", "8", "--rounds", "1",
+               "--threads", "1")
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ") and "ms" not in line}
+    assert rows["4"].rstrip(" |").endswith("one") and rows["40"].rstrip(" |").endswith("three"), out
+    for line in rows.values():
+        one, three, ratio = (float(v) for v in line.split("|")[2:5])
+        assert one > 0 and three > 0 and ratio == pytest.approx(three / one, rel=0.05, abs=0.02)
