@@ -40,6 +40,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from transformers import Trainer, TrainerCallback
 
@@ -144,7 +145,7 @@ class EntanglementCallback(TrainerCallback):
         self.monitor: Monitor | None = None
         self.measured: set[int] = set()
         self._update_step: int | None = None
-        self._train_rows: list = []        # in-pass rows not yet written: (step, train_pairs, train_summary)
+        self._train_rows: list = []        # in-pass steps not yet written: (step, train_pairs columns, summary row)
 
     def attach(self, trainer: Trainer) -> EntanglementCallback:
         """Set the trainer and add this callback to it (if it is not there yet); returns ``self``."""
@@ -236,19 +237,21 @@ class EntanglementCallback(TrainerCallback):
             return
         if out is None:
             return
-        frame, summary = out
+        columns, summary = out
         if self.writer is not None:
-            self._train_rows.append((state.global_step, frame, summary))
+            self._train_rows.append((state.global_step, columns, summary))
             if len(self._train_rows) >= TRAIN_WRITE_EVERY:
                 self._write_train_rows()
         self._log(args, state, control, TrainingPass.scalars(summary))
 
     def _write_train_rows(self) -> None:
-        """Write the held ``train_pairs`` and ``train_summary`` rows as one part each (named by their first step)."""
+        """Write the held ``train_pairs`` and ``train_summary`` rows as one part each (named by their first step),
+        each one frame built from the held steps' columns and rows."""
         rows, self._train_rows = self._train_rows, []
         if rows and self.writer is not None:
-            self.writer.write("train_pairs", pd.concat([f for _, f, _ in rows], ignore_index=True), rows[0][0])
-            self.writer.write("train_summary", pd.concat([s for _, _, s in rows], ignore_index=True), rows[0][0])
+            pairs = pd.DataFrame({c: np.concatenate([columns[c] for _, columns, _ in rows]) for c in rows[0][1]})
+            self.writer.write("train_pairs", pairs, rows[0][0])
+            self.writer.write("train_summary", pd.DataFrame([summary for *_, summary in rows]), rows[0][0])
 
     def on_save(self, args, state, control, **kwargs):
         self._write_train_rows()

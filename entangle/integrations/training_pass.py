@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ from entangle.capture.params import ParamSpec, select_params
 from entangle.capture.sharding import check_supported
 from entangle.integrations.distributed import rank_and_world
 from entangle.metrics.dataset import TEXT_FIELDS, pair_texts
-from entangle.metrics.summary import summarize, summarize_columns
+from entangle.metrics.summary import summarize, summary_row
 from entangle.metrics.tables import summary_scalars
 from entangle.metrics.train import train_pair_columns
 
@@ -233,8 +234,9 @@ class TrainingPass:
             self._recording = self.recorder.recording()
             self._recording.__enter__()
 
-    def end_step(self, lr: float) -> tuple[pd.DataFrame, pd.DataFrame] | None:
-        """Disarm; the step's (train_pairs, train_summary) frames, None if nothing was recorded."""
+    def end_step(self, lr: float) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+        """Disarm; the step's ``train_pairs`` columns and its ``train_summary`` row (as arrays and a dict: a callback
+        holds them until it writes them, and builds one frame then), None if nothing was recorded."""
         if self._recording is None:
             return None
         records = self.recorder.records
@@ -245,10 +247,12 @@ class TrainingPass:
         self.recorder.errors.clear()
         columns = self._columns(records, lr) if records else None
         if rank_and_world()[1] == 1:
-            return None if columns is None else (pd.DataFrame(columns), summarize_columns(self.step, columns))
+            return None if columns is None else (columns, summary_row(self.step, columns))
         # every rank takes part in the gathering, even one that recorded nothing (a collective)
         frame = gather_frames(None if columns is None else pd.DataFrame(columns))
-        return None if frame is None else (frame, summarize(frame))
+        if frame is None:
+            return None
+        return {c: frame[c].to_numpy() for c in frame.columns}, summarize(frame).to_dict("records")[0]
 
     def _columns(self, records: list, lr: float) -> dict[str, np.ndarray]:
         """The ``train_pairs`` columns of one step's records (micro-batches in order)."""
@@ -267,7 +271,7 @@ class TrainingPass:
             excluded=excluded[0] | excluded[1], lr=lr, pairs_in_step=sum(sizes))
 
     @staticmethod
-    def scalars(summary: pd.DataFrame) -> dict[str, float]:
+    def scalars(summary: Mapping[str, Any]) -> dict[str, float]:
         return summary_scalars(summary, PREFIX)
 
 

@@ -10,7 +10,8 @@ arrays and frames (the Monitor, ``verify_step`` and checkpoint analysis all use 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -70,9 +71,10 @@ def update_frame(logp_before: ArrayLike, logp_after: ArrayLike, pred_update: Arr
     return pd.DataFrame(cols)
 
 
-def summary_scalars(summary: pd.DataFrame, prefix: str) -> dict[str, float]:
-    """The one row of a ``summary`` table as ``{prefix + column: value}`` (numeric columns, ``step`` left out)."""
-    row = summary.iloc[0]
+def summary_scalars(summary: pd.DataFrame | Mapping[str, Any], prefix: str) -> dict[str, float]:
+    """The one row of a ``summary`` table (or that row as a dict) as ``{prefix + column: value}`` (numeric columns,
+    ``step`` left out)."""
+    row = summary.iloc[0] if isinstance(summary, pd.DataFrame) else summary
     return {prefix + k: float(v) for k, v in row.items() if k != "step" and np.isscalar(v) and np.isreal(v)}
 
 
