@@ -85,7 +85,8 @@ class GramResult(_ViewFields):
             (``g_i^T P g_j`` when ``geometry == "preconditioned"``).
         logps: float64 [2B], the summed response log-probabilities ``s_i`` (nats).
         lengths: int64 [2B], the number of response tokens of each sequence.
-        per_param: float64 [2B, 2B] block per parameter name; the blocks sum to ``matrix``.
+        per_param: float64 [2B, 2B] block per parameter name; the blocks sum to ``matrix`` (empty from an engine
+            that keeps the total alone, ``GramEngine(per_param=False)``).
         method: ``"exact"``, ``"auto"``, ``"ghost"`` or ``"materialise"``.
         info: how each parameter was handled (rule name, ghost/materialised), for inspection.
         geometry: ``"plain"`` or ``"preconditioned"`` (Adam's diagonal metric, THEORY §5).
