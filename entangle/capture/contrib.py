@@ -18,8 +18,8 @@ from .result import stats_of_gram
 # Work on chunks of at most this many float elements when materialising (bounds peak memory).
 CHUNK_ELEMS = 1 << 21
 # affine_within_blocks forms each pair's position products as three T x T blocks (chosen, rejected, between them) from
-# this many positions per sequence on, and as one 2T x 2T block below it (fewer operations; measured on CPU: the three
-# blocks are 8-15% slower at T = 20-25, 20-45% faster at T = 32-128)
+# this many positions per sequence on, and as one 2T x 2T block below it (fewer operations; benchmarks/bench_affine.py
+# on CPU: the three blocks are 3-10% slower at T = 16-24, 22-53% faster at T = 32-256)
 SPLIT_PAIRS = 32
 # A parameter with several uses whose per-example gradients total at most this many elements is summed over its uses
 # and materialised (SharedParameter), instead of reducing each use and the cross terms between uses apart.
