@@ -297,9 +297,9 @@ def test_summary_of_one_step_equals_the_grouped_summary_with_excluded_pairs():
 
 
 def test_summary_of_train_columns_equals_the_summary_of_their_frame():
-    """summarize_columns (a callback's step, before its frame exists) gives summarize's row of the same pairs as a
-    frame: excluded pairs (a vanished coefficient, NaN and no regime) and a non-finite cosine left out and counted."""
-    from entangle.metrics.summary import summarize_columns
+    """summary_row (a callback's step, before its frame exists) gives summarize's row of the same pairs as a frame:
+    excluded pairs (a vanished coefficient, NaN and no regime) and a non-finite cosine left out and counted."""
+    from entangle.metrics.summary import summary_row
     from entangle.metrics.train import train_pair_columns
 
     rng = np.random.default_rng(4)
@@ -315,6 +315,6 @@ def test_summary_of_train_columns_equals_the_summary_of_their_frame():
                                  index=np.arange(p), logps=(rng.normal(size=p), rng.normal(size=p)),
                                  lengths=(np.full(p, 9), np.full(p, 11)), coef=(rng.normal(size=p), rng.normal(size=p)),
                                  norm2=norm2, inner=inner, excluded=excluded, lr=1e-3, pairs_in_step=p)
-    one = summarize_columns(7, columns)
+    one = pd.DataFrame([summary_row(7, columns)])
     pd.testing.assert_frame_equal(one, summarize(pd.DataFrame(columns)))
     assert one.loc[0, "n_pairs"] == p and one.loc[0, "n_excluded"] == 3

@@ -201,8 +201,8 @@ class GramEngine:
         self.handles: list[HookSlot] = []        # the hooks of its own pass (__enter__)
         # book-keeping (keep_contributions): every contribution of the pass per parameter, for weighted_grads
         self.kept: dict[str, list] | None = None
-        layout = layout if layout is not None else engine_layout(model, self.named)
-        self.owners, self.name_at, self.plans, (self.sharded, self.param_rows, self.shapes) = layout
+        self.layout = layout if layout is not None else engine_layout(model, self.named)
+        self.owners, self.name_at, self.plans, (self.sharded, self.param_rows, self.shapes) = self.layout
         # calls of small layers may be held back and reduced together (_batch_key): plain full Gram views only
         self.batchable = not pairs and delta is None and kinds == ["plain"]
 
@@ -261,7 +261,7 @@ class GramEngine:
         self.weights = pair_weights(weights, logps, self.n)
 
     def __enter__(self):
-        slot = HookSlot((self.owners, self.name_at, self.plans), self.checkpointed)
+        slot = HookSlot(self.layout, self.checkpointed)
         slot.engine = self
         self.handles.append(slot)
         return self
@@ -636,23 +636,24 @@ class GramEngine:
         a = _stack([c[4] for c in calls])
         with torch.no_grad(), autocast_off(g.device):
             contribs = self._rule_contribs(rule, module, own, (a,), g, _positions(rule, g), self.mode)
+            # the total alone, of materialised rows: one product for all calls and parameters
             total = None if self.per_param else dense_total([contribs[k] for k in own], len(calls))
-            if total is not None:                   # the total alone, of materialised rows: one product
-                self._add_block(TOTAL, total)
-                for call in calls:
-                    for k in own:
-                        self.info[self.name_at[id(call[2]), k]] = f"{rule.__name__}:{contribs[k].kind}"
-                return True
-            grams = {}
-            for k in own:
-                grams[k] = block_grams(contribs[k], len(calls), self.mode, self.within)
-                if grams[k] is None:
-                    return False
-        if not self.per_param:                      # the total alone: one sum over the calls
-            self._add_block(TOTAL, sum(blocks.sum(0) for blocks, _ in grams.values()))
+            if total is not None:
+                kinds = {k: [contribs[k].kind] * len(calls) for k in own}
+            else:
+                grams = {}
+                for k in own:
+                    grams[k] = block_grams(contribs[k], len(calls), self.mode, self.within)
+                    if grams[k] is None:
+                        return False
+                kinds = {k: grams[k][1] for k in own}
+                if not self.per_param:              # the total alone: one sum over the calls
+                    total = sum(blocks.sum(0) for blocks, _ in grams.values())
+        if total is not None:
+            self._add_block(TOTAL, total)
             for i, call in enumerate(calls):
                 for k in own:
-                    self.info[self.name_at[id(call[2]), k]] = f"{rule.__name__}:{grams[k][1][i]}"
+                    self.info[self.name_at[id(call[2]), k]] = f"{rule.__name__}:{kinds[k][i]}"
             return True
         grams = {k: (blocks.unbind(0), kinds) for k, (blocks, kinds) in grams.items()}
         for i, call in enumerate(calls):

@@ -353,17 +353,11 @@ class PassRecorder:
                           ) -> torch.Tensor:
         """c_i fitted to ``value_t = c_i basis_t`` over the response tokens (which must agree; ``basis`` None: all 1),
         set as the engine's row scale (1 / c_i; 0 for a vanished c_i); returns c [2B]."""
-        if basis is None:                    # value_t = c_i: the mean over the tokens
-            b = mask.to(value.dtype)
-            coef = (value * b).sum(-1) / b.sum(-1).clamp(min=1e-300)
-            spread = (value - coef[:, None]).abs()
-            allowed = coef.abs()[:, None] * (TOKEN_TOLERANCE + ROUNDING) + 1e-300
-        else:
-            b = basis * mask
-            coef = (value * b).sum(-1) / (b * b).sum(-1).clamp(min=1e-300)
-            spread = (value - coef[:, None] * basis).abs()
-            allowed = coef.abs()[:, None] * (TOKEN_TOLERANCE * basis + ROUNDING) + 1e-300
-        off = mask & (spread > allowed)
+        b = mask.to(value.dtype) if basis is None else basis * mask
+        coef = (value * b).sum(-1) / (b * b).sum(-1).clamp(min=1e-300)
+        fitted, tolerance = ((coef[:, None], TOKEN_TOLERANCE) if basis is None else
+                             (coef[:, None] * basis, TOKEN_TOLERANCE * basis))
+        off = mask & ((value - fitted).abs() > coef.abs()[:, None] * (tolerance + ROUNDING) + 1e-300)
         excluded = coef.abs() <= TINY_COEFFICIENT
         off &= ~excluded[:, None]
         if off.any():

@@ -90,15 +90,10 @@ def summarize(frame: pd.DataFrame, pref_col: str | None = None, beta: float | No
     return pd.DataFrame(rows)
 
 
-def summarize_columns(step: int, columns: Mapping[str, np.ndarray]) -> pd.DataFrame:
-    """``summarize`` of one step's pairs given as the arrays of their columns (a frame's, before the frame is built,
-    as a callback has them at every step): the same row, without pandas' per-column access (~50 µs a column)."""
-    return pd.DataFrame([summary_row(step, columns)])
-
-
 def summary_row(step: int, columns: Mapping[str, np.ndarray]) -> dict[str, float]:
-    """The one row of :func:`summarize_columns` as a dict (no frame: a callback holds its steps' rows until it writes
-    them)."""
+    """``summarize``'s row of one step's pairs given as the arrays of their columns (a frame's, before the frame is
+    built, as a callback has them at every step), as a dict: the same values, without pandas' per-column access
+    (~50 µs a column) or a frame (a callback holds its steps' rows until it writes them)."""
     n = len(next(iter(columns.values())))
     return {"step": step} | _summarize_step(_Arrays(columns), n, None, None)
 
